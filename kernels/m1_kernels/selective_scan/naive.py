@@ -1,0 +1,147 @@
+"""PyTorch reference of the M1 selective scan (Mamba-1 recurrence, M1 group layout, varlen).
+
+Per channel ``d`` and state index ``n``, with ``g_C(d) = d // (d_inner / G_C)`` and
+``g_B(d) = g_C(d) // (G_C / G_B)`` (the M1 GQA repeat on d_state-sized chunks)::
+
+    delta_t = softplus(dt_t + dt_bias)                       (or dt_t + dt_bias without softplus)
+    h_t[d, n] = exp(delta_t[d] * A[d, n]) * h_{t-1}[d, n] + delta_t[d] * B_t[g_B(d), n] * x_t[d]
+    y_t[d] = sum_n C_t[g_C(d), n] * h_t[d, n] + D[d] * x_t[d]
+    out_t[d] = y_t[d] * silu(z_t[d])
+
+``h_{-1}`` is the initial state (zeros by default) of each row, or of each document when
+``cu_seqlens`` packs several documents into one row: the state restarts at every document start.
+The loop runs in float32 (float64 for float64 inputs) and is the oracle for the Triton kernels.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def group_index(d_inner: int, n_c_groups: int, n_b_groups: int, device=None):
+    """Per-channel C-group and B-group indices of the M1 layout (see module docstring)."""
+    if d_inner % n_c_groups or n_c_groups % n_b_groups:
+        raise ValueError(
+            f"d_inner={d_inner} must be a multiple of the C groups ({n_c_groups}) and the C groups "
+            f"a multiple of the B groups ({n_b_groups})"
+        )
+    c_idx = torch.arange(d_inner, device=device) // (d_inner // n_c_groups)
+    return c_idx, c_idx // (n_c_groups // n_b_groups)
+
+
+def discretize_dt(dt, dt_bias, dt_softplus: bool, ct: torch.dtype):
+    """delta = softplus(dt + dt_bias) in the compute dtype."""
+    delta = dt.to(ct)
+    if dt_bias is not None:
+        delta = delta + dt_bias.to(ct)
+    return F.softplus(delta) if dt_softplus else delta
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
+    """Packed input is one row whose documents ``cu_seqlens`` splits (0 first, length last)."""
+    if batch != 1:
+        raise ValueError(f"packed input (cu_seqlens given) must have batch 1, got {batch}")
+    if cu_seqlens.ndim != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {length}, got {cu_seqlens.tolist()}")
+
+
+def selective_scan_ref(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus: bool = True,
+    cu_seqlens=None,
+    initial_state=None,
+    return_final_state: bool = False,
+):
+    """Reference selective scan; arguments and shapes as :func:`m1_kernels.selective_scan`.
+
+    Returns ``y`` (dtype of ``x``) and, if asked, the final states ``(rows or docs, d_inner, N)``
+    in the compute dtype.
+    """
+    b, L, d = x.shape
+    ct = compute_dtype(x.dtype)
+    c_idx, b_idx = group_index(d, C.shape[2], B.shape[2], x.device)
+    delta = discretize_dt(dt, dt_bias, dt_softplus, ct)  # (b, L, d)
+    xs = x.to(ct)
+    dA = torch.exp(delta.unsqueeze(-1) * A.to(ct))  # (b, L, d, N)
+    dBx = (delta * xs).unsqueeze(-1) * B.to(ct)[:, :, b_idx, :]  # (b, L, d, N)
+    Cd = C.to(ct)[:, :, c_idx, :]
+    if cu_seqlens is None:
+        bounds = [(0, L)]
+        n_states = b
+    else:
+        check_cu_seqlens(cu_seqlens, b, L)
+        cu = cu_seqlens.tolist()
+        bounds = list(zip(cu[:-1], cu[1:]))
+        n_states = len(bounds)
+    N = A.shape[1]
+    h0 = torch.zeros(n_states, d, N, dtype=ct, device=x.device) if initial_state is None else initial_state.to(ct)
+    ys, finals = [], []
+    for i, (start, end) in enumerate(bounds):
+        # Packed documents are independent rows of one batch: the state restarts at `start`.
+        h = h0 if cu_seqlens is None else h0[i : i + 1]
+        rows = slice(None) if cu_seqlens is None else slice(0, 1)
+        for t in range(start, end):
+            h = dA[rows, t] * h + dBx[rows, t]
+            ys.append((h * Cd[rows, t]).sum(-1))
+        finals.append(h)
+    y = torch.stack(ys, dim=1) if cu_seqlens is None else torch.cat(ys, dim=0).unsqueeze(0) if ys else xs * 0
+    if D is not None:
+        y = y + xs * D.to(ct)
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    y = y.to(x.dtype)
+    if not return_final_state:
+        return y
+    return y, torch.cat(finals, dim=0)
+
+
+def selective_state_update_ref(
+    state,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus: bool = True,
+    state_indices=None,
+    pad_slot_id: int = -1,
+):
+    """One decode step of the selective scan against a state cache, updated in place.
+
+    ``state (n_slots, d_inner, N)`` (float32 or bfloat16), ``x, dt, z (b, d_inner)``,
+    ``B (b, G_B, N)``, ``C (b, G_C, N)``; row ``i`` uses slot ``state_indices[i]`` (row ``i`` when
+    None) and rows whose slot is ``pad_slot_id`` are left alone (their output is zero).
+    """
+    bsz, d = x.shape
+    ct = compute_dtype(x.dtype)
+    c_idx, b_idx = group_index(d, C.shape[1], B.shape[1], x.device)
+    slots = torch.arange(bsz, device=x.device) if state_indices is None else state_indices.long()
+    live = slots != pad_slot_id
+    rows, slots = live.nonzero().squeeze(-1), slots[live]
+    delta = discretize_dt(dt[rows], dt_bias, dt_softplus, ct)
+    xs = x[rows].to(ct)
+    h = state[slots].to(ct)
+    h = torch.exp(delta.unsqueeze(-1) * A.to(ct)) * h + (delta * xs).unsqueeze(-1) * B[rows].to(ct)[:, b_idx]
+    state[slots] = h.to(state.dtype)
+    y = (h * C[rows].to(ct)[:, c_idx]).sum(-1)
+    if D is not None:
+        y = y + xs * D.to(ct)
+    if z is not None:
+        y = y * F.silu(z[rows].to(ct))
+    out = torch.zeros_like(x)
+    out[rows] = y.to(x.dtype)
+    return out
