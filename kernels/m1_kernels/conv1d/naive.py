@@ -50,8 +50,11 @@ def causal_conv1d_ref(
     for i, (row, start, end) in enumerate(segments):
         prev = torch.zeros(d, K - 1, dtype=ct, device=x.device) if initial_state is None else initial_state[i].to(ct)
         seq = torch.cat([prev, x[row, start:end].to(ct).T], dim=1)  # (d, K-1+len)
-        windows = seq.unfold(1, K, 1)  # (d, len, K)
-        out = (windows * w[:, None, :]).sum(-1)
+        if end > start:
+            windows = seq.unfold(1, K, 1)  # (d, len, K)
+            out = (windows * w[:, None, :]).sum(-1)
+        else:  # empty document (repeated cu_seqlens entry): no output, the state passes through
+            out = seq.new_zeros(d, 0)
         if bias is not None:
             out = out + bias.to(ct)[:, None]
         outs.append(act(out).T)

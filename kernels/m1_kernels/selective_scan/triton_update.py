@@ -79,9 +79,10 @@ def _state_update_kernel(
         slot = tl.load(idx_ptr + row).to(tl.int64)
     else:
         slot = row
-    live = slot != pad_slot_id
+    # Row liveness as a (BLOCK_D,) vector rather than a scalar (the interpreter rejects scalar-bool masks).
+    live = (tl.zeros([BLOCK_D], dtype=tl.int64) + slot) != pad_slot_id
     mask_dn = mask_d[:, None] & mask_n[None, :]
-    live_dn = mask_dn & live
+    live_dn = mask_dn & live[:, None]
 
     # Inputs of this row (fp32 compute whatever the input dtype).
     x = tl.load(x_ptr + row * s_x_b + offs_d * s_x_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -95,12 +96,12 @@ def _state_update_kernel(
     # M1 GQA layout: channel d reads C group d // (d_inner / G_C) and B group c_group // (G_C / G_B).
     c_grp = offs_d // chan_per_c
     b_grp = c_grp // c_per_b
-    Bv = tl.load(
-        B_ptr + row * s_B_b + b_grp[:, None] * s_B_g + offs_n[None, :] * s_B_n, mask=mask_dn, other=0.0
-    ).to(tl.float32)
-    Cv = tl.load(
-        C_ptr + row * s_C_b + c_grp[:, None] * s_C_g + offs_n[None, :] * s_C_n, mask=mask_dn, other=0.0
-    ).to(tl.float32)
+    Bv = tl.load(B_ptr + row * s_B_b + b_grp[:, None] * s_B_g + offs_n[None, :] * s_B_n, mask=mask_dn, other=0.0).to(
+        tl.float32
+    )
+    Cv = tl.load(C_ptr + row * s_C_b + c_grp[:, None] * s_C_g + offs_n[None, :] * s_C_n, mask=mask_dn, other=0.0).to(
+        tl.float32
+    )
 
     # The slot may be pad_slot_id (e.g. -1): the pointer is then never dereferenced (masked).
     s_ptrs = state_ptr + slot * s_state_slot + offs_d[:, None] * s_state_d + offs_n[None, :] * s_state_n

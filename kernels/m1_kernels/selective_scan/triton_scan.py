@@ -1,0 +1,600 @@
+# SPDX-License-Identifier: Apache-2.0
+# Selective scan (Mamba-1 recurrence, Gu & Dao 2023, arXiv 2312.00752) in the M1 GQA layout (arXiv 2504.10449).
+# Written for m1-suite; the maths (recurrence, gradients, checkpointing) is in README.md next to this file.
+"""Triton selective scan, forward and backward, padded or packed (``cu_seqlens``).
+
+Parallelisation: one program per (sequence, block of ``BLOCK_D`` channels); a sequence is a batch row
+(padded) or a document (packed). The ``(BLOCK_D, N)`` fp32 state lives in registers and the program
+walks the sequence token by token; the GQA repeat is folded into the B/C address computation
+(channel ``d`` reads C group ``d // CPC`` and B group ``d // CPC // CPB``), so no repeated B/C is ever
+materialised.
+
+Memory (M1-3B, d_inner=3072, N=16, 32768 packed tokens as 16 documents of 2048, bf16 inputs):
+
+* forward: reads x, dt, z (3 x 201 MB), B, C (67 + 201 MB), writes y (201 MB). For the backward it also
+  writes the state at every ``CHUNK``-th token of each document (fp32 ``d_inner * N * 4`` = 196 KB per
+  checkpoint; ``L / CHUNK + docs`` of them = 100 MB at CHUNK=64) instead of the 6.4 GB that keeping
+  every h_t would need.
+* backward: per chunk (last chunk first) a program reloads the chunk's starting state, recomputes h_t
+  for the chunk's tokens into a private fp32 scratch tile (``CHUNK * BLOCK_D * N * 4`` bytes per
+  program, written and read back at once, so it mostly stays in L2), then walks the chunk backwards
+  carrying the adjoint ``dh`` in registers. dC and the per-C-group partial dB are reduced over the
+  channels of a group inside the program (``BLOCK_D`` is a multiple of ``CPC``), dA / dD / d(dt_bias)
+  are accumulated in registers and written once per (sequence, channel block).
+
+Not autotuned: block sizes come from :func:`_launch_config`, so results never depend on a timing run.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from m1_kernels.selective_scan.naive import check_cu_seqlens
+from m1_kernels.selective_scan.naive import group_index
+from m1_kernels.selective_scan.naive import selective_scan_ref
+
+# Tokens between two saved states. Memory: checkpoints L*d*N*4/CHUNK bytes, backward scratch
+# n_programs*CHUNK*BLOCK_D*N*4 = seqs*d*N*4*CHUNK bytes; 64 balances the two for 2048-token documents.
+CHUNK = 64
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + exp(x)), identity above 20 like torch.nn.functional.softplus (threshold 20).
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+
+
+@triton.jit
+def _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN: tl.constexpr, CHUNK: tl.constexpr):
+    """(start, end, row, first checkpoint slot) of sequence ``pid_s``.
+
+    Packed: document i owns slots ``start_i // CHUNK + i + c`` for its chunks c < cdiv(len_i, CHUNK);
+    these ranges never overlap (see README) and need no host-side prefix sum.
+    """
+    if IS_VARLEN:
+        start = tl.load(cu_ptr + pid_s).to(tl.int64)
+        end = tl.load(cu_ptr + pid_s + 1).to(tl.int64)
+        row = pid_s.to(tl.int64) * 0
+        slot0 = start // CHUNK + pid_s
+    else:
+        start = pid_s.to(tl.int64) * 0
+        end = start + L
+        row = start + pid_s
+        slot0 = row * n_ckpt_per_row
+    return start, end, row, slot0
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    h0_ptr,
+    cu_ptr,
+    out_ptr,
+    final_ptr,
+    ckpt_ptr,
+    L,
+    d_inner,
+    N,
+    n_ckpt_per_row,
+    s_x_b,
+    s_x_l,
+    s_x_d,
+    s_dt_b,
+    s_dt_l,
+    s_dt_d,
+    s_z_b,
+    s_z_l,
+    s_z_d,
+    s_o_b,
+    s_o_l,
+    s_o_d,
+    s_B_b,
+    s_B_l,
+    s_B_g,
+    s_B_n,
+    s_C_b,
+    s_C_l,
+    s_C_g,
+    s_C_n,
+    s_A_d,
+    s_A_n,
+    s_h0_s,
+    s_h0_d,
+    s_h0_n,
+    CPC: tl.constexpr,
+    CPB: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    SAVE_CKPT: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+    c_grp = offs_d // CPC
+    b_grp = c_grp // CPB
+
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h = tl.load(
+            h0_ptr + pid_s * s_h0_s + offs_d[:, None] * s_h0_d + offs_n[None, :] * s_h0_n, mask=mask_dn, other=0.0
+        ).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+
+    x_ptr += row * s_x_b + offs_d * s_x_d
+    dt_ptr += row * s_dt_b + offs_d * s_dt_d
+    z_ptr += row * s_z_b + offs_d * s_z_d
+    out_ptr += row * s_o_b + offs_d * s_o_d
+    B_ptr += row * s_B_b + b_grp[:, None] * s_B_g + offs_n[None, :] * s_B_n
+    C_ptr += row * s_C_b + c_grp[:, None] * s_C_g + offs_n[None, :] * s_C_n
+    ck_ptr = ckpt_ptr + offs_d[:, None] * N + offs_n[None, :]
+
+    for t in range(start, end):
+        if SAVE_CKPT:
+            # State entering chunk (t - start) // CHUNK; a masked-off store costs no memory traffic.
+            rel = t - start
+            # (the interpreter rejects scalar masks, so the condition is broadcast to a tile first)
+            at_boundary = (tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.int64) + rel % CHUNK) == 0
+            tl.store(ck_ptr + (slot0 + rel // CHUNK) * d_inner * N, h, mask=mask_dn & at_boundary)
+        xt = tl.load(x_ptr + t * s_x_l, mask=mask_d, other=0.0).to(tl.float32)
+        delta = tl.load(dt_ptr + t * s_dt_l, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            delta += bias
+        if SOFTPLUS:
+            delta = _softplus(delta)
+        Bt = tl.load(B_ptr + t * s_B_l, mask=mask_dn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + t * s_C_l, mask=mask_dn, other=0.0).to(tl.float32)
+        h = tl.exp(delta[:, None] * A) * h + (delta * xt)[:, None] * Bt
+        y = tl.sum(h * Ct, axis=1)
+        if HAS_D:
+            y += Dv * xt
+        if HAS_Z:
+            zt = tl.load(z_ptr + t * s_z_l, mask=mask_d, other=0.0).to(tl.float32)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(out_ptr + t * s_o_l, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+    tl.store(final_ptr + pid_s * d_inner * N + offs_d[:, None] * N + offs_n[None, :], h, mask=mask_dn)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    cu_ptr,
+    dout_ptr,
+    dfinal_ptr,
+    ckpt_ptr,
+    scratch_ptr,
+    dx_ptr,
+    ddt_ptr,
+    dz_ptr,
+    dBp_ptr,
+    dC_ptr,
+    dA_ptr,
+    dD_ptr,
+    dbias_ptr,
+    dh0_ptr,
+    L,
+    d_inner,
+    N,
+    G_C,
+    n_ckpt_per_row,
+    s_x_b,
+    s_x_l,
+    s_x_d,
+    s_dt_b,
+    s_dt_l,
+    s_dt_d,
+    s_z_b,
+    s_z_l,
+    s_z_d,
+    s_do_b,
+    s_do_l,
+    s_do_d,
+    s_B_b,
+    s_B_l,
+    s_B_g,
+    s_B_n,
+    s_C_b,
+    s_C_l,
+    s_C_g,
+    s_C_n,
+    s_A_d,
+    s_A_n,
+    CPC: tl.constexpr,
+    CPB: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
+    GPB: tl.constexpr = BLOCK_D // CPC  # C groups per channel block
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+    c_grp = offs_d // CPC
+    b_grp = c_grp // CPB
+    offs_g = pid_d * GPB + tl.arange(0, GPB)
+    mask_gn = (offs_g[:, None] < G_C) & (offs_n[None, :] < N)
+
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    state_offs = offs_d[:, None] * N + offs_n[None, :]
+    if HAS_DFINAL:
+        dh = tl.load(dfinal_ptr + pid_s * d_inner * N + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
+    else:
+        dh = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    x_ptr += row * s_x_b + offs_d * s_x_d
+    dt_ptr += row * s_dt_b + offs_d * s_dt_d
+    z_ptr += row * s_z_b + offs_d * s_z_d
+    dout_ptr += row * s_do_b + offs_d * s_do_d
+    B_ptr += row * s_B_b + b_grp[:, None] * s_B_g + offs_n[None, :] * s_B_n
+    C_ptr += row * s_C_b + c_grp[:, None] * s_C_g + offs_n[None, :] * s_C_n
+    # Gradients of the (b, L, d) tensors are written contiguous; dC / dB partials are (b, L, G_C, N) fp32.
+    grad_off = row * L * d_inner + offs_d
+    g_off = row * L * G_C * N + offs_g[:, None] * N + offs_n[None, :]
+    # Private scratch tile of this program: CHUNK states of (BLOCK_D, BLOCK_N), fp32, contiguous.
+    pid_lin = pid_s * tl.num_programs(1) + pid_d
+    scr_ptr = (
+        scratch_ptr
+        + pid_lin.to(tl.int64) * (CHUNK * BLOCK_D * BLOCK_N)
+        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N
+        + offs_n[None, :]
+    )
+
+    n_chunks = tl.cdiv(end - start, CHUNK)
+    for ci in range(0, n_chunks):
+        c = n_chunks - 1 - ci
+        cs = start + c * CHUNK
+        ce = tl.minimum(cs + CHUNK, end)
+        h_start = tl.load(ckpt_ptr + (slot0 + c) * d_inner * N + state_offs, mask=mask_dn, other=0.0)
+        # Make sure every thread is done reading the previous chunk's scratch before it is overwritten.
+        tl.debug_barrier()
+        # 1) Recompute h_cs .. h_{ce-1} from the checkpoint, keeping them in the scratch tile.
+        h = h_start
+        for t in range(cs, ce):
+            xt = tl.load(x_ptr + t * s_x_l, mask=mask_d, other=0.0).to(tl.float32)
+            delta = tl.load(dt_ptr + t * s_dt_l, mask=mask_d, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                delta += bias
+            if SOFTPLUS:
+                delta = _softplus(delta)
+            Bt = tl.load(B_ptr + t * s_B_l, mask=mask_dn, other=0.0).to(tl.float32)
+            h = tl.exp(delta[:, None] * A) * h + (delta * xt)[:, None] * Bt
+            tl.store(scr_ptr + (t - cs) * (BLOCK_D * BLOCK_N), h)
+        # Scratch written by one thread is read by another below: a CTA barrier orders them.
+        tl.debug_barrier()
+        # 2) Walk the chunk backwards. h_cur = h_t; h_prev = h_{t-1} (the checkpoint at t == cs).
+        h_cur = h
+        for i in range(0, ce - cs):
+            t = ce - 1 - i
+            xt = tl.load(x_ptr + t * s_x_l, mask=mask_d, other=0.0).to(tl.float32)
+            dt_raw = tl.load(dt_ptr + t * s_dt_l, mask=mask_d, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt_raw += bias
+            if SOFTPLUS:
+                delta = _softplus(dt_raw)
+            else:
+                delta = dt_raw
+            Bt = tl.load(B_ptr + t * s_B_l, mask=mask_dn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + t * s_C_l, mask=mask_dn, other=0.0).to(tl.float32)
+            do = tl.load(dout_ptr + t * s_do_l, mask=mask_d, other=0.0).to(tl.float32)
+            not_first = (tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.int32) + (t - cs)) > 0
+            h_prev = tl.load(scr_ptr + (t - cs - 1) * (BLOCK_D * BLOCK_N), mask=not_first, other=0.0)
+            h_prev = tl.where(not_first, h_prev, h_start)
+            a = tl.exp(delta[:, None] * A)
+            if HAS_Z:
+                zt = tl.load(z_ptr + t * s_z_l, mask=mask_d, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(zt)
+                y_pre = tl.sum(h_cur * Ct, axis=1)
+                if HAS_D:
+                    y_pre += Dv * xt
+                dz = do * y_pre * sig * (1.0 + zt * (1.0 - sig))
+                tl.store(dz_ptr + grad_off + t * d_inner, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
+                g = do * zt * sig
+            else:
+                g = do
+            # Adjoint of h_t: from y_t, plus a_{t+1} * adjoint of h_{t+1} (already in dh).
+            dh += g[:, None] * Ct
+            # dC_t[group] = sum over the group's channels of g_t[d] * h_t[d, :].
+            dC_t = tl.sum(tl.reshape(g[:, None] * h_cur, (GPB, CPC, BLOCK_N)), axis=1)
+            tl.store(dC_ptr + g_off + t * (G_C * N), dC_t, mask=mask_gn)
+            # dB_t (per C group; the wrapper sums the CPB C groups of each B group).
+            dB_t = tl.sum(tl.reshape(dh * (delta * xt)[:, None], (GPB, CPC, BLOCK_N)), axis=1)
+            tl.store(dBp_ptr + g_off + t * (G_C * N), dB_t, mask=mask_gn)
+            dhB = tl.sum(dh * Bt, axis=1)
+            dx = dhB * delta
+            if HAS_D:
+                dx += g * Dv
+                dD_acc += g * xt
+            da = dh * h_prev * a  # d loss / d(delta * A) per state entry
+            ddelta = dhB * xt + tl.sum(da * A, axis=1)
+            dA_acc += da * delta[:, None]
+            if SOFTPLUS:
+                ddt = tl.where(dt_raw <= 20.0, ddelta * tl.sigmoid(dt_raw), ddelta)
+            else:
+                ddt = ddelta
+            dbias_acc += ddt
+            tl.store(dx_ptr + grad_off + t * d_inner, dx.to(dx_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(ddt_ptr + grad_off + t * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
+            dh = dh * a
+            h_cur = h_prev
+
+    # dh is now the adjoint of the initial state h_{-1}.
+    tl.store(dh0_ptr + pid_s * d_inner * N + state_offs, dh, mask=mask_dn)
+    tl.store(dA_ptr + pid_s * d_inner * N + state_offs, dA_acc, mask=mask_dn)
+    tl.store(dD_ptr + pid_s * d_inner + offs_d, dD_acc, mask=mask_d)
+    tl.store(dbias_ptr + pid_s * d_inner + offs_d, dbias_acc, mask=mask_d)
+
+
+def _launch_config(cpc: int, N: int):
+    """``(BLOCK_D, BLOCK_N, num_warps)``: whole C groups per program, a small state tile.
+
+    BLOCK_D is the channels-per-C-group (16 in M1-3B) rounded up to at least 16, so the dC/dB group
+    sums stay inside a program; 16x16 fp32 is 2 registers per thread for each state-sized tensor at 4
+    warps, leaving room for the backward's ~8 live tiles.
+    """
+    block_n = triton.next_power_of_2(N)
+    block_d = max(cpc, 16)
+    elems = block_d * block_n
+    num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
+    return block_d, block_n, num_warps
+
+
+def _supported(x, N: int, cpc: int) -> bool:
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and cpc & (cpc - 1) == 0 and cpc <= 256 and N <= 256
+
+
+def _strides3(t, like):
+    return t.stride() if t is not None else like.stride()
+
+
+class SelectiveScanFunction(torch.autograd.Function):
+    """Autograd wrapper: Triton forward (saving chunk checkpoints) and Triton backward."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, return_final_state):
+        b, L, d = x.shape
+        N = A.shape[1]
+        G_C, G_B = C.shape[2], B.shape[2]
+        cpc, cpb = d // G_C, G_C // G_B
+        block_d, block_n, num_warps = _launch_config(cpc, N)
+        if cu_seqlens is not None:
+            cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
+            n_seqs = cu.numel() - 1
+            n_slots = L // CHUNK + n_seqs + 1
+            n_ckpt_per_row = 0
+        else:
+            cu = None
+            n_seqs = b
+            n_ckpt_per_row = triton.cdiv(L, CHUNK)
+            n_slots = b * n_ckpt_per_row
+        save_ckpt = any(ctx.needs_input_grad)
+        out = torch.empty((b, L, d), device=x.device, dtype=x.dtype)
+        final = torch.empty((n_seqs, d, N), device=x.device, dtype=torch.float32)
+        ckpt = torch.empty((max(n_slots, 1) if save_ckpt else 1, d, N), device=x.device, dtype=torch.float32)
+        h0 = initial_state
+        grid = (n_seqs, triton.cdiv(d, block_d))
+        if n_seqs > 0:
+            _scan_fwd_kernel[grid](
+                x,
+                dt,
+                A,
+                B,
+                C,
+                D,
+                z,
+                dt_bias,
+                h0,
+                cu,
+                out,
+                final,
+                ckpt,
+                L,
+                d,
+                N,
+                n_ckpt_per_row,
+                *x.stride(),
+                *dt.stride(),
+                *_strides3(z, x),
+                *out.stride(),
+                *B.stride(),
+                *C.stride(),
+                *A.stride(),
+                *(h0.stride() if h0 is not None else (0, 0, 0)),
+                CPC=cpc,
+                CPB=cpb,
+                BLOCK_D=block_d,
+                BLOCK_N=block_n,
+                CHUNK=CHUNK,
+                HAS_D=D is not None,
+                HAS_Z=z is not None,
+                HAS_BIAS=dt_bias is not None,
+                SOFTPLUS=bool(dt_softplus),
+                IS_VARLEN=cu is not None,
+                HAS_H0=h0 is not None,
+                SAVE_CKPT=save_ckpt,
+                num_warps=num_warps,
+            )
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt)
+        ctx.cfg = (dt_softplus, n_seqs, n_ckpt_per_row, block_d, block_n, num_warps, cpc, cpb)
+        ctx.return_final_state = return_final_state
+        if return_final_state:
+            return out, final
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *rest):
+        x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt = ctx.saved_tensors
+        dt_softplus, n_seqs, n_ckpt_per_row, block_d, block_n, num_warps, cpc, cpb = ctx.cfg
+        dfinal = rest[0] if ctx.return_final_state and rest else None
+        b, L, d = x.shape
+        N = A.shape[1]
+        G_C, G_B = C.shape[2], B.shape[2]
+        dev = x.device
+        n_dblocks = triton.cdiv(d, block_d)
+        dx = torch.empty((b, L, d), device=dev, dtype=x.dtype)
+        ddt = torch.empty((b, L, d), device=dev, dtype=dt.dtype)
+        dz = torch.empty((b, L, d), device=dev, dtype=z.dtype) if z is not None else None
+        dBp = torch.empty((b, L, G_C, N), device=dev, dtype=torch.float32)
+        dC = torch.empty((b, L, G_C, N), device=dev, dtype=torch.float32)
+        dA = torch.empty((n_seqs, d, N), device=dev, dtype=torch.float32)
+        dD = torch.empty((n_seqs, d), device=dev, dtype=torch.float32)
+        dbias = torch.empty((n_seqs, d), device=dev, dtype=torch.float32)
+        dh0 = torch.empty((n_seqs, d, N), device=dev, dtype=torch.float32)
+        scratch = torch.empty((n_seqs * n_dblocks, CHUNK, block_d, block_n), device=dev, dtype=torch.float32)
+        if dfinal is not None:
+            dfinal = dfinal.to(torch.float32).contiguous()
+        if n_seqs > 0:
+            _scan_bwd_kernel[(n_seqs, n_dblocks)](
+                x,
+                dt,
+                A,
+                B,
+                C,
+                D,
+                z,
+                dt_bias,
+                cu,
+                dout,
+                dfinal,
+                ckpt,
+                scratch,
+                dx,
+                ddt,
+                dz,
+                dBp,
+                dC,
+                dA,
+                dD,
+                dbias,
+                dh0,
+                L,
+                d,
+                N,
+                G_C,
+                n_ckpt_per_row,
+                *x.stride(),
+                *dt.stride(),
+                *_strides3(z, x),
+                *dout.stride(),
+                *B.stride(),
+                *C.stride(),
+                *A.stride(),
+                CPC=cpc,
+                CPB=cpb,
+                BLOCK_D=block_d,
+                BLOCK_N=block_n,
+                CHUNK=CHUNK,
+                HAS_D=D is not None,
+                HAS_Z=z is not None,
+                HAS_BIAS=dt_bias is not None,
+                SOFTPLUS=bool(dt_softplus),
+                IS_VARLEN=cu is not None,
+                HAS_DFINAL=dfinal is not None,
+                num_warps=num_warps,
+            )
+        else:  # no sequences: nothing flows anywhere
+            for t in (dA, dD, dbias):
+                t.zero_()
+        dB = dBp.view(b, L, G_B, cpb, N).sum(3).to(B.dtype)
+        return (
+            dx,
+            ddt,
+            dA.sum(0).to(A.dtype),
+            dB,
+            dC.to(C.dtype),
+            dD.sum(0).to(D.dtype) if D is not None else None,
+            dz,
+            dbias.sum(0).to(dt_bias.dtype) if dt_bias is not None else None,
+            dh0.to(initial_state.dtype) if initial_state is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def selective_scan_triton(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus: bool = True,
+    cu_seqlens=None,
+    initial_state=None,
+    return_final_state: bool = False,
+):
+    """Triton selective scan; arguments, shapes and returns as :func:`m1_kernels.selective_scan`.
+
+    ``x, dt, z`` may be strided ``(b, L, d_inner)`` views (e.g. slices of a fused projection output);
+    ``B``/``C`` ``(b, L, G, N)`` views likewise. Accumulates in fp32; ``y`` has x's dtype and the final
+    states are fp32. Differentiable in x, dt, A, B, C, D, z, dt_bias and initial_state. float64 inputs
+    (and layouts the kernel does not cover: channels per C group not a power of two) use the reference.
+
+    Example::
+
+        >>> y, h = selective_scan_triton(x, dt, A, B, C, D, z, dt_bias, cu_seqlens=cu, return_final_state=True)
+    """
+    b, L, d = x.shape
+    N = A.shape[1]
+    group_index(d, C.shape[2], B.shape[2])  # validates the group layout
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, b, L)
+    if not _supported(x, N, d // C.shape[2]):
+        return selective_scan_ref(
+            x, dt, A, B, C, D, z, dt_bias, dt_softplus, cu_seqlens, initial_state, return_final_state
+        )
+    n_seqs = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (n_seqs, d, N):
+        raise ValueError(f"initial_state must be {(n_seqs, d, N)}, got {tuple(initial_state.shape)}")
+    return SelectiveScanFunction.apply(
+        x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, return_final_state
+    )
