@@ -111,7 +111,7 @@ def strip_think(text: str) -> str | None:
 _REPLACEMENTS = [
     (re.compile(r"\\[dt]frac"), r"\\frac"),
     (re.compile(r"\\left\b|\\right\b|\\big[lr]?\b|\\Big[lr]?\b"), ""),
-    (re.compile(r"\\[!,;:]|\\ |~|\\quad|\\qquad"), " "),
+    (re.compile(r"(?<!\\)\\[!,;: ]|~|\\quad\b|\\qquad\b"), " "),
     (re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree"), ""),
     (re.compile(r"\\%|%"), ""),
     (re.compile(r"\\displaystyle|\\textstyle"), ""),
@@ -119,7 +119,8 @@ _REPLACEMENTS = [
     (re.compile(r"\s+"), " "),
 ]
 _INT_RE = re.compile(r"[+-]?\d+")
-_NUM_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+_NUM_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d{1,3})?")
+_SCI_RE = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))[eE]([+-]?\d{1,3})")
 _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 
@@ -147,6 +148,9 @@ def normalize_answer(answer: str | float | int | None) -> str | None:
     for pat, rep in _REPLACEMENTS:
         s = pat.sub(rep, s)
     s = s.strip().rstrip(".").strip()
+    sci = _SCI_RE.fullmatch(s)
+    if sci:  # 1.5e3 -> 1.5\times10^{3} (math-verify would read "e" as Euler's number)
+        s = f"{sci.group(1)}\\times10^{{{sci.group(2)}}}"
     if _THOUSANDS_RE.fullmatch(s):
         s = s.replace(",", "")
     if s.startswith("\\text{") and s.endswith("}") and s.count("{") == 1:

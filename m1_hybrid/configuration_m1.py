@@ -62,6 +62,9 @@ class M1HybridConfig(PretrainedConfig):
         d_conv: int = 4,
         dt_rank: int | str = "auto",
         conv_bias: bool = True,
+        attention_bias: bool = False,
+        mamba_in_proj_bias: bool = False,
+        mlp_bias: bool = False,
         dt_bias_twice: bool = False,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
@@ -94,6 +97,9 @@ class M1HybridConfig(PretrainedConfig):
         self.d_conv = d_conv
         self.dt_rank = math.ceil(hidden_size / 16) if dt_rank == "auto" else int(dt_rank)
         self.conv_bias = conv_bias
+        self.attention_bias = attention_bias
+        self.mamba_in_proj_bias = mamba_in_proj_bias
+        self.mlp_bias = mlp_bias
         self.dt_bias_twice = dt_bias_twice
         self.dt_min = dt_min
         self.dt_max = dt_max

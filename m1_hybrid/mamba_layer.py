@@ -15,10 +15,11 @@ references elsewhere.
 
 import math
 
-import m1_kernels
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import m1_kernels
 
 from .configuration_m1 import M1HybridConfig
 
@@ -51,7 +52,7 @@ class M1MambaMixer(nn.Module):
         self.repeat = config.repeat_group
         self.dt_bias_scale = 2.0 if config.dt_bias_twice else 1.0
         proj_out = 2 * self.d_inner + 2 * self.d_xb + self.dt_rank
-        self.in_proj = nn.Linear(config.hidden_size, proj_out, bias=getattr(config, "mamba_in_proj_bias", False))
+        self.in_proj = nn.Linear(config.hidden_size, proj_out, bias=config.mamba_in_proj_bias)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.conv1d = nn.Conv1d(
             self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=self.d_conv - 1, bias=config.conv_bias

@@ -47,7 +47,7 @@ class M1MLP(nn.Module):
 
     def __init__(self, config: M1HybridConfig):
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
+        bias = config.mlp_bias
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)

@@ -64,6 +64,9 @@ def smollm2_path(dtype: str = "float32") -> Path:
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     model = model.to(getattr(torch, dtype))
+    if tokenizer.pad_token is None and config.pad_token_id is not None:
+        # The GGUF tokenizer has no pad token; the model config names one (id 2, <|im_end|>).
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     model.save_pretrained(tmp)

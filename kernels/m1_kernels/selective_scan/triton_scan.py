@@ -386,7 +386,9 @@ def _launch_config(cpc: int, N: int):
 
 
 def _supported(x, N: int, cpc: int) -> bool:
-    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and cpc & (cpc - 1) == 0 and cpc <= 256 and N <= 256
+    return (
+        x.dtype in (torch.float16, torch.bfloat16, torch.float32) and cpc & (cpc - 1) == 0 and cpc <= 256 and N <= 256
+    )
 
 
 def _strides3(t, like):

@@ -119,7 +119,7 @@ def _state_update_kernel(
     tl.store(out_ptr + row * s_out_b + offs_d * s_out_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def _launch_config(batch: int, d_inner: int, N: int):
+def _launch_config(batch: int, d_inner: int, N: int, fill_gpu: bool = True):
     """Hand-picked ``(BLOCK_D, num_warps)``, keyed on the state tile and the number of programs.
 
     The kernel is bandwidth bound: each program moves ``BLOCK_D * N`` state elements in and out. The
@@ -131,8 +131,9 @@ def _launch_config(batch: int, d_inner: int, N: int):
     block_n = triton.next_power_of_2(N)
     target = 2048 if block_n <= 64 else 4096
     block_d = max(1, min(triton.next_power_of_2(d_inner), target // block_n))
-    # Keep >= ~4 programs per SM of a large GPU (132 SMs x 4) when the batch is small.
-    while block_d > 4 and batch * triton.cdiv(d_inner, block_d) < 512:
+    # Keep >= ~4 programs per SM of a large GPU (132 SMs x 4) when the batch is small. Not on CPU tensors:
+    # the Triton interpreter runs programs one after another, so fewer, larger tiles are faster there.
+    while fill_gpu and block_d > 4 and batch * triton.cdiv(d_inner, block_d) < 512:
         block_d //= 2
     elems = block_d * block_n
     num_warps = 8 if elems >= 4096 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
@@ -175,7 +176,7 @@ def selective_state_update_triton(
     # 1-D parameters are read with unit stride (a no-op for the usual contiguous parameters).
     D, dt_bias = (t.contiguous() if t is not None else None for t in (D, dt_bias))
     out = torch.empty_like(x)
-    block_d, block_n, num_warps = _launch_config(bsz, d_inner, N)
+    block_d, block_n, num_warps = _launch_config(bsz, d_inner, N, fill_gpu=x.is_cuda)
     grid = (triton.cdiv(d_inner, block_d), bsz)
     zs = z.stride() if z is not None else (0, 0)
     _state_update_kernel[grid](

@@ -1,0 +1,351 @@
+"""Selective scan: reference vs a float64 loop and vs mamba-ssm, and the Triton kernel vs the reference.
+
+The Triton kernels run on CUDA when there is a GPU, and on CPU under ``TRITON_INTERPRET=1``. That
+variable must be set before ``triton`` itself is imported, not just before our kernel module: the
+interpreter calls triton's own ``@triton.jit`` helpers (``tl.sigmoid``, ``tl.cdiv``, the ``tl.sum``
+combine function), which are decorated when ``import triton`` runs, and a compiled-mode JITFunction
+raises "Cannot call @triton.jit'd outside of the scope of a kernel" inside an interpreted kernel. In a
+pytest session triton is usually imported long before this file, so the CPU Triton cases run in a
+child pytest process started with ``TRITON_INTERPRET=1`` (``test_triton_cpu_under_interpreter``); in
+the parent they are skipped with that reason, in the child they run.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from m1_kernels.selective_scan.naive import selective_scan_ref
+from tests.testing import assert_close
+from tests.testing import random_cu_seqlens
+from tests.testing import rel_err
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_inputs(b, L, d, N, G_C, G_B, dtype=torch.float32, device="cpu", n_states=None, seed=0, full=True):
+    """Random inputs in the M1 ranges (dt_proj output ~ -2..0 before softplus, A = -exp(A_log))."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(device)
+
+    if dtype == torch.float64:  # everything in float64, parameters included
+
+        def r(*shape, scale=1.0, shift=0.0, _r=r):
+            return _r(*shape, scale=scale, shift=shift).double()
+
+    x = r(b, L, d).to(dtype)
+    dt = r(b, L, d, scale=0.5, shift=-1.0).to(dtype)
+    A = -torch.exp(r(d, N, scale=0.5))
+    B = r(b, L, G_B, N).to(dtype)
+    C = r(b, L, G_C, N).to(dtype)
+    out = dict(x=x, dt=dt, A=A, B=B, C=C)
+    if full:
+        out.update(D=r(d), z=r(b, L, d).to(dtype), dt_bias=r(d, scale=0.3), initial_state=r(n_states or b, d, N))
+    return out
+
+
+def leaves(inputs, dtype=None):
+    """Fresh leaf copies (optionally cast) that require grad."""
+    out = {}
+    for k, v in inputs.items():
+        v = v.detach().clone()
+        if dtype is not None:
+            v = v.to(dtype)
+        out[k] = v.requires_grad_()
+    return out
+
+
+def run_and_grad(fn, ins, cu_seqlens=None, dt_softplus=True, seed=1):
+    """Forward with final states, a random linear loss on y and the final states, backward."""
+    y, final = fn(
+        ins["x"],
+        ins["dt"],
+        ins["A"],
+        ins["B"],
+        ins["C"],
+        ins.get("D"),
+        ins.get("z"),
+        ins.get("dt_bias"),
+        dt_softplus,
+        cu_seqlens,
+        ins.get("initial_state"),
+        True,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    wy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device)
+    wf = torch.randn(final.shape, generator=gen, dtype=torch.float64).to(y.device)
+    loss = (y.double() * wy).sum() + (final.double() * wf).sum()
+    loss.backward()
+    grads = {f"d{k}": v.grad for k, v in ins.items()}
+    return {"y": y, "final": final, **grads}
+
+
+def naive_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, cu_seqlens, initial_state, return_final_state):
+    """Float64 token loop written independently of the reference: the group maps are repeat_interleave."""
+    b, L, d = x.shape
+    x, dt, A = x.double(), dt.double(), A.double()
+    # C group of channel c is c // (d / G_C); its B group, (c // (d / G_C)) // (G_C / G_B), is c // (d / G_B).
+    Bd = B.double().repeat_interleave(d // B.shape[2], dim=2)  # (b, L, d, N)
+    Cd = C.double().repeat_interleave(d // C.shape[2], dim=2)
+    if cu_seqlens is None:
+        segments = [(r, 0, L) for r in range(b)]
+    else:
+        cu = cu_seqlens.tolist()
+        segments = [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
+    rows = [[] for _ in range(b)]  # per row, the list of y_t (appending keeps autograd cheap)
+    finals = []
+    for i, (row, start, end) in enumerate(segments):
+        h = torch.zeros(d, A.shape[1], dtype=torch.float64, device=x.device)
+        if initial_state is not None:
+            h = initial_state[i].double()
+        for t in range(start, end):
+            v = dt[row, t] + (dt_bias.double() if dt_bias is not None else 0.0)
+            delta = torch.log1p(torch.exp(v)) if dt_softplus else v
+            h = torch.exp(delta[:, None] * A) * h + (delta * x[row, t])[:, None] * Bd[row, t]
+            yt = (h * Cd[row, t]).sum(-1)
+            if D is not None:
+                yt = yt + D.double() * x[row, t]
+            if z is not None:
+                zt = z[row, t].double()
+                yt = yt * zt / (1 + torch.exp(-zt))
+            rows[row].append(yt)
+        finals.append(h)
+    y = torch.stack([torch.stack(r) for r in rows])
+    return y, torch.stack(finals)
+
+
+# (b, L, d, N, G_C, G_B, doc lengths or None)
+REALISTIC = dict(d=3072, N=16, G_C=192, G_B=64)
+ODD = dict(d=96, N=16, G_C=6, G_B=2)
+REF_CASES = [
+    pytest.param(2, 12, REALISTIC, None, id="M1-3B-padded-b2-T12"),
+    pytest.param(1, 20, REALISTIC, [1, 12, 7], id="M1-3B-packed-T20"),
+    pytest.param(3, 63, ODD, None, id="odd-padded-b3-T63-d96-GC6-GB2"),
+    pytest.param(1, 63, ODD, [1, 30, 1, 7, 24], id="odd-packed-T63-docs5"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the reference
+
+
+@pytest.mark.parametrize("b, L, shape, lengths", REF_CASES)
+def test_reference_matches_float64_loop(b, L, shape, lengths):
+    cu = random_cu_seqlens(lengths) if lengths else None
+    n_states = len(lengths) if lengths else b
+    inputs = make_inputs(b, L, shape["d"], shape["N"], shape["G_C"], shape["G_B"], torch.float64, n_states=n_states)
+    ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
+    naive = run_and_grad(naive_scan, leaves(inputs), cu)
+    for name in ref:
+        assert_close(name, naive[name], ref[name], atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("lengths", [[1, 20, 42], [5, 1, 1, 56]], ids=["docs3", "docs4-len1"])
+def test_reference_packed_equals_documents_one_by_one(lengths):
+    L = sum(lengths)
+    cu = random_cu_seqlens(lengths)
+    inputs = make_inputs(1, L, 96, 16, 6, 2, n_states=len(lengths))
+    y, final = selective_scan_ref(
+        inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
+        inputs["dt_bias"], True, cu, inputs["initial_state"], True,
+    )  # fmt: skip
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        one = {k: (v[:, s:e] if v.ndim >= 3 and k != "initial_state" and k != "A" else v) for k, v in inputs.items()}
+        yi, fi = selective_scan_ref(
+            one["x"], one["dt"], one["A"], one["B"], one["C"], one["D"], one["z"], one["dt_bias"], True, None,
+            inputs["initial_state"][i : i + 1], True,
+        )  # fmt: skip
+        assert_close(f"y doc {i}", yi, y[:, s:e], atol=1e-6, rtol=1e-6)
+        assert_close(f"final doc {i}", fi, final[i : i + 1], atol=1e-6, rtol=1e-6)
+
+
+def _import_mamba_selective_scan_ref(monkeypatch):
+    """mamba-ssm's torch reference, with empty stand-ins for compiled modules this build lacks."""
+    for _ in range(5):
+        try:
+            return importlib.import_module("mamba_ssm.ops.selective_scan_interface").selective_scan_ref
+        except ModuleNotFoundError as err:
+            if err.name is None or err.name.startswith("mamba_ssm") or err.name in sys.modules:
+                pytest.skip(f"mamba_ssm not importable: {err}")
+            # e.g. selective_scan_cuda: only used by selective_scan_fn, not by selective_scan_ref.
+            monkeypatch.setitem(sys.modules, err.name, types.ModuleType(err.name))
+        except ImportError as err:
+            pytest.skip(f"mamba_ssm not importable: {err}")
+    pytest.skip("mamba_ssm needs too many compiled modules")
+
+
+@pytest.mark.parametrize("b, L, shape", [(2, 33, ODD), (1, 20, REALISTIC)], ids=["odd", "M1-3B"])
+def test_reference_matches_mamba_ssm(monkeypatch, b, L, shape):
+    mamba_ref = _import_mamba_selective_scan_ref(monkeypatch)
+    d, N, G_C, G_B = shape["d"], shape["N"], shape["G_C"], shape["G_B"]
+    inputs = make_inputs(b, L, d, N, G_C, G_B)
+    del inputs["initial_state"]  # mamba's reference always starts from zeros
+    ours = run_and_grad(selective_scan_ref, leaves(inputs))
+    ins = leaves(inputs)
+    # mamba-ssm layout: u/delta/z (b, d, L); B/C (b, G, N, L) with channel c in group c // (d / G). M1 feeds B
+    # repeated to the G_C groups (the GQA repeat), which is what the M1 layout means.
+    B_full = ins["B"].repeat_interleave(G_C // G_B, dim=2).permute(0, 2, 3, 1)
+    C_full = ins["C"].permute(0, 2, 3, 1)
+    y, last = mamba_ref(
+        ins["x"].transpose(1, 2), ins["dt"].transpose(1, 2), ins["A"], B_full, C_full, ins["D"],
+        ins["z"].transpose(1, 2), ins["dt_bias"], delta_softplus=True, return_last_state=True,
+    )  # fmt: skip
+    y = y.transpose(1, 2)
+    gen = torch.Generator().manual_seed(1)
+    wy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    wf = torch.randn(last.shape, generator=gen, dtype=torch.float64)
+    ((y.double() * wy).sum() + (last.double() * wf).sum()).backward()
+    theirs = {"y": y, "final": last, **{f"d{k}": v.grad for k, v in ins.items()}}
+    for name, want in theirs.items():
+        err = rel_err(want, ours[name])
+        assert err < 2e-5, f"{name}: rel err {err:.2e} vs mamba_ssm.selective_scan_ref"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the Triton kernel
+
+
+def _triton_devices():
+    return [
+        pytest.param(
+            "cpu",
+            marks=pytest.mark.skipif(
+                not INTERPRET,
+                reason="CPU Triton needs TRITON_INTERPRET=1 before triton is imported: runs in the child process "
+                "of test_triton_cpu_under_interpreter",
+            ),
+        ),
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")]
+        ),
+    ]
+
+
+# Relative Frobenius error allowed against the fp32 reference on the same inputs. fp32: accumulation order
+# only. bf16: outputs/gradients of x, dt, z are rounded to bf16 (2^-8 relative), B/C grads are fp32 sums.
+REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def triton_scan(monkeypatch, device):
+    mod = importlib.import_module("m1_kernels.selective_scan.triton_scan")
+    if device == "cpu":
+        # Small chunks on CPU so that a 63-token test crosses several checkpoints (and stays fast).
+        monkeypatch.setattr(mod, "CHUNK", 16)
+    return mod
+
+
+def _compare(ref, got, dtype):
+    errs = {name: rel_err(ref[name], got[name]) for name in ref if ref[name] is not None}
+    print({k: f"{v:.1e}" for k, v in errs.items()})
+    for name, err in errs.items():
+        assert got[name].dtype == ref[name].dtype, f"{name}: dtype {got[name].dtype} != {ref[name].dtype}"
+        assert err < REL_TOL[dtype], f"{name}: rel err {err:.2e} > {REL_TOL[dtype]}"
+
+
+@pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "b, L, d, N, G_C, G_B, lengths",
+    [
+        pytest.param(2, 63, 48, 16, 3, 1, None, id="padded-b2-T63-d48-GC3-GB1"),
+        pytest.param(1, 63, 48, 16, 3, 1, [1, 17, 33, 1, 11], id="packed-T63-docs5"),
+    ],
+)
+def test_triton_matches_reference(triton_scan, device, dtype, b, L, d, N, G_C, G_B, lengths):
+    cu = random_cu_seqlens(lengths, device) if lengths else None
+    inputs = make_inputs(b, L, d, N, G_C, G_B, dtype, device, n_states=len(lengths) if lengths else b)
+    ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
+    got = run_and_grad(triton_scan.selective_scan_triton, leaves(inputs), cu)
+    _compare(ref, got, dtype)
+
+
+@pytest.mark.parametrize("device", _triton_devices())
+def test_triton_strided_views_without_optionals(triton_scan, device):
+    """Token-major slices of one fused projection output (as in the model), N=12 (masked state tile), no D/z/bias
+    and no softplus (dt used as is), no initial state, padded."""
+    b, L, d, N, G_C, G_B = 2, 40, 32, 12, 2, 1
+    gen = torch.Generator().manual_seed(3)
+    fused = torch.randn(b, L, 2 * d + (G_B + G_C) * N, generator=gen).to(device)
+    fused[..., d : 2 * d] = fused[..., d : 2 * d].abs() * 0.2  # dt > 0 without softplus
+    parts = dict(
+        x=fused[..., :d],
+        dt=fused[..., d : 2 * d],
+        B=fused[..., 2 * d : 2 * d + G_B * N].unflatten(-1, (G_B, N)),
+        C=fused[..., 2 * d + G_B * N :].unflatten(-1, (G_C, N)),
+        A=-torch.rand(d, N, generator=gen).add(0.1).to(device),
+    )
+    assert not parts["x"].is_contiguous()
+    fused_leaf = fused.clone().requires_grad_()
+
+    def grads(fn):
+        ins = {k: v.detach().clone().requires_grad_() for k, v in parts.items()}
+        if fn is not selective_scan_ref:  # the kernel gets the strided views themselves
+            f = fused_leaf
+            f.grad = None
+            ins.update(
+                x=f[..., :d],
+                dt=f[..., d : 2 * d],
+                B=f[..., 2 * d : 2 * d + G_B * N].unflatten(-1, (G_B, N)),
+                C=f[..., 2 * d + G_B * N :].unflatten(-1, (G_C, N)),
+            )
+        y, final = fn(ins["x"], ins["dt"], ins["A"], ins["B"], ins["C"], None, None, None, False, None, None, True)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(device)
+        ((y * w).sum() + final.sum()).backward()
+        if fn is selective_scan_ref:
+            g = torch.cat([ins["x"].grad, ins["dt"].grad, ins["B"].grad.flatten(-2), ins["C"].grad.flatten(-2)], -1)
+        else:
+            g = fused_leaf.grad
+        return {"y": y, "final": final, "dfused": g, "dA": ins["A"].grad}
+
+    _compare(grads(selective_scan_ref), grads(triton_scan.selective_scan_triton), torch.float32)
+
+
+@pytest.mark.parametrize("device", _triton_devices())
+def test_triton_packed_equals_padded(triton_scan, device):
+    """Two equal-length documents packed in one row == the same two as padded rows (with initial states)."""
+    inputs = make_inputs(2, 21, 32, 16, 2, 1, device=device)
+    packed = {
+        k: (v.reshape(1, 42, *v.shape[2:]) if v.ndim >= 3 and k not in ("initial_state",) else v)
+        for k, v in inputs.items()
+    }
+    cu = random_cu_seqlens([21, 21], device)
+    f = triton_scan.selective_scan_triton
+    out_pad = run_and_grad(f, leaves(inputs))
+    out_pack = run_and_grad(f, leaves(packed), cu)
+    assert_close("y", out_pad["y"].reshape(1, 42, -1), out_pack["y"], atol=1e-6, rtol=1e-5)
+    assert_close("final", out_pad["final"], out_pack["final"], atol=1e-6, rtol=1e-5)
+    assert_close("dA", out_pad["dA"], out_pack["dA"], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(INTERPRET, reason="already inside the TRITON_INTERPRET=1 child")
+def test_triton_cpu_under_interpreter():
+    """Run this file's CPU Triton cases in a child pytest with TRITON_INTERPRET=1 (see module docstring)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "triton and cpu and not under_interpreter",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    print(proc.stdout[-4000:], proc.stderr[-2000:])
+    assert proc.returncode == 0, f"interpreted Triton tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
