@@ -39,7 +39,7 @@ setup(
     version="0.1.0",
     description="Build, train and serve M1 hybrid Mamba reasoning models (Axolotl, VeRL, vLLM plugins)",
     python_requires=">=3.10",
-    packages=find_packages(include=["m1_hybrid*", "m1_eval*", "axolotl_m1*", "verl_m1*", "vllm_m1*"])
+    packages=find_packages(include=["m1_hybrid*", "m1_cli*", "m1_eval*", "axolotl_m1*", "verl_m1*", "vllm_m1*"])
     + ["m1_kernels"]
     + [f"m1_kernels.{p}" for p in find_packages("kernels/m1_kernels")],
     package_dir={"m1_kernels": "kernels/m1_kernels"},
@@ -47,6 +47,6 @@ setup(
     install_requires=["transformers>=5.0", "safetensors", "tqdm", "numpy"],
     extras_require=EXTRAS,
     entry_points={
-        "console_scripts": ["m1 = m1_hybrid.cli:main"],
+        "console_scripts": ["m1 = m1_cli.main:main"],
     },
 )

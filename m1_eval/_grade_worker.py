@@ -4,7 +4,12 @@ Started by :mod:`m1_eval.grading` as ``python -m m1_eval._grade_worker``; never 
 math-verify's own ``signal.alarm`` timeouts are disabled here: the parent kills a worker that does not
 answer within the per-answer time limit and starts a fresh one.
 
-Protocol (one line each): request ``{"op": "verify", "gold": str, "pred": str}`` -> ``{"ok": bool}``;
+The worker also stops itself after ``soft_s`` seconds with ``setitimer`` (it is single-threaded, so the
+signal works here); that catches slow pure-Python sympy work without a restart. C-level work that ignores
+signals (a giant integer power) is left to the parent's hard kill.
+
+Protocol (one line each): request ``{"op": "verify", "gold": str, "pred": str, "soft_s": float}`` ->
+``{"ok": bool}``;
 ``{"op": "ping"}`` -> ``{"ok": true}``. The first line written is ``{"ready": true}``.
 """
 
@@ -26,12 +31,23 @@ def _limit_memory() -> None:
         pass
 
 
+class _SoftTimeout(BaseException):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise _SoftTimeout
+
+
 def main() -> None:
     logging.disable(logging.CRITICAL)
     from math_verify import parse
     from math_verify import verify
 
     _limit_memory()
+    import signal
+
+    signal.signal(signal.SIGALRM, _on_alarm)
 
     @lru_cache(maxsize=4096)
     def parsed(text: str):
@@ -46,9 +62,15 @@ def main() -> None:
             if req.get("op") == "ping":
                 ok = True
             else:
-                gold, pred = parsed(req["gold"]), parsed(req["pred"])
-                ok = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
-        except BaseException:  # noqa: BLE001 - any failure (RecursionError, MemoryError...) is "incorrect"
+                soft = float(req.get("soft_s") or 0)
+                if soft > 0:
+                    signal.setitimer(signal.ITIMER_REAL, soft)
+                try:
+                    gold, pred = parsed(req["gold"]), parsed(req["pred"])
+                    ok = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+        except BaseException:  # noqa: BLE001 - any failure (RecursionError, MemoryError, timeout) is "incorrect"
             ok = False
         out.write('{"ok": true}\n' if ok else '{"ok": false}\n')
         out.flush()

@@ -53,6 +53,9 @@ MAX_ANSWER_CHARS = 1000
 WORKER_START_TIMEOUT_S = 120.0
 """How long a fresh worker may take to import math-verify (not counted in the per-answer limit)."""
 
+SOFT_FRACTION = 0.8
+"""The worker interrupts itself (``setitimer``) at this fraction of the limit; the parent kills it at the limit."""
+
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
 
 
@@ -148,7 +151,7 @@ def normalize_answer(answer: str | float | int | None) -> str | None:
     for pat, rep in _REPLACEMENTS:
         s = pat.sub(rep, s)
     s = s.strip().rstrip(".").strip()
-    sci = _SCI_RE.fullmatch(s)
+    sci = _SCI_RE.fullmatch(s) if len(s) <= 60 else None
     if sci:  # 1.5e3 -> 1.5\times10^{3} (math-verify would read "e" as Euler's number)
         s = f"{sci.group(1)}\\times10^{{{sci.group(2)}}}"
     if _THOUSANDS_RE.fullmatch(s):
@@ -230,7 +233,8 @@ class _Worker:
         self.ready = True
 
     def verify(self, gold: str, pred: str, timeout_s: float) -> bool:
-        self.proc.stdin.write((json.dumps({"op": "verify", "gold": gold, "pred": pred}) + "\n").encode())
+        req = {"op": "verify", "gold": gold, "pred": pred, "soft_s": SOFT_FRACTION * timeout_s}
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
         self.proc.stdin.flush()
         line = self._read_line(time.monotonic() + timeout_s)
         return json.loads(line)["ok"] is True
@@ -252,7 +256,9 @@ class GraderPool:
     """A small pool of math-verify worker processes with a per-answer time limit.
 
     Thread-safe; one pool per process (see :func:`get_pool`). ``size`` defaults to
-    ``$M1_EVAL_GRADER_WORKERS`` or ``min(4, cpu_count)``.
+    ``$M1_EVAL_GRADER_WORKERS`` or ``min(4, cpu_count)``. Workers start on first use (importing
+    math-verify takes 1-3 s, not counted in the time limit). Once the pool is in use, one extra warm
+    "spare" worker waits to replace a killed one instantly (``M1_EVAL_GRADER_SPARE=0`` disables it).
 
     Example::
 
@@ -267,10 +273,12 @@ class GraderPool:
         if size is None:
             size = int(os.environ.get("M1_EVAL_GRADER_WORKERS", "0")) or min(4, os.cpu_count() or 1)
         self.size = max(1, size)
+        self.spare = os.environ.get("M1_EVAL_GRADER_SPARE", "1") != "0"
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._lock = threading.Lock()
         self._created = 0
         self._all: set[_Worker] = set()
+        self._spare: _Worker | None = None
         self.timeouts = 0
         self.calls = 0
 
@@ -288,11 +296,12 @@ class GraderPool:
         return self._idle.get()
 
     def _replace(self, w: _Worker) -> None:
+        """Kill a stuck worker; its slot goes to the warm spare, and a new spare starts."""
         w.kill()
         with self._lock:
             self._all.discard(w)
-            nw = _Worker()
-            self._all.add(nw)
+            nw, self._spare = (self._spare or _Worker()), _Worker()
+            self._all.update((nw, self._spare))
         self._idle.put(nw)
 
     def verify(self, gold: str, pred: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
@@ -306,6 +315,11 @@ class GraderPool:
                 self._created -= 1
             raise
         self.calls += 1
+        if self._spare is None and self.spare:
+            with self._lock:  # a warm replacement for the first worker that gets stuck
+                if self._spare is None:
+                    self._spare = _Worker()
+                    self._all.add(self._spare)
         try:
             ok = w.verify(gold, pred, timeout_s)
         except (TimeoutError, EOFError, OSError, ValueError, KeyError):
@@ -319,7 +333,7 @@ class GraderPool:
         """Kill every worker (the pool can be used again afterwards)."""
         with self._lock:
             workers, self._all = list(self._all), set()
-            self._created = 0
+            self._created, self._spare = 0, None
             self._idle = queue.Queue()
         for w in workers:
             w.kill()
@@ -356,6 +370,8 @@ def is_equiv(gold: str | float | int | None, pred: str | None, timeout_s: float 
         >>> is_equiv("2\\\\sqrt{2}", "\\\\sqrt{8}")
         True
     """
+    if pred is not None and len(str(pred)) > 2 * MAX_ANSWER_CHARS:
+        return False
     g, p = normalize_answer(gold), normalize_answer(pred)
     if not g or not p or len(p) > MAX_ANSWER_CHARS or len(g) > 4 * MAX_ANSWER_CHARS:
         return False
@@ -449,7 +465,7 @@ def answer_labels(
         if ok:
             labels.append(0)
             continue
-        key = normalize_answer(ans)
+        key = normalize_answer(ans) if ans is not None and len(ans) <= 2 * MAX_ANSWER_CHARS else None
         if not key or len(key) > MAX_ANSWER_CHARS:
             labels.append(-1)
             continue

@@ -169,7 +169,7 @@ def _causal_conv1d_pkg():
     """causal-conv1d's own references, importable without its compiled ``causal_conv1d_cuda``."""
     if importlib.util.find_spec("causal_conv1d") is None:
         pytest.skip("causal_conv1d is not installed")
-    if importlib.util.find_spec("causal_conv1d_cuda") is None:
+    if "causal_conv1d_cuda" not in sys.modules and importlib.util.find_spec("causal_conv1d_cuda") is None:
         # An empty stand-in module: cpp_functions imports it at module level but the *_ref functions never use it.
         sys.modules.setdefault("causal_conv1d_cuda", types.ModuleType("causal_conv1d_cuda"))
     return importlib.import_module("causal_conv1d.causal_conv1d_interface")
@@ -182,6 +182,7 @@ def test_reference_vs_causal_conv1d_package(K, activation):
     cc = _causal_conv1d_pkg()
     b, L, d = 3, 11, 40
     x, w, bias, h0 = _make(b, L, d, K, b, dtype=torch.float64)
+    w, bias = w.double(), bias.double()  # their reference computes in the weight's dtype
     y, fin = causal_conv1d_ref(x, w, bias, activation, None, h0, True)
     y_cc, fin_cc = cc.causal_conv1d_ref(
         x.transpose(1, 2), w, bias, initial_states=h0, return_final_states=True, activation=activation

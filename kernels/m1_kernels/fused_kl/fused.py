@@ -104,9 +104,7 @@ class _OnceBackward:
     @staticmethod
     def check(ctx):
         if getattr(ctx, "backward_done", False):
-            raise RuntimeError(
-                "fused KL: backward can run once per forward (the stored gradients are scaled in place)"
-            )
+            raise RuntimeError("fused KL: backward can run once per forward (the stored gradients are scaled in place)")
         ctx.backward_done = True
 
 

@@ -118,4 +118,3 @@ def lpe_bwd_triton(x, grad, labels, lse, ent, g_lp, g_ent, *, temperature, ignor
         x, grad, labels, lse, ent, g_lp.contiguous(), g_ent.contiguous(), x.stride(0), grad.stride(0),
         V, ignore_index, 1.0 / temperature, BLOCK_V=block, num_warps=warps,
     )  # fmt: skip
-

@@ -145,7 +145,8 @@ def _scan_fwd_kernel(
 
     x_ptr += row * s_x_b + offs_d * s_x_d
     dt_ptr += row * s_dt_b + offs_d * s_dt_d
-    z_ptr += row * s_z_b + offs_d * s_z_d
+    if HAS_Z:
+        z_ptr += row * s_z_b + offs_d * s_z_d
     out_ptr += row * s_o_b + offs_d * s_o_d
     B_ptr += row * s_B_b + b_grp[:, None] * s_B_g + offs_n[None, :] * s_B_n
     C_ptr += row * s_C_b + c_grp[:, None] * s_C_g + offs_n[None, :] * s_C_n
@@ -270,7 +271,8 @@ def _scan_bwd_kernel(
 
     x_ptr += row * s_x_b + offs_d * s_x_d
     dt_ptr += row * s_dt_b + offs_d * s_dt_d
-    z_ptr += row * s_z_b + offs_d * s_z_d
+    if HAS_Z:
+        z_ptr += row * s_z_b + offs_d * s_z_d
     dout_ptr += row * s_do_b + offs_d * s_do_d
     B_ptr += row * s_B_b + b_grp[:, None] * s_B_g + offs_n[None, :] * s_B_n
     C_ptr += row * s_C_b + c_grp[:, None] * s_C_g + offs_n[None, :] * s_C_n

@@ -1,0 +1,289 @@
+"""Benchmark the M1 selective scan: our Triton op vs the PyTorch reference vs mamba-ssm's CUDA kernel vs HBM floor.
+
+M1-3B shapes (d_inner 3072, d_state 16, G_C 192, G_B 64), packed documents of ``--doc-len`` tokens,
+bf16 inputs as strided views of one fused projection output (as in the model). For each provider:
+forward and forward+backward median time (``triton.testing.do_bench``, quantiles 0.5/0.2/0.8) and
+peak extra memory. mamba-ssm's ``selective_scan_fn`` has no varlen: it runs the padded equivalent
+(rows of ``--doc-len``) with B and C repeated to G_C groups in its ``(b, G, N, L)`` layout.
+
+Before timing, the Triton op is checked against the reference on the GPU and the result printed.
+Rows are appended to ``<out>/selective_scan.csv`` and a PNG plot is written next to it.
+
+Usage::
+
+    python benchmarks/bench_selective_scan.py                 # 8192 and 32768 tokens
+    python benchmarks/bench_selective_scan.py --smoke         # tiny shapes, a few seconds
+"""
+
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+D_INNER, D_STATE, G_C, G_B = 3072, 16, 192, 64
+HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, achievable order of magnitude
+
+
+def parse_args(argv=None):
+    """Command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="packed tokens per run")
+    p.add_argument("--doc-len", type=int, default=2048, help="document length (rows of the padded equivalent)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--ref-max-tokens", type=int, default=8192, help="largest size for the PyTorch reference")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (d_inner 96), quick")
+    p.add_argument("--no-plot", action="store_true")
+    return p.parse_args(argv)
+
+
+def make_inputs(T, doc_len, d, N, gc, gb, dtype, device):
+    """Packed inputs as token-major slices of one fused projection (z, x, B, C, dt)."""
+    width = 2 * d + gb * N + gc * N + d
+    fused = torch.randn(1, T, width, device=device, dtype=dtype)
+    z = fused[..., :d]
+    x = fused[..., d : 2 * d]
+    B = fused[..., 2 * d : 2 * d + gb * N].unflatten(-1, (gb, N))
+    C = fused[..., 2 * d + gb * N : 2 * d + (gb + gc) * N].unflatten(-1, (gc, N))
+    dt = fused[..., 2 * d + (gb + gc) * N :]
+    with torch.no_grad():
+        dt.mul_(0.5).sub_(1.0)
+    A = -torch.exp(0.5 * torch.randn(d, N, device=device))
+    D = torch.randn(d, device=device)
+    dt_bias = 0.3 * torch.randn(d, device=device)
+    lengths = [doc_len] * (T // doc_len) + ([T % doc_len] if T % doc_len else [])
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return fused, dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias), cu.to(device)
+
+
+def hbm_bytes(T, d, N, gc, gb, elt):
+    """Bytes that must cross HBM: fwd reads x, dt, z, B, C, writes y; bwd reads those + dy, writes 5 grads."""
+    act = T * d * elt
+    bc = T * (gb + gc) * N * elt
+    fwd = 4 * act + bc
+    bwd = 4 * act + bc + 3 * act + bc
+    return fwd, fwd + bwd
+
+
+def correctness_check(device, dtype, d=D_INNER, N=D_STATE, gc=G_C, gb=G_B):
+    """Triton vs reference on the GPU (packed, initial states, all gradients); prints relative errors."""
+    from m1_kernels.selective_scan.naive import selective_scan_ref
+    from m1_kernels.selective_scan.triton_scan import selective_scan_triton
+
+    torch.manual_seed(0)
+    lengths = [1, 200, 311]
+    T = sum(lengths)
+    _, ins, _ = make_inputs(T, T, d, N, gc, gb, dtype, device)
+    cu = torch.tensor([0, 1, 201, T], dtype=torch.int32, device=device)
+    h0 = torch.randn(len(lengths), d, N, device=device)
+    results = []
+    for fn in (selective_scan_ref, selective_scan_triton):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in {**ins, "initial_state": h0}.items()}
+        y, hf = fn(**{k: leaves[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")},
+                   dt_softplus=True, cu_seqlens=cu, initial_state=leaves["initial_state"],
+                   return_final_state=True)  # fmt: skip
+        g = torch.Generator(device=device).manual_seed(1)
+        wy = torch.randn(y.shape, device=device, generator=g)
+        ((y.float() * wy).sum() + hf.sum()).backward()
+        results.append({"y": y, "final": hf, **{f"d{k}": v.grad for k, v in leaves.items()}})
+    worst = 0.0
+    msg = []
+    for name in results[0]:
+        r, t = results[0][name].double(), results[1][name].double()
+        err = ((r - t).norm() / r.norm().clamp_min(1e-30)).item()
+        worst = max(worst, err if torch.isfinite(t).all() else float("inf"))
+        msg.append(f"{name} {err:.1e}")
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    status = "OK" if worst < tol else "FAILED"
+    print(f"correctness (triton vs reference, {dtype}, packed {lengths}): {status}; rel err " + ", ".join(msg))
+    return status == "OK"
+
+
+def bench(fn, grad_to_none=None, reps=None):
+    """(p50, p20, p80) ms and peak extra MB of ``fn``."""
+    import triton.testing
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    if reps is not None:  # slow providers: a few timed calls instead of do_bench's calibration
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        q = sorted(times)
+        return (statistics.median(q), q[0], q[-1]), peak
+    ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+    return tuple(ms), peak
+
+
+def import_mamba_selective_scan_fn():
+    """mamba-ssm's CUDA ``selective_scan_fn`` or None (with the reason printed)."""
+    try:
+        import selective_scan_cuda  # noqa: F401
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as err:  # ImportError, or a broken build
+        print(f"mamba-ssm CUDA selective_scan_fn not available ({type(err).__name__}: {err}); skipped")
+        return None
+    return selective_scan_fn
+
+
+def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
+    """All providers at one packed size."""
+    from m1_kernels.selective_scan.naive import selective_scan_ref
+    from m1_kernels.selective_scan.triton_scan import selective_scan_triton
+
+    d, N, gc, gb = shape
+    fused, ins, cu = make_inputs(T, doc_len, d, N, gc, gb, dtype, device)
+    params = [ins[k] for k in ("A", "D", "dt_bias")]
+    fused.requires_grad_(True)
+    for p in params:
+        p.requires_grad_(True)
+
+    def call(fn, cu=cu):
+        f = fused
+        z, x = f[..., :d], f[..., d : 2 * d]
+        B = f[..., 2 * d : 2 * d + gb * N].unflatten(-1, (gb, N))
+        C = f[..., 2 * d + gb * N : 2 * d + (gb + gc) * N].unflatten(-1, (gc, N))
+        dt = f[..., 2 * d + (gb + gc) * N :]
+        return fn(x, dt, ins["A"], B, C, ins["D"], z, ins["dt_bias"], True, cu)
+
+    dy = torch.randn(1, T, d, device=device, dtype=dtype)
+    fwd_floor, full_floor = hbm_bytes(T, d, N, gc, gb, dtype.itemsize)
+    record("hbm_floor", "fwd", T, (fwd_floor / HBM_BYTES_PER_S * 1e3,) * 3, None, f"{fwd_floor / 1e9:.2f} GB")
+    record("hbm_floor", "fwd+bwd", T, (full_floor / HBM_BYTES_PER_S * 1e3,) * 3, None, f"{full_floor / 1e9:.2f} GB")
+
+    grads = [fused, *params]
+    with torch.no_grad():
+        ms, peak = bench(lambda: call(selective_scan_triton))
+    record("triton", "fwd", T, ms, peak)
+    ms, peak = bench(lambda: call(selective_scan_triton).backward(dy), grad_to_none=grads)
+    record("triton", "fwd+bwd", T, ms, peak)
+
+    if T <= args.ref_max_tokens:
+        try:
+            with torch.no_grad():
+                ms, peak = bench(lambda: call(selective_scan_ref), reps=3)
+            record("torch_ref", "fwd", T, ms, peak, "python token loop")
+        except torch.cuda.OutOfMemoryError:
+            print(f"torch_ref fwd T={T}: out of memory, skipped")
+        torch.cuda.empty_cache()
+    else:
+        print(f"torch_ref T={T}: skipped (> --ref-max-tokens {args.ref_max_tokens}; a python loop per token)")
+
+    if mamba_fn is not None and T % doc_len == 0:
+        # Padded equivalent: rows of doc_len, mamba layout (b, d, L) and (b, G_C, N, L), B repeated to G_C.
+        rows_ = T // doc_len
+        u = ins["x"].detach().reshape(rows_, doc_len, d).transpose(1, 2).contiguous().requires_grad_()
+        delta = ins["dt"].detach().reshape(rows_, doc_len, d).transpose(1, 2).contiguous().requires_grad_()
+        zz = ins["z"].detach().reshape(rows_, doc_len, d).transpose(1, 2).contiguous().requires_grad_()
+        Bm = ins["B"].detach().reshape(rows_, doc_len, gb, N).repeat_interleave(gc // gb, dim=2)
+        Bm = Bm.permute(0, 2, 3, 1).contiguous().requires_grad_()
+        Cm = ins["C"].detach().reshape(rows_, doc_len, gc, N).permute(0, 2, 3, 1).contiguous().requires_grad_()
+        A, Dv, bias = (p.detach().clone().requires_grad_() for p in params)
+        dym = dy.reshape(rows_, doc_len, d).transpose(1, 2).contiguous()
+
+        def mamba_call():
+            return mamba_fn(u, delta, A, Bm, Cm, Dv, zz, bias, delta_softplus=True)
+
+        with torch.no_grad():
+            ms, peak = bench(mamba_call)
+        record("mamba_cuda", "fwd", T, ms, peak, f"padded {rows_}x{doc_len}, B/C repeated to {gc}")
+        ms, peak = bench(lambda: mamba_call().backward(dym), grad_to_none=[u, delta, zz, Bm, Cm, A, Dv, bias])
+        record("mamba_cuda", "fwd+bwd", T, ms, peak, f"padded {rows_}x{doc_len}, B/C repeated to {gc}")
+
+
+def main(argv=None):
+    """Run the benchmark; returns a process exit code."""
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_selective_scan needs a CUDA GPU (none found); nothing to do.")
+        return 1
+    try:
+        import triton
+    except ImportError:
+        print("triton is not installed; nothing to do.")
+        return 1
+    device = "cuda"
+    dtype = getattr(torch, args.dtype)
+    d, N, gc, gb = (96, 16, 6, 2) if args.smoke else (D_INNER, D_STATE, G_C, G_B)
+    tokens = [256, 512] if args.smoke else args.tokens
+    doc_len = 128 if args.smoke else args.doc_len
+    gpu = torch.cuda.get_device_name()
+    print(f"Machine: {gpu} | torch {torch.__version__} | triton {triton.__version__} | dtype {args.dtype}")
+    ok = correctness_check(device, dtype, d, N, gc, gb)
+    mamba_fn = import_mamba_selective_scan_fn()
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = []
+
+    def record(provider, mode, T, ms, peak, note=""):
+        row = dict(timestamp=stamp, gpu=gpu, torch=torch.__version__, triton=triton.__version__,
+                   provider=provider, mode=mode, tokens=T, doc_len=doc_len, d_inner=d, d_state=N, G_C=gc, G_B=gb,
+                   dtype=args.dtype, ms_p50=f"{ms[0]:.4f}", ms_p20=f"{ms[1]:.4f}", ms_p80=f"{ms[2]:.4f}",
+                   peak_mem_mb=f"{peak:.1f}" if peak is not None else "", note=note)  # fmt: skip
+        rows.append(row)
+        print(f"{provider:>12} {mode:>8} T={T:>6}: {ms[0]:9.3f} ms (p20 {ms[1]:.3f}, p80 {ms[2]:.3f})"
+              f"{'' if peak is None else f', peak +{peak:.0f} MB'} {note}")  # fmt: skip
+
+    for T in tokens:
+        bench_size(T, args, (d, N, gc, gb), dtype, device, doc_len, mamba_fn, record)
+        torch.cuda.empty_cache()
+
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "selective_scan.csv")
+    new = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended {len(rows)} rows to {csv_path}")
+    if not args.no_plot:
+        plot(rows, os.path.join(args.out, f"selective_scan_{time.strftime('%Y%m%d-%H%M%S')}.png"), gpu)
+    return 0 if ok else 2
+
+
+def plot(rows, path, gpu):
+    """Median ms per provider vs tokens, one panel per mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for provider in sorted({r["provider"] for r in rows}):
+            pts = [(r["tokens"], float(r["ms_p50"])) for r in rows if r["provider"] == provider and r["mode"] == mode]
+            if pts:
+                xs, ys = zip(*sorted(pts))
+                ax.plot(xs, ys, marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("packed tokens")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"selective scan {mode}")
+        ax.legend()
+    fig.suptitle(gpu)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
