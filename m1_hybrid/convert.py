@@ -29,8 +29,8 @@ DTYPES = {
 def default_attn_layers(num_layers: int) -> list[int]:
     """Attention layers spread like M1's ``[3, 8, 13, 18, 23, 27]`` for 28 layers.
 
-    Rule: stride ``s = max(2, round(5 n / 28))``, layers ``s//2 + 1, +s, ...`` below the last, plus
-    the last layer; one closer than ``s/2`` to the last is dropped. About 6 of 28 (21%).
+    Rule: M1's pattern extended to any depth: every 5th layer from layer 3, plus the last layer;
+    a layer closer than 3 to the last is dropped. About 6 of every 28 layers (21%).
 
     Example::
 
@@ -39,9 +39,8 @@ def default_attn_layers(num_layers: int) -> list[int]:
         >>> default_attn_layers(30)
         [3, 8, 13, 18, 23, 29]
     """
-    stride = max(2, round(5 * num_layers / 28))
-    layers = [i for i in range(stride // 2 + 1, num_layers - 1, stride) if num_layers - 1 - i >= stride / 2]
-    return layers + [num_layers - 1]
+    last = num_layers - 1
+    return [i for i in range(3, last, 5) if last - i >= 3] + [last]
 
 
 def parse_layers(text: str | None) -> list[int] | None:

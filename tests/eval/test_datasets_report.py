@@ -84,7 +84,7 @@ def _records():
         {"dataset": "a", "id": "0", "answer": "3",
          "samples": [s(r"\boxed{3}", 100), s(r"\boxed{4}", 400), s(r"\boxed{4}", 300), s("none", 800)]},
         {"dataset": "a", "id": "1", "answer": r"\frac12",
-         "samples": [s(r"\boxed{0.5}", 200), s(r"\boxed{\dfrac{1}{2}}", 200), s(r"\boxed{1}", 50), s(r"\boxed{2}", 50)]},
+         "samples": [s(r"\boxed{0.5}", 200), s(r"\boxed{\tfrac12}", 200), s(r"\boxed{1}", 50), s(r"\boxed{2}", 50)]},
         {"dataset": "b", "id": "0", "answer": "7",
          "samples": [s(r"\boxed{7}", 10), s(r"\boxed{7}", 10), s(r"\boxed{7}", 10), s(r"\boxed{7}", 10)]},
     ]  # fmt: skip
