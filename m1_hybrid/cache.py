@@ -28,7 +28,8 @@ class M1HybridCache:
     is_compileable = False
 
     def __init__(self, config: M1HybridConfig, batch_size: int, dtype: torch.dtype, device):
-        ssm_dtype = torch.float32 if config.ssm_cache_dtype == "float32" else dtype
+        # "float32" means at least float32: a float64 model keeps float64 states.
+        ssm_dtype = torch.promote_types(torch.float32, dtype) if config.ssm_cache_dtype == "float32" else dtype
         self.layers = []
         for kind in config.layers_block_type:
             if kind == ATTENTION:

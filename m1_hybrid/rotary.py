@@ -29,16 +29,26 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions, computed in float32 like the Llama teacher."""
+    """cos/sin tables for given positions, computed in float32 like the Llama teacher.
+
+    The frequencies are computed on first use, not stored as a buffer: transformers builds models
+    on the meta device and never loads non-persistent buffers, which would leave them garbage.
+    """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self._inv_freq = None
+
+    def inv_freq(self, device) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != torch.device(device):
+            self._inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling).to(device)
+        return self._inv_freq
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """``position_ids (b, L)`` -> ``cos, sin (b, L, head_dim)`` in ``dtype``."""
-        freqs = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -29,14 +29,24 @@ Example::
 """
 
 from m1_kernels.dispatch import use_triton
+from m1_kernels.fused_kl import KLStats
+from m1_kernels.fused_kl import fused_kl_div
+from m1_kernels.fused_kl import fused_linear_kl_div
+from m1_kernels.logprob_entropy import fused_linear_logprob_entropy
+from m1_kernels.logprob_entropy import logprob_entropy_from_logits
 from m1_kernels.ops import causal_conv1d
 from m1_kernels.ops import causal_conv1d_update
 from m1_kernels.ops import selective_scan
 from m1_kernels.ops import selective_state_update
 
 __all__ = [
+    "KLStats",
     "causal_conv1d",
     "causal_conv1d_update",
+    "fused_kl_div",
+    "fused_linear_kl_div",
+    "fused_linear_logprob_entropy",
+    "logprob_entropy_from_logits",
     "selective_scan",
     "selective_state_update",
     "use_triton",

@@ -72,8 +72,13 @@ def test_parse_layers():
 def test_qwen2_teacher_with_biases_converts_exactly():
     torch.manual_seed(0)
     cfg = Qwen2Config(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_hidden_layers=3,
-        vocab_size=120, tie_word_embeddings=False,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        vocab_size=120,
+        tie_word_embeddings=False,
     )
     teacher = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():

@@ -1,0 +1,74 @@
+"""The YAML keys of the M1 Axolotl plugin (all top-level, all declared here).
+
+Axolotl merges this pydantic model into its config schema (``get_input_args``); a key that is not
+declared here is silently dropped after validation, so every ``m1_*`` key the plugin reads is
+listed below. Defaults are applied by :func:`axolotl_m1.plugin.settings` (``None`` means "default").
+
+| key | default | meaning |
+|---|---|---|
+| ``m1_attn_layers`` | none | build the student from ``base_model`` (a Llama/Qwen2 teacher) with attention at these layers (Algorithm 1); must be absent or equal to the checkpoint's when ``base_model`` is already an M1 hybrid |
+| ``m1_d_state`` | 16 | SSM state size of a student built on the fly |
+| ``m1_student_init_dir`` | ``{output_dir}/m1_student_init`` | where the student built on the fly is saved (reused when it exists) |
+| ``m1_distill`` | false | stage 1: online distillation from ``m1_teacher_model``; false: plain CE (SFT) |
+| ``m1_teacher_model`` | the converted ``base_model`` | teacher folder or hub id (same tokenizer as the student) |
+| ``m1_teacher_dtype`` | bfloat16 if ``bf16: true``, else float32 | teacher weights dtype (``auto`` = the student's) |
+| ``m1_teacher_attn_implementation`` | sdpa | the teacher's attention backend (it must handle packed ``position_ids``) |
+| ``m1_kl_weight`` | 1.0 | weight of KL in the loss |
+| ``m1_ce_weight`` | 0.0 | weight of the next-token CE in the loss (always logged) |
+| ``m1_kl_direction`` | reverse | ``reverse`` = KL(p_student || p_teacher) (M1), ``forward`` = KL(p_teacher || p_student) |
+| ``m1_kl_temperature`` | 1.0 | softmax temperature of both models inside the KL (no tau^2 factor) |
+| ``m1_kl_chunk_size`` | auto | token rows per chunk of the fused KL / chunked CE |
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel
+from pydantic import Field
+from pydantic import field_validator
+from pydantic import model_validator
+
+
+class M1Args(BaseModel):
+    """Input args of :class:`axolotl_m1.M1Plugin` (flat, top-level YAML keys)."""
+
+    m1_attn_layers: list[int] | None = Field(
+        default=None,
+        json_schema_extra={"description": "Attention layers of a student built on the fly from base_model"},
+    )
+    m1_d_state: int | None = Field(default=None, json_schema_extra={"description": "SSM state size (default 16)"})
+    m1_student_init_dir: str | None = Field(
+        default=None,
+        json_schema_extra={"description": "Folder of the converted student (default {output_dir}/m1_student_init)"},
+    )
+    m1_distill: bool | None = Field(
+        default=None, json_schema_extra={"description": "Online distillation from m1_teacher_model"}
+    )
+    m1_teacher_model: str | None = Field(default=None, json_schema_extra={"description": "Teacher folder or hub id"})
+    m1_teacher_dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] | None = None
+    m1_teacher_attn_implementation: str | None = None
+    m1_kl_weight: float | None = Field(default=None, ge=0.0)
+    m1_ce_weight: float | None = Field(default=None, ge=0.0)
+    m1_kl_direction: Literal["reverse", "forward"] | None = None
+    m1_kl_temperature: float | None = Field(default=None, gt=0.0)
+    m1_kl_chunk_size: int | None = Field(default=None, ge=1)
+
+    @field_validator("m1_attn_layers")
+    @classmethod
+    def _layers_sorted_unique(cls, value):
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"m1_attn_layers has duplicates: {value}")
+        return sorted(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _check_distill(self):
+        if self.m1_distill:
+            if not self.m1_teacher_model:
+                raise ValueError(
+                    "m1_distill: true needs a teacher: set m1_teacher_model (a folder or hub id with the student's "
+                    "tokenizer), or build the student from the teacher with base_model: <teacher> + m1_attn_layers"
+                )
+            kl = 1.0 if self.m1_kl_weight is None else self.m1_kl_weight
+            ce = 0.0 if self.m1_ce_weight is None else self.m1_ce_weight
+            if kl == 0.0 and ce == 0.0:
+                raise ValueError("m1_kl_weight and m1_ce_weight are both 0: nothing to train")
+        return self
