@@ -48,5 +48,6 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": ["m1 = m1_cli.main:main"],
+        "vllm.general_plugins": ["m1_hybrid = vllm_m1:register"],
     },
 )

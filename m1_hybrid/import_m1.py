@@ -110,7 +110,7 @@ def import_released(src, out_dir=None, dtype: torch.dtype | None = None):
     mamba_cfg = json.loads((src / "mamba_config.json").read_text())
     config = config_from_released(llama_cfg, mamba_cfg)
     tensors = read_safetensors_dir(src)
-    model = M1HybridForCausalLM(config)
+    model = M1HybridForCausalLM(config).to(dtype or torch.float32)  # load at the target precision
     check_keys(set(model.state_dict()), set(tensors), config.tie_word_embeddings)
     state = model.state_dict()
     for key, value in tensors.items():
@@ -119,7 +119,7 @@ def import_released(src, out_dir=None, dtype: torch.dtype | None = None):
     model.load_state_dict(tensors, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
-    model = model.to(dtype or torch.float32).eval()
+    model = model.eval()
     if out_dir is None:
         return model, None
     return model, save_atomically(model, out_dir, extra_files_from=src)

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, dtype=torch.float32) -> torch.Tensor:
     """Inverse frequencies ``theta^(-2i/d)``; with ``rope_type == "llama3"`` the Llama-3.1 rule:
     wavelengths above ``original_max / low_freq_factor`` are divided by ``factor``, those below
     ``original_max / high_freq_factor`` are kept, and the band between is interpolated smoothly.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype) / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -29,7 +29,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions, computed in float32 like the Llama teacher.
+    """cos/sin tables for given positions, computed in float32 like the Llama teacher (float64 for
+    float64 models).
 
     The frequencies are computed on first use, not stored as a buffer: transformers builds models
     on the meta device and never loads non-persistent buffers, which would leave them garbage.
@@ -38,17 +39,19 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
-        self._inv_freq = None
+        self._inv_freq = {}
 
-    def inv_freq(self, device) -> torch.Tensor:
-        if self._inv_freq is None or self._inv_freq.device != torch.device(device):
-            self._inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling).to(device)
-        return self._inv_freq
+    def inv_freq(self, device, dtype) -> torch.Tensor:
+        key = (torch.device(device), dtype)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope_inv_freq(self.head_dim, self.theta, self.scaling, dtype).to(device)
+        return self._inv_freq[key]
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """``position_ids (b, L)`` -> ``cos, sin (b, L, head_dim)`` in ``dtype``."""
-        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
+        ct = torch.promote_types(torch.float32, dtype)
+        freqs = position_ids[..., None].to(ct) * self.inv_freq(position_ids.device, ct)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
