@@ -89,6 +89,17 @@ def write_released(folder, tensors, attn_layers=ATTN):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
 
 
+def rope_plain(x, pos):
+    """Rotate halves of one head vector by position ``pos`` (base 500000, no scaling)."""
+    out = x.clone()
+    for j in range(HEAD_DIM // 2):
+        angle = pos * 500000.0 ** (-2 * j / HEAD_DIM)
+        c, s = math.cos(angle), math.sin(angle)
+        a, b = x[j], x[j + HEAD_DIM // 2]
+        out[j], out[j + HEAD_DIM // 2] = a * c - b * s, b * c + a * s
+    return out
+
+
 def reference_logits(t, ids):
     """Float64 forward of the released M1 architecture, straight from the documented equations."""
     rms = lambda x, w: w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5)  # noqa: E731
@@ -103,16 +114,7 @@ def reference_logits(t, ids):
             qkv = u @ t[p + "mha.in_proj.weight"].T
             q, k, v = qkv[:, :64], qkv[:, 64:96], qkv[:, 96:]
             # Plain RoPE (no llama3 scaling), rotate-half layout, base rope_theta.
-            inv = [500000.0 ** (-2 * j / HEAD_DIM) for j in range(HEAD_DIM // 2)]
-
-            def rope(x, pos):
-                out = x.clone()
-                for j in range(HEAD_DIM // 2):
-                    c, s = math.cos(pos * inv[j]), math.sin(pos * inv[j])
-                    a, b = x[j], x[j + HEAD_DIM // 2]
-                    out[j], out[j + HEAD_DIM // 2] = a * c - b * s, b * c + a * s
-                return out
-
+            rope = rope_plain
             attn = torch.zeros(L, HEADS * HEAD_DIM, dtype=torch.float64)
             for hd in range(HEADS):
                 kh = hd // (HEADS // KV)
