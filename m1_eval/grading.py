@@ -141,7 +141,7 @@ def normalize_answer(answer: str | float | int | None) -> str | None:
         return None
     if isinstance(answer, float):
         answer = str(int(answer)) if answer.is_integer() else repr(answer)
-    s = str(answer).strip()
+    s = str(answer).strip().rstrip(".").strip()  # a sentence's full stop may follow the closing $
     boxed = extract_boxed(s) if s.startswith(("\\boxed", "\\fbox")) else None
     if boxed is not None:
         s = boxed

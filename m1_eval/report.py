@@ -21,8 +21,8 @@ Example::
     ...          "samples": [{"text": r"\\boxed{3}", "num_tokens": 5}, {"text": r"\\boxed{4}", "num_tokens": 5}]}]
     >>> _ = grade_records(recs, progress=False)
     >>> print(format_table(compute_metrics(recs)))  # doctest: +NORMALIZE_WHITESPACE
-    dataset  problems  n  pass@1  pass@2  maj@2
-    -------  --------  -  ------  ------  -----------
+    dataset  problems  n  pass@1  pass@2       maj@2
+    -------  --------  -  ------  ------  ----------
     toy             1  2    50.0   100.0  50.0 ± 0.0
 """
 

@@ -20,7 +20,7 @@ Example::
     >>> recs = [{"dataset": "d", "samples": [{"correct": True, "label": 0, "num_tokens": 100},
     ...                                       {"correct": False, "label": 1, "num_tokens": 300}]}]
     >>> [(round(s, 1), a) for s, a, _ in sample_budget_curve(recs, throughput=100.0)]
-    [(2.0, 0.5), (4.0, 0.5)]
+    [(2.0, 0.48), (4.0, 0.5)]
 """
 
 from __future__ import annotations

@@ -585,7 +585,8 @@ def selective_scan_triton(
 
     Example::
 
-        >>> y, h = selective_scan_triton(x, dt, A, B, C, D, z, dt_bias, cu_seqlens=cu, return_final_state=True)
+        >>> y, h = selective_scan_triton(  # doctest: +SKIP
+        ...     x, dt, A, B, C, D, z, dt_bias, cu_seqlens=cu, return_final_state=True)
     """
     b, L, d = x.shape
     N = A.shape[1]
