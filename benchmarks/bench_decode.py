@@ -85,13 +85,14 @@ def check(ours, ref):
     for sd in (torch.float32, torch.bfloat16):
         for b in (1, 7, 64):
             t = make(b, sd, torch.bfloat16, n_slots=b + 5)
-            t["idx"][b // 2] = -1
+            if b > 1:  # one CUDA-graph padding row (a batch of one keeps its only row live)
+                t["idx"][b // 2] = -1
             s_ref, s_tri = t["state"].clone(), t["state"].clone()
             args = (t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True, t["idx"], -1)
             y_ref = ref(s_ref, *args)
             y_tri = ours(s_tri, *args)
-            ey = ((y_ref.float() - y_tri.float()).norm() / y_ref.float().norm()).item()
-            es = ((s_ref.float() - s_tri.float()).norm() / s_ref.float().norm()).item()
+            ey = ((y_ref.float() - y_tri.float()).norm() / y_ref.float().norm().clamp_min(1e-12)).item()
+            es = ((s_ref.float() - s_tri.float()).norm() / s_ref.float().norm().clamp_min(1e-12)).item()
             good = ey < 1e-2 and es < 1e-2
             ok &= good
             print(f"  state {str(sd):15s} b={b:3d}: rel err y {ey:.2e} state {es:.2e} {'OK' if good else 'FAIL'}")

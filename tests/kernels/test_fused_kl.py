@@ -52,7 +52,7 @@ def _kl64(student, teacher, labels, direction, temperature, ignore_index=-100):
 def _inputs(T, V, dtype, device, seed=0, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     s = (torch.randn(T, V, generator=g) * scale).to(dtype).to(device)
-    t = (torch.randn(T, V, generator=g) * scale + 0.5 * s.float().cpu().to(device)).to(dtype)
+    t = (torch.randn(T, V, generator=g) * scale + 0.5 * s.float().cpu()).to(dtype).to(device)
     labels = torch.randint(0, V, (T,), generator=g)
     labels[torch.rand(T, generator=g) < 0.3] = -100
     return s, t, labels.to(device)
