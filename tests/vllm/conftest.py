@@ -89,7 +89,8 @@ def build_tiny(out_dir, seed: int = 0):
             if not layer.is_attention:
                 layer.mamba.conv1d.bias.normal_(0, 0.3)
                 layer.mamba.D.normal_(1, 0.3)
-                layer.mamba.dt_proj.weight.mul_(4.0)
+                layer.mamba.in_proj.weight.mul_(3.0)  # make the recurrent path carry weight
+                layer.mamba.out_proj.weight.mul_(5.0)
     model.save_pretrained(out_dir)
     for name in TOKENIZER_FILES:
         if (src / name).exists():
