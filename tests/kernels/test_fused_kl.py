@@ -118,7 +118,12 @@ LINEAR_CASES = _cases((63, 67, 1423, "T63-H67-V1423"), (80, 64, 32000, "T80-H64-
 @pytest.mark.parametrize(
     "T,H,V,direction,temperature,chunk,with_bias",
     # lm_head bias is covered on the odd shapes only (V <= 10k) to keep the suite fast.
-    [(*case, bias) for case in LINEAR_CASES for bias in (False, True) if not (bias and case[2] > 10_000)],
+    [
+        pytest.param(*case.values, bias, id=f"{case.id}-{'bias' if bias else 'nobias'}")
+        for case in LINEAR_CASES
+        for bias in (False, True)
+        if not (bias and case.values[2] > 10_000)
+    ],
 )
 def test_fused_linear_kl_div_matches_reference(T, H, V, direction, temperature, chunk, with_bias, dtype, device):
     g = torch.Generator().manual_seed(1)
