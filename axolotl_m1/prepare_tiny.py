@@ -18,7 +18,7 @@ from pathlib import Path
 from .data import write_math_chat_jsonl
 
 
-def prepare(out_dir="runs/tiny", rows: int = 400, max_chars: int = 500, layers: int = 4) -> dict:
+def prepare(out_dir="runs/tiny", rows: int = 400, max_chars: int = 280, layers: int = 4) -> dict:
     """Export the teacher slice and the data; returns ``{"teacher": path, "data": path}``."""
     from m1_hybrid.teacher import smollm2_slice_path
 
