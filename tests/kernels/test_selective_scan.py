@@ -261,6 +261,8 @@ def _compare(ref, got, dtype):
         pytest.param(torch.float32, 2, 40, 32, 16, 2, 1, None, id="fp32-padded-b2-T40-d32-GC2-GB1"),
         pytest.param(torch.float32, 1, 63, 48, 16, 3, 1, [1, 17, 33, 1, 11], id="fp32-packed-T63-d48-GC3-docs5"),
         pytest.param(torch.bfloat16, 1, 40, 32, 16, 2, 1, [1, 17, 22], id="bf16-packed-T40-d32-docs3"),
+        # 8 channels per C group: a program covers two C groups (per-channel B/C gather, in-program group sums).
+        pytest.param(torch.float32, 1, 30, 32, 16, 4, 2, [13, 17], id="fp32-packed-T30-d32-GC4-GB2-cpc8"),
     ],
 )
 def test_triton_matches_reference(triton_scan, device, dtype, b, L, d, N, G_C, G_B, lengths):
@@ -269,6 +271,19 @@ def test_triton_matches_reference(triton_scan, device, dtype, b, L, d, N, G_C, G
     ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
     got = run_and_grad(triton_scan.selective_scan_triton, leaves(inputs), cu)
     _compare(ref, got, dtype)
+
+
+@pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize("fwd", ["chunked", "sequential"])
+def test_triton_forward_paths(triton_scan, monkeypatch, device, fwd):
+    """Both forward kernels (time-parallel chunks / token by token, picked by program count), packed, bf16."""
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_FWD_MIN_PROGRAMS", 0 if fwd == "sequential" else 1 << 30)
+    lengths = [1, 17, 22]
+    cu = random_cu_seqlens(lengths, device)
+    inputs = make_inputs(1, 40, 32, 16, 2, 1, torch.bfloat16, device, n_states=len(lengths))
+    ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
+    got = run_and_grad(triton_scan.selective_scan_triton, leaves(inputs), cu)
+    _compare(ref, got, torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", _triton_devices())
