@@ -30,10 +30,14 @@ def math_messages(row: dict) -> dict:
     }
 
 
-def write_math_chat_jsonl(out_path, max_rows: int | None = None, max_chars: int | None = None) -> Path:
-    """Write MATH train problems as chat JSONL (in file order; ``max_chars`` bounds problem + solution).
+def write_math_chat_jsonl(
+    out_path, max_rows: int | None = None, max_chars: int | None = None, tokenizer=None, max_tokens: int | None = None
+) -> Path:
+    """Write MATH train problems as chat JSONL, in file order.
 
-    Returns the path. Short rows (``max_chars`` ~500) fit the 256-token tiny configs.
+    ``max_chars`` bounds len(problem) + len(solution); ``max_tokens`` (with ``tokenizer``) bounds the
+    whole chat after the tokenizer's chat template, so no row is dropped by ``sequence_len``.
+    Returns the path.
 
     Example::
 
@@ -49,7 +53,12 @@ def write_math_chat_jsonl(out_path, max_rows: int | None = None, max_chars: int 
             row = json.loads(line)
             if max_chars is not None and len(row["problem"]) + len(row["solution"]) > max_chars:
                 continue
-            written.append(json.dumps(math_messages(row)))
+            chat = math_messages(row)
+            if max_tokens is not None and tokenizer is not None:
+                ids = tokenizer.apply_chat_template(chat["messages"], tokenize=True, return_dict=True)["input_ids"]
+                if len(ids) > max_tokens:
+                    continue
+            written.append(json.dumps(chat))
             if max_rows is not None and len(written) >= max_rows:
                 break
     tmp = out.with_suffix(out.suffix + ".tmp")

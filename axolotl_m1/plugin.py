@@ -197,6 +197,7 @@ class M1Plugin(BasePlugin):
     def register(self, cfg: dict):
         """Register the architecture, fix ``model_type``, enable packing, build the student if asked."""
         import m1_hybrid  # noqa: F401  (AutoConfig / AutoModelForCausalLM registration)
+        import m1_hybrid.checkpoint  # noqa: F401  (saved checkpoints carry auto_map + code)
 
         alias_model_type(cfg)
         enable_multipack()

@@ -18,8 +18,13 @@ from pathlib import Path
 from .data import write_math_chat_jsonl
 
 
-def prepare(out_dir="runs/tiny", rows: int = 400, max_chars: int = 280, layers: int = 4) -> dict:
-    """Export the teacher slice and the data; returns ``{"teacher": path, "data": path}``."""
+def prepare(out_dir="runs/tiny", rows: int = 400, max_tokens: int = 128, layers: int = 4) -> dict:
+    """Export the teacher slice and the data (chats of at most ``max_tokens`` tokens).
+
+    Returns ``{"teacher": path, "data": path}``.
+    """
+    from transformers import AutoTokenizer
+
     from m1_hybrid.teacher import smollm2_slice_path
 
     out = Path(out_dir)
@@ -31,7 +36,8 @@ def prepare(out_dir="runs/tiny", rows: int = 400, max_chars: int = 280, layers: 
             link.unlink()
     if not link.exists():
         link.symlink_to(teacher.resolve(), target_is_directory=True)
-    data = write_math_chat_jsonl(out / "math_train.jsonl", max_rows=rows, max_chars=max_chars)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    data = write_math_chat_jsonl(out / "math_train.jsonl", max_rows=rows, tokenizer=tokenizer, max_tokens=max_tokens)
     return {"teacher": str(link), "data": str(data)}
 
 
@@ -40,9 +46,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/tiny", help="folder the tiny YAMLs point at (default runs/tiny)")
     parser.add_argument("--rows", type=int, default=400, help="MATH problems to write (default 400)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="longest chat kept (default 128 = sequence_len)")
     parser.add_argument("--layers", type=int, default=4, help="teacher slice depth (default 4)")
     args = parser.parse_args(argv)
-    paths = prepare(args.out, args.rows, layers=args.layers)
+    paths = prepare(args.out, args.rows, args.max_tokens, args.layers)
     for key, value in paths.items():
         print(f"{key}: {value}")
     return 0

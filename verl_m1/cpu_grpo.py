@@ -1,0 +1,270 @@
+"""A few real GRPO steps of an M1 hybrid on CPU, through VeRL's own training engine.
+
+What runs here is VeRL's code, driven in-process instead of through Ray:
+
+- the actor: ``verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead`` (FSDP2 over a one-process
+  gloo group) loading the M1 checkpoint through ``HFModelConfig(external_lib="verl_m1")``, with
+  remove-padding on and (by default) ``use_fused_kernels`` served by :mod:`verl_m1.fused`;
+- the batch layout: the trainer's ``left_right_2_no_padding`` (nested ``(1, total_nnz)`` rows whose
+  ``position_ids`` restart per sample);
+- old log-probs: ``engine.infer_batch``; update: ``engine.train_batch`` with
+  ``verl.workers.utils.losses.ppo_loss`` (GRPO: clip, token-mean, entropy bonus, KL off), AdamW step;
+- advantages: ``verl.trainer.ppo.core_algos.compute_grpo_outcome_advantage`` over ``n`` rollouts per prompt;
+- reward: :func:`verl_m1.reward.compute_score` (the evaluation grader);
+- weight sync: ``engine.get_per_tensor_param()`` (the stream VeRL sends to vLLM's ``load_weights``) loaded
+  into the rollout model by name.
+
+What does not: VeRL's Ray trainer (``RayPPOTrainer``) and its vLLM server rollout, which need GPUs.
+Rollouts here use Hugging Face ``generate`` on an M1 model refreshed from the engine every step.
+
+Example::
+
+    >>> from verl_m1.cpu_grpo import CPUGRPO       # doctest: +SKIP
+    >>> trainer = CPUGRPO("ckpt", lr=1e-6, entropy_coeff=0.01)  # doctest: +SKIP
+    >>> trainer.step(["What is 2+3?"], ["5"], n=4, max_new_tokens=16)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import numpy as np
+import torch
+
+from verl_m1.cpu import init_single_process_group
+from verl_m1.cpu import use_cpu_platform
+
+
+def padded_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """VeRL's rollout layout: left-padded ``prompts``, right-padded ``responses``, their concatenation
+    ``input_ids`` with ``attention_mask`` / ``position_ids`` (counting real tokens), ``response_mask``."""
+    bs = len(prompts)
+    P = max(len(p) for p in prompts)
+    R = max(max(len(r) for r in responses), 1)
+    prompt_ids = torch.full((bs, P), pad_id, dtype=torch.long)
+    response_ids = torch.full((bs, R), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros(bs, P, dtype=torch.long)
+    response_mask = torch.zeros(bs, R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        prompt_ids[i, P - len(p) :] = torch.tensor(p)
+        prompt_mask[i, P - len(p) :] = 1
+        if r:
+            response_ids[i, : len(r)] = torch.tensor(r)
+            response_mask[i, : len(r)] = 1
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return {
+        "prompts": prompt_ids,
+        "responses": response_ids,
+        "input_ids": torch.cat([prompt_ids, response_ids], 1),
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "response_mask": response_mask,
+    }
+
+
+def to_engine_batch(batch: dict[str, torch.Tensor], **meta):
+    """The trainer's conversion: a TensorDict in the no-padding (nested) layout plus non-tensor settings."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    td = tu.get_tensordict({k: v.clone() for k, v in batch.items()})
+    td = left_right_2_no_padding(td)
+    tu.assign_non_tensor(td, **meta)
+    return td
+
+
+class CPUGRPO:
+    """An M1 actor in VeRL's FSDP engine on CPU plus the GRPO pieces around it (see the module docstring).
+
+    ``ckpt``: an ``m1_hybrid`` checkpoint folder (with tokenizer). ``fused``: serve log-probs/entropy
+    through :mod:`verl_m1.fused` (VeRL's ``use_fused_kernels``) instead of full logits.
+    """
+
+    def __init__(
+        self,
+        ckpt: str,
+        *,
+        lr: float = 1e-6,
+        entropy_coeff: float = 0.01,
+        clip_ratio: float = 0.2,
+        fused: bool = True,
+        micro_batch_size: int = 4,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ):
+        use_cpu_platform()
+        init_single_process_group()
+        from verl.trainer.config import CheckpointConfig
+        from verl.workers.config import FSDPActorConfig
+        from verl.workers.config import FSDPEngineConfig
+        from verl.workers.config import FSDPOptimizerConfig
+        from verl.workers.config import HFModelConfig
+        from verl.workers.engine import EngineRegistry
+        from verl.workers.utils.losses import ppo_loss
+
+        torch.manual_seed(seed)
+        self.temperature = temperature
+        self.micro_batch_size = micro_batch_size
+        self.fused = fused
+        self.model_config = HFModelConfig(
+            path=str(ckpt),
+            external_lib="verl_m1",
+            use_remove_padding=True,
+            use_fused_kernels=fused,
+            fused_kernel_options={"impl_backend": "torch"},
+            override_config={"attn_implementation": "eager"},
+        )
+        self.model_config.model_type = "language_model"
+        engine_config = FSDPEngineConfig(
+            strategy="fsdp2",
+            use_torch_compile=False,
+            model_dtype="fp32",
+            mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
+        )
+        engine_config.use_remove_padding = True
+        engine_config.use_fused_kernels = fused
+        optim = FSDPOptimizerConfig(lr=lr, weight_decay=0.01, clip_grad=1.0)
+        self.engine = EngineRegistry.new(
+            model_type="language_model",
+            backend="fsdp2",
+            model_config=self.model_config,
+            engine_config=engine_config,
+            optimizer_config=optim,
+            checkpoint_config=CheckpointConfig(),
+        )
+        self.engine.initialize()
+        self.actor_config = FSDPActorConfig(
+            strategy="fsdp2",
+            rollout_n=1,
+            ppo_mini_batch_size=1,
+            ppo_micro_batch_size_per_gpu=micro_batch_size,
+            use_dynamic_bsz=False,
+            clip_ratio=clip_ratio,
+            entropy_coeff=entropy_coeff,
+            use_kl_loss=False,
+            loss_agg_mode="token-mean",
+            optim=optim,
+        )
+        self.loss_fn = partial(ppo_loss, config=self.actor_config)
+        self.tokenizer = self.model_config.tokenizer
+        self.rollout_model = None
+
+    # -- engine calls ------------------------------------------------------------------------------
+
+    def _meta(self, bs: int, *, entropy: bool) -> dict:
+        return dict(
+            temperature=self.temperature,
+            use_remove_padding=True,
+            use_fused_kernels=self.fused,
+            use_dynamic_bsz=False,
+            micro_batch_size_per_gpu=math.gcd(bs, self.micro_batch_size),  # VeRL needs it to divide bs
+            calculate_entropy=entropy,
+            global_batch_size=bs,
+            mini_batch_size=bs,
+        )
+
+    def log_probs(self, batch: dict[str, torch.Tensor], entropy: bool = False):
+        """Response-token log-probs ``(bs, R)`` (and entropy) from the engine: VeRL's ``compute_log_prob``."""
+        from verl.workers.utils.padding import no_padding_2_padding
+
+        td = to_engine_batch(batch, **self._meta(len(batch["prompts"]), entropy=entropy))
+        with self.engine.eval_mode():
+            out = self.engine.infer_batch(td)
+        model_output = out["model_output"]  # the engine returns a plain dict (model_output, loss, metrics)
+        lp = no_padding_2_padding(model_output["log_probs"], td).float()
+        ent = no_padding_2_padding(model_output["entropy"], td).float() if entropy else None
+        return lp, ent
+
+    def update(self, batch: dict[str, torch.Tensor], old_log_probs, advantages) -> dict:
+        """One optimizer step on ``batch`` with VeRL's ``ppo_loss``; returns the engine's metrics."""
+        full = dict(batch, old_log_probs=old_log_probs, advantages=advantages)
+        meta = self._meta(len(batch["prompts"]), entropy=self.actor_config.entropy_coeff != 0)
+        td = to_engine_batch(full, **meta)
+        with self.engine.train_mode():
+            out = self.engine.train_batch(td, loss_function=self.loss_fn)
+        return out["metrics"]
+
+    def sync_rollout_model(self):
+        """Load the engine's per-tensor weight stream (trainer names) into the HF rollout model."""
+        from m1_hybrid import M1HybridForCausalLM
+
+        t0 = time.time()
+        if self.rollout_model is None:
+            cfg = self.model_config.hf_config
+            self.rollout_model = M1HybridForCausalLM(cfg).eval()
+        params, _ = self.engine.get_per_tensor_param()
+        state = {name: t.detach().to("cpu", torch.float32).clone() for name, t in params}
+        missing, unexpected = self.rollout_model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and self.rollout_model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise RuntimeError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return time.time() - t0
+
+    # -- one GRPO step -----------------------------------------------------------------------------
+
+    def rollout(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float | None = None):
+        """``n`` sampled responses per prompt (chat template applied), as token id lists."""
+        from m1_eval.prompting import PromptConfig
+        from m1_eval.prompting import build_prompt
+
+        tok = self.tokenizer
+        prompt_ids, response_ids = [], []
+        for text in prompts:
+            ids = tok(build_prompt(text, tok, PromptConfig()), add_special_tokens=False)["input_ids"]
+            x = torch.tensor([ids] * n)
+            with torch.no_grad():
+                out = self.rollout_model.generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    do_sample=True,
+                    temperature=temperature or self.temperature,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                )
+            for row in out[:, len(ids) :].tolist():
+                if tok.eos_token_id in row:
+                    row = row[: row.index(tok.eos_token_id) + 1]
+                prompt_ids.append(ids)
+                response_ids.append(row)
+        return prompt_ids, response_ids
+
+    def step(self, prompts: list[str], answers: list[str], n: int = 4, max_new_tokens: int = 32) -> dict:
+        """Rollout -> reward -> GRPO advantages -> old log-probs -> update -> weight sync; returns metrics."""
+        from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+        from verl_m1.reward import compute_score
+
+        t0 = time.time()
+        if self.rollout_model is None:
+            self.sync_rollout_model()
+        prompt_ids, response_ids = self.rollout(prompts, n, max_new_tokens)
+        t_rollout = time.time() - t0
+        texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        rewards = [compute_score("math", t, answers[i // n], timeout_s=2.0) for i, t in enumerate(texts)]
+        batch = padded_batch(prompt_ids, response_ids, self.tokenizer.pad_token_id)
+        mask = batch["response_mask"].float()
+        scores = torch.zeros_like(mask)
+        last = (mask.sum(-1).long() - 1).clamp_min(0)
+        scores[torch.arange(len(rewards)), last] = torch.tensor(rewards)
+        index = np.array([i // n for i in range(len(rewards))])
+        advantages, _ = compute_grpo_outcome_advantage(scores, mask, index)
+        old_lp, _ = self.log_probs(batch)
+        t1 = time.time()
+        metrics = self.update(batch, old_lp, advantages)
+        t_update = time.time() - t1
+        t_sync = self.sync_rollout_model()
+        return {
+            "reward_mean": float(np.mean(rewards)),
+            "rewards": rewards,
+            "response_tokens": int(mask.sum()),
+            "rollout_s": t_rollout,
+            "update_s": t_update,
+            "sync_s": t_sync,
+            "metrics": metrics,
+        }
+
+
+__all__ = ["CPUGRPO", "padded_batch", "to_engine_batch"]
