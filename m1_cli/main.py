@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMAND_MODULES = ("m1_cli.core", "m1_eval.cli")
+SUBCOMMAND_MODULES = ("m1_cli.core", "m1_eval.cli", "verl_m1.data")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,16 @@ from verl_m1.cpu import init_single_process_group
 from verl_m1.cpu import use_cpu_platform
 
 
+def _scalar(value):
+    """A VeRL metric (``Metric``, list of them, or number) as a float."""
+    if isinstance(value, list):
+        vals = [_scalar(v) for v in value]
+        return float(np.mean(vals)) if vals else float("nan")
+    if hasattr(value, "aggregate"):
+        return float(value.aggregate())
+    return float(value)
+
+
 def padded_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """VeRL's rollout layout: left-padded ``prompts``, right-padded ``responses``, their concatenation
     ``input_ids`` with ``attention_mask`` / ``position_ids`` (counting real tokens), ``response_mask``."""
@@ -185,7 +195,7 @@ class CPUGRPO:
         td = to_engine_batch(full, **meta)
         with self.engine.train_mode():
             out = self.engine.train_batch(td, loss_function=self.loss_fn)
-        return out["metrics"]
+        return {k: _scalar(v) for k, v in out["metrics"].items()}
 
     def sync_rollout_model(self):
         """Load the engine's per-tensor weight stream (trainer names) into the HF rollout model."""
@@ -267,4 +277,24 @@ class CPUGRPO:
         }
 
 
-__all__ = ["CPUGRPO", "padded_batch", "to_engine_batch"]
+def demo_steps(ckpt, problem: str, answer: str, *, steps: int = 2, n: int = 4, max_new_tokens: int = 32, log=print):
+    """``m1 demo``'s GRPO stage: ``steps`` GRPO steps on one problem with VeRL's engine on CPU.
+
+    Returns the per-step results of :meth:`CPUGRPO.step`. ``log`` receives one line per step.
+    """
+    trainer = CPUGRPO(str(ckpt), lr=1e-6, entropy_coeff=0.01, micro_batch_size=n)
+    results = []
+    for i in range(steps):
+        res = trainer.step([problem], [answer], n=n, max_new_tokens=max_new_tokens)
+        m = {k: res["metrics"].get(k, float("nan")) for k in ("actor/pg_loss", "actor/entropy_loss", "grad_norm")}
+        log(
+            f"GRPO step {i + 1}/{steps}: reward {res['reward_mean']:.2f} over {n} rollouts, "
+            f"pg_loss {m['actor/pg_loss']:.4f}, entropy {m['actor/entropy_loss']:.3f}, "
+            f"grad_norm {m['grad_norm']:.3f}; rollout {res['rollout_s']:.1f} s, "
+            f"update {res['update_s']:.1f} s, weight sync {res['sync_s']:.2f} s"
+        )
+        results.append(res)
+    return results
+
+
+__all__ = ["CPUGRPO", "demo_steps", "padded_batch", "to_engine_batch"]

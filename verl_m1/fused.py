@@ -95,9 +95,10 @@ def m1_forward_for_ppo(
         temperature=temperature,
         bias=bias,
     )
+    # Fresh tensors, not views: FSDP2 warns that in-place ops on a returned view would skip its backward hook.
     return M1OutputForPPO(
-        log_probs=log_probs.view(b, L),
-        entropy=entropy.view(b, L),
+        log_probs=log_probs.view(b, L).clone(),
+        entropy=entropy.view(b, L).clone(),
         past_key_values=out.past_key_values,
         hidden_states=out.hidden_states,
     )
