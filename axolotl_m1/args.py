@@ -4,20 +4,7 @@ Axolotl merges this pydantic model into its config schema (``get_input_args``); 
 declared here is silently dropped after validation, so every ``m1_*`` key the plugin reads is
 listed below. Defaults are applied by :func:`axolotl_m1.plugin.settings` (``None`` means "default").
 
-| key | default | meaning |
-|---|---|---|
-| ``m1_attn_layers`` | none | build the student from ``base_model`` (a Llama/Qwen2 teacher) with attention at these layers (Algorithm 1); must be absent or equal to the checkpoint's when ``base_model`` is already an M1 hybrid |
-| ``m1_d_state`` | 16 | SSM state size of a student built on the fly |
-| ``m1_student_init_dir`` | ``{output_dir}/m1_student_init`` | where the student built on the fly is saved (reused when it exists) |
-| ``m1_distill`` | false | stage 1: online distillation from ``m1_teacher_model``; false: plain CE (SFT) |
-| ``m1_teacher_model`` | the converted ``base_model`` | teacher folder or hub id (same tokenizer as the student) |
-| ``m1_teacher_dtype`` | bfloat16 if ``bf16: true``, else float32 | teacher weights dtype (``auto`` = the student's) |
-| ``m1_teacher_attn_implementation`` | sdpa | the teacher's attention backend (it must handle packed ``position_ids``) |
-| ``m1_kl_weight`` | 1.0 | weight of KL in the loss |
-| ``m1_ce_weight`` | 0.0 | weight of the next-token CE in the loss (always logged) |
-| ``m1_kl_direction`` | reverse | ``reverse`` = KL(p_student || p_teacher) (M1), ``forward`` = KL(p_teacher || p_student) |
-| ``m1_kl_temperature`` | 1.0 | softmax temperature of both models inside the KL (no tau^2 factor) |
-| ``m1_kl_chunk_size`` | auto | token rows per chunk of the fused KL / chunked CE |
+The table of keys, defaults and meanings is in ``axolotl_m1/README.md``.
 """
 
 from typing import Literal

@@ -122,7 +122,9 @@ def distill(hybrid_dir, teacher_dir, out_dir, steps: int = 4, seq_len: int = 128
     work = out.parent / f".{out.name}-work"
     work.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(teacher_dir)
-    data = write_math_chat_jsonl(work / "math_train.jsonl", max_rows=rows, max_chars=400, tokenizer=tok, max_tokens=seq_len)
+    data = write_math_chat_jsonl(
+        work / "math_train.jsonl", max_rows=rows, max_chars=400, tokenizer=tok, max_tokens=seq_len
+    )
     cfg_path = work / "distill.yml"
     cfg_path.write_text(yaml.safe_dump(demo_config(hybrid_dir, teacher_dir, data, out, steps, seq_len, lr)))
     env = dict(os.environ, **OFFLINE_ENV)
@@ -131,7 +133,10 @@ def distill(hybrid_dir, teacher_dir, out_dir, steps: int = 4, seq_len: int = 128
     t0 = time.time()
     with open(log, "w") as fh:
         proc = subprocess.run(
-            [str(Path(sys.executable).parent / "axolotl"), "train", str(cfg_path)], stdout=fh, stderr=subprocess.STDOUT, env=env
+            [str(Path(sys.executable).parent / "axolotl"), "train", str(cfg_path)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]

@@ -14,9 +14,10 @@ load -> trainer):
 - ``post_model_load``: with ``m1_distill``, gives the model a distillation forward path
   (:func:`axolotl_m1.trainer.install_distill_forward`) so the fused KL runs inside the model's own
   forward (where FSDP has the root parameters, lm_head included, unsharded).
-- ``get_trainer_cls`` / ``post_trainer_create``: with ``m1_distill``, the trainer is
-  :class:`axolotl_m1.trainer.M1DistillTrainer`; the teacher is loaded there (frozen, eval, its own
-  dtype, on the trainer's device) after the tokenizer/vocabulary check.
+- ``get_trainer_cls``: :class:`axolotl_m1.trainer.M1DistillTrainer` with ``m1_distill``, else
+  :class:`axolotl_m1.trainer.M1Trainer` (Axolotl's trainer with a resumable packed data order).
+- ``post_trainer_create``: with ``m1_distill``, loads the teacher (frozen, eval, its own dtype, on
+  the trainer's device) after the tokenizer/vocabulary check.
 """
 
 from __future__ import annotations
@@ -219,15 +220,13 @@ class M1Plugin(BasePlugin):
             install_distill_forward(inner)
 
     def get_trainer_cls(self, cfg):
-        """The distillation trainer when ``m1_distill`` (else Axolotl's own: plain CE)."""
-        if cfg.m1_distill:
-            from .trainer import M1DistillTrainer
+        """``M1DistillTrainer`` with ``m1_distill``, else ``M1Trainer`` (Axolotl's, plain CE, resumable order)."""
+        from .trainer import M1DistillTrainer
+        from .trainer import M1Trainer
 
-            return M1DistillTrainer
-        return None
+        return M1DistillTrainer if cfg.m1_distill else M1Trainer
 
     def post_trainer_create(self, cfg, trainer):
         """Load the frozen teacher (after the vocabulary check) into the distillation trainer."""
         if cfg.m1_distill:
             trainer.setup_distillation(cfg)
-

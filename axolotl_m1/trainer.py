@@ -183,7 +183,48 @@ def install_distill_forward(model) -> None:
     model._m1_distill_forward = True
 
 
-class M1DistillTrainer(AxolotlTrainer):
+class _SeededRandomSampler(torch.utils.data.RandomSampler):
+    """A random permutation that depends only on ``(seed, epoch)``, not on the global RNG's history."""
+
+    def __init__(self, data_source, seed: int):
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def __iter__(self):
+        gen = torch.Generator()
+        gen.manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=gen).tolist()
+
+
+class M1Trainer(AxolotlTrainer):
+    """Axolotl's trainer with a resumable packed data order (used for SFT and, subclassed, distillation).
+
+    Axolotl's packed sampler shuffles with the global RNG at the moment the epoch starts, so a run
+    resumed from a checkpoint (which consumed the RNG differently before that point) sees other
+    batches than the original run. Here the shuffle is seeded by ``data_seed``/``seed`` and the
+    epoch, so ``resume_from_checkpoint`` continues the same run.
+    """
+
+    def _get_train_sampler(self, train_dataset=None):
+        from axolotl.utils.samplers import MultipackBatchSampler
+
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, MultipackBatchSampler) and type(sampler.sampler) is torch.utils.data.RandomSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            seeded = _SeededRandomSampler(sampler.sampler.data_source, seed)
+            sampler.sampler = seeded
+            sampler._batches = None
+            base_set_epoch = sampler.set_epoch
+
+            def set_epoch(epoch: int):
+                seeded.epoch = epoch
+                base_set_epoch(epoch)
+
+            sampler.set_epoch = set_epoch
+        return sampler
+
+
+class M1DistillTrainer(M1Trainer):
     """Axolotl trainer whose loss is online distillation from a frozen teacher (stage 1).
 
     Logs ``kl``, ``ce`` and ``top1_agreement`` (means over the counted tokens of the logging
@@ -232,7 +273,9 @@ class M1DistillTrainer(AxolotlTrainer):
         labels = inputs.pop("labels")
         position_ids, attention_mask = inputs.get("position_ids"), inputs.get("attention_mask")
         positions = distill_positions(labels, position_ids, attention_mask)
-        teacher_logits = teacher_logits_at(self.m1_teacher, inputs["input_ids"], positions, attention_mask, position_ids)
+        teacher_logits = teacher_logits_at(
+            self.m1_teacher, inputs["input_ids"], positions, attention_mask, position_ids
+        )
         targets = labels[:, 1:][positions[:, :-1]]
         batch = DistillBatch(positions, teacher_logits, targets, self.m1_settings)
         out = model(**inputs, m1_distill=batch)

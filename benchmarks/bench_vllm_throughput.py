@@ -165,6 +165,12 @@ def worker(args) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     import vllm
     from vllm import LLM
+
+    import vllm_m1
+
+    # The engine runs in this process: registering here works even where the plugin's entry point is
+    # not visible (a PYTHONPATH checkout on the GPU machine); register() is idempotent.
+    vllm_m1.register()
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 

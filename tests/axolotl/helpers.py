@@ -32,7 +32,9 @@ def collate(tokenizer, rows, packed: bool, drop_mask: bool = True, pad_to_multip
         for f in feats:
             f.pop("attention_mask")
     if packed:
-        coll = V2BatchSamplerDataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+        coll = V2BatchSamplerDataCollatorForSeq2Seq(
+            tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt"
+        )
         return dict(coll([feats]))
     coll = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
     return dict(coll(feats))

@@ -19,7 +19,9 @@ STEPS, SAVE = 10, 5
 def axolotl_train(cfg_path: Path, log: Path) -> None:
     exe = Path(sys.executable).parent / "axolotl"
     with open(log, "w") as fh:
-        proc = subprocess.run([str(exe), "train", str(cfg_path)], stdout=fh, stderr=subprocess.STDOUT, env=axolotl_env())
+        proc = subprocess.run(
+            [str(exe), "train", str(cfg_path)], stdout=fh, stderr=subprocess.STDOUT, env=axolotl_env()
+        )
     assert proc.returncode == 0, f"axolotl train failed, log tail:\n{log.read_text()[-4000:]}"
 
 
@@ -30,8 +32,14 @@ def history(ckpt: Path) -> dict[int, dict]:
 
 def _dataset(path):
     return [
-        dict(path=str(path), ds_type="json", type="chat_template", field_messages="messages",
-             roles_to_train=["assistant"], train_on_eos="turn")
+        dict(
+            path=str(path),
+            ds_type="json",
+            type="chat_template",
+            field_messages="messages",
+            roles_to_train=["assistant"],
+            train_on_eos="turn",
+        )
     ]
 
 
@@ -76,8 +84,9 @@ def test_checkpoint_loads_with_from_pretrained(distill_run):
         "assert 'm1_hybrid' not in sys.modules, 'loaded through the installed package, not the checkpoint code'; "
         "print(type(m).__module__)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=axolotl_env(),
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=axolotl_env(), timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "transformers_modules" in proc.stdout
 
@@ -94,8 +103,11 @@ def test_checkpoint_loads_in_vllm(distill_run):
 def test_resume_from_mid_run_checkpoint_continues_the_run(distill_run):
     root, common = distill_run
     cfg_b = tiny_yaml(
-        root / "b.yml", "tiny_cpu_distill.yml", output_dir=str(root / "b"),
-        resume_from_checkpoint=str(root / "a" / f"checkpoint-{SAVE}"), **common,
+        root / "b.yml",
+        "tiny_cpu_distill.yml",
+        output_dir=str(root / "b"),
+        resume_from_checkpoint=str(root / "a" / f"checkpoint-{SAVE}"),
+        **common,
     )
     axolotl_train(cfg_b, root / "b.log")
     a, b = history(root / "a" / f"checkpoint-{STEPS}"), history(root / "b" / f"checkpoint-{STEPS}")
@@ -107,8 +119,14 @@ def test_resume_from_mid_run_checkpoint_continues_the_run(distill_run):
 def test_sft_on_the_distilled_checkpoint(distill_run):
     root, common = distill_run
     cfg = tiny_yaml(
-        root / "sft.yml", "tiny_cpu_sft.yml", base_model=str(root / "a"), output_dir=str(root / "sft"),
-        datasets=common["datasets"], dataset_prepared_path=str(root / "prepared_sft"), max_steps=6, save_steps=6,
+        root / "sft.yml",
+        "tiny_cpu_sft.yml",
+        base_model=str(root / "a"),
+        output_dir=str(root / "sft"),
+        datasets=common["datasets"],
+        dataset_prepared_path=str(root / "prepared_sft"),
+        max_steps=6,
+        save_steps=6,
     )
     axolotl_train(cfg, root / "sft.log")
     h = history(root / "sft" / "checkpoint-6")

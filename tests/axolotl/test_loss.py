@@ -66,7 +66,9 @@ def test_trainer_loss_equals_naive_kl(axolotl_setup, trainer, settings):
     student.zero_grad()
     loss = trainer.compute_loss(student, dict(batch))
     loss.backward()
-    got_grads = {n: p.grad.clone() for n, p in student.named_parameters() if n.endswith(("lm_head.weight", "in_proj.weight"))}
+    got_grads = {
+        n: p.grad.clone() for n, p in student.named_parameters() if n.endswith(("lm_head.weight", "in_proj.weight"))
+    }
 
     student.zero_grad()
     ids = batch["input_ids"]
@@ -96,8 +98,14 @@ def test_vocab_size_mismatch_is_refused(axolotl_setup, trainer):
 
     cfg, _ = axolotl_setup
     small = LlamaForCausalLM(
-        LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1)
+        LlamaConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
     )
     with pytest.raises(ValueError, match=r"1000 output logits but the student has 49152.*fix:"):
         trainer.setup_distillation(cfg, teacher=small, teacher_tokenizer=trainer.processing_class)

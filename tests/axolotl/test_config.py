@@ -1,0 +1,101 @@
+"""Plugin config: the model_type spelling, declared keys, the student built on the fly or loaded."""
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from axolotl_m1.args import M1Args
+from axolotl_m1.plugin import alias_model_type
+from axolotl_m1.plugin import prepare_student
+
+from .conftest import EXAMPLES
+
+
+def test_axolotl_config_with_m1_model_type(axolotl_setup):
+    """`model_type: m1_hybrid` as users write it: Axolotl loads it, every m1_* key survives validation."""
+    from axolotl.monkeypatch.multipack import SUPPORTED_MULTIPACK_MODEL_TYPES
+
+    cfg, _ = axolotl_setup
+    assert cfg.type_of_model == "AutoModelForCausalLM"
+    assert cfg.model_config_type == "m1_hybrid"
+    assert cfg.m1_distill is True and cfg.m1_attn_layers == [3] and cfg.m1_kl_direction == "reverse"
+    assert cfg.m1_kl_weight == 1.0 and cfg.m1_ce_weight == 0.0 and cfg.m1_teacher_dtype == "float32"
+    assert cfg.base_model.endswith("student_init") and cfg.m1_teacher_model != cfg.base_model
+    assert "m1_hybrid" in SUPPORTED_MULTIPACK_MODEL_TYPES
+
+
+def test_model_type_alias():
+    import transformers
+
+    assert not hasattr(transformers, "m1_hybrid")  # what Axolotl would getattr without the plugin
+    for spelling in ("m1_hybrid", "M1HybridForCausalLM"):
+        cfg = {"model_type": spelling}
+        assert alias_model_type(cfg) and cfg["model_type"] == "AutoModelForCausalLM"
+    cfg = {"model_type": "AutoModelForCausalLM"}
+    assert not alias_model_type(cfg) and cfg["model_type"] == "AutoModelForCausalLM"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yml")), ids=lambda p: p.name)
+def test_examples_use_only_declared_keys(path):
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["plugins"] == ["axolotl_m1.M1Plugin"] and cfg["model_type"] == "m1_hybrid"
+    keys = {k for k in cfg if k.startswith("m1_")}
+    assert keys <= set(M1Args.model_fields), keys - set(M1Args.model_fields)
+    M1Args(**{k: cfg[k] for k in keys})
+
+
+def test_args_validation():
+    with pytest.raises(ValidationError, match="needs a teacher"):
+        M1Args(m1_distill=True)
+    with pytest.raises(ValidationError, match="nothing to train"):
+        M1Args(m1_distill=True, m1_teacher_model="t", m1_kl_weight=0.0, m1_ce_weight=0.0)
+    with pytest.raises(ValidationError, match="duplicates"):
+        M1Args(m1_attn_layers=[1, 1])
+    with pytest.raises(ValidationError):
+        M1Args(m1_kl_direction="sideways")
+    assert M1Args(m1_attn_layers=[5, 2]).m1_attn_layers == [2, 5]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    out = tmp_path_factory.mktemp("llama") / "teacher"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def test_student_built_on_the_fly_and_reused(llama_dir, tmp_path):
+    from m1_hybrid import M1HybridForCausalLM
+
+    with pytest.raises(ValueError, match="not an M1 hybrid: set m1_attn_layers"):
+        prepare_student({"base_model": str(llama_dir)})
+    cfg = {"base_model": str(llama_dir), "m1_attn_layers": [1], "m1_distill": True, "output_dir": str(tmp_path)}
+    prepare_student(cfg)
+    assert cfg["base_model"] == str((tmp_path / "m1_student_init").resolve())
+    assert cfg["m1_teacher_model"] == str(llama_dir)
+    student = M1HybridForCausalLM.from_pretrained(cfg["base_model"])
+    assert student.config.layers_block_type == ["mamba", "attention", "mamba"]
+    mtime = (tmp_path / "m1_student_init" / "model.safetensors").stat().st_mtime
+    again = {"base_model": str(llama_dir), "m1_attn_layers": [1], "output_dir": str(tmp_path)}
+    prepare_student(again)
+    assert (tmp_path / "m1_student_init" / "model.safetensors").stat().st_mtime == mtime  # reused
+    with pytest.raises(ValueError, match="delete that folder"):
+        prepare_student({"base_model": str(llama_dir), "m1_attn_layers": [2], "output_dir": str(tmp_path)})
+    # An M1 checkpoint is used as is; a conflicting m1_attn_layers is refused.
+    ckpt = {"base_model": cfg["base_model"]}
+    prepare_student(ckpt)
+    assert ckpt["base_model"] == cfg["base_model"]
+    with pytest.raises(ValueError, match="already an M1 hybrid"):
+        prepare_student({"base_model": cfg["base_model"], "m1_attn_layers": [0]})
