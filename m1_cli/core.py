@@ -37,13 +37,16 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
         help="the main job on the embedded SmolLM2 teacher",
-        description="Convert SmolLM2-135M-Instruct (shipped in a PyPI package) into an M1 hybrid and answer a "
-        "MATH500 problem with it, printing each step.",
+        description="Convert SmolLM2-135M-Instruct (shipped in a PyPI package) into an M1 hybrid, distill it with "
+        "Axolotl, answer a MATH500 problem, serve it with vLLM, evaluate it, optionally run GRPO steps.",
     )
     p.add_argument("--out", default="runs/demo", help="working folder (default runs/demo)")
     p.add_argument("--attn-layers", default=None, help="attention layers of the hybrid (default: M1's spread rule)")
     p.add_argument("--problem", type=int, default=0, help="MATH500 problem index (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--distill-steps", type=int, default=4, help="Axolotl distillation steps (default 4; 0 skips)")
+    p.add_argument("--eval-problems", type=int, default=5, help="MATH500 problems to evaluate (default 5)")
+    p.add_argument("--grpo-steps", type=int, default=0, help="VeRL GRPO steps (default 0: slow on CPU)")
     p.set_defaults(func=run_demo)
 
 

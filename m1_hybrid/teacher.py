@@ -46,7 +46,7 @@ def smollm2_path(dtype: str = "float32") -> Path:
     The export is written to a temporary folder and renamed into place, so a crash never leaves a
     half-written teacher behind and concurrent test workers do not clash.
     """
-    out = cache_dir() / f"smollm2-135m-instruct-{dtype}"
+    out = cache_dir() / f"smollm2-135m-instruct-v2-{dtype}"
     if (out / "config.json").exists():
         return out
     import torch
@@ -64,6 +64,9 @@ def smollm2_path(dtype: str = "float32") -> Path:
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     model = model.to(getattr(torch, dtype))
+    if config.eos_token_id is not None and tokenizer.eos_token_id != config.eos_token_id:
+        # The GGUF tokenizer names <|im_start|> as eos; the chat model ends turns with <|im_end|> (id 2).
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
     if tokenizer.pad_token is None and config.pad_token_id is not None:
         # The GGUF tokenizer has no pad token; the model config names one (id 2, <|im_end|>).
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
@@ -84,7 +87,7 @@ def smollm2_slice_path(num_layers: int = 4, dtype: str = "float32") -> Path:
     Embeddings, final norm, tied lm_head and tokenizer are the real ones: a small but real GQA
     teacher for fast tests and demos.
     """
-    out = cache_dir() / f"smollm2-135m-instruct-{num_layers}l-{dtype}"
+    out = cache_dir() / f"smollm2-135m-instruct-v2-{num_layers}l-{dtype}"
     if (out / "config.json").exists():
         return out
     import torch

@@ -16,13 +16,16 @@ def vllm_unavailable_reason() -> str | None:
     return None
 
 
-def serve_with_vllm(model_dir, messages: list[dict], max_new_tokens: int, say=print) -> str | None:
+def serve_with_vllm(model_dir, messages: list[dict], max_new_tokens: int, say=print):
     """Load ``model_dir`` in vLLM (through the ``vllm_m1`` plugin), answer ``messages`` greedily with
-    the chat template, print and return the text. CPU: fp32, eager, 1 GiB cache, in-process engine."""
+    the chat template and print the text. CPU: fp32, eager, 1 GiB cache, in-process engine.
+
+    Returns ``(text, llm)`` so later steps can reuse the engine, or ``(None, None)`` without vLLM.
+    """
     reason = vllm_unavailable_reason()
     if reason is not None:
         say(f"    skipped: {reason}")
-        return None
+        return None, None
     import torch
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -42,5 +45,4 @@ def serve_with_vllm(model_dir, messages: list[dict], max_new_tokens: int, say=pr
     dt = time.time() - t1
     say(f"    vLLM greedy answer ({len(out.token_ids)} tokens, {len(out.token_ids) / max(dt, 1e-9):.1f} tok/s):")
     print(out.text, flush=True)
-    del llm
-    return out.text
+    return out.text, llm

@@ -92,12 +92,29 @@ def test_checkpoint_loads_with_from_pretrained(distill_run):
 
 
 def test_checkpoint_loads_in_vllm(distill_run):
-    import importlib
+    """The distilled checkpoint serves through vLLM (the vllm_m1 plugin) with HF's greedy tokens."""
+    from m1_hybrid import M1HybridForCausalLM
 
-    plugin = importlib.import_module("vllm_m1")
-    if not hasattr(plugin, "register"):
-        pytest.skip("vllm_m1 has no plugin yet (no register()): vLLM loading is tested once it lands")
-    pytest.skip("vLLM load of the distilled checkpoint: wire to the vllm_m1 test helper when it exists")
+    out = distill_run[0] / "a"
+    prompt = [1, 9690, 198, 2683, 314, 216, 34, 30, 34, 47]
+    model = M1HybridForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :].tolist()
+    code = (
+        "import os, json; os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n"
+        "from vllm import LLM, SamplingParams\n"
+        "from vllm.inputs import TokensPrompt\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM({str(out)!r}, dtype='float32', enforce_eager=True, max_model_len=256, max_num_seqs=2)\n"
+        f"    o = llm.generate([TokensPrompt(prompt_token_ids={prompt})], "
+        "SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))\n"
+        "    print('TOKENS', json.dumps(list(o[0].outputs[0].token_ids)))\n"
+    )
+    env = dict(axolotl_env(), VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("TOKENS", 1)[1])
+    assert got[: len(ref)] == ref
 
 
 def test_resume_from_mid_run_checkpoint_continues_the_run(distill_run):

@@ -36,7 +36,8 @@ def default_chunk_rows(T: int, V: int, H: int | None, triton: bool) -> int:
     """
     if H is not None:
         inc = -(-V // H)
-        return max(1, min(T, _next_pow2(-(-T // inc))))
+        # At least 64 rows: tiny chunks cost a matmul launch each for nothing (short CPU batches).
+        return max(1, min(T, max(64, _next_pow2(-(-T // inc)))))
     if triton:
         return max(1, T)
     return max(1, min(T, _TORCH_CHUNK_ELEMS // V))

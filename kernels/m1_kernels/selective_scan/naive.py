@@ -90,10 +90,12 @@ def selective_scan_ref(
     for i, (start, end) in enumerate(bounds):
         # Packed documents are independent rows of one batch: the state restarts at `start`.
         h = h0 if cu_seqlens is None else h0[i : i + 1]
-        rows = slice(None) if cu_seqlens is None else slice(0, 1)
-        for t in range(start, end):
-            h = dA[rows, t] * h + dBx[rows, t]
-            ys.append((h * Cd[rows, t]).sum(-1))
+        # Unbind once: indexing one token at a time would make autograd scatter a full-size zero
+        # gradient per token (quadratic backward).
+        steps = zip(*(t[:, start:end].unbind(1) for t in (dA, dBx, Cd)))
+        for dA_t, dBx_t, C_t in steps:
+            h = dA_t * h + dBx_t
+            ys.append((h * C_t).sum(-1))
         finals.append(h)
     y = torch.stack(ys, dim=1) if cu_seqlens is None else torch.cat(ys, dim=0).unsqueeze(0) if ys else xs * 0
     if D is not None:
