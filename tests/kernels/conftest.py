@@ -9,6 +9,9 @@ import sys
 import pytest
 import torch
 
+# Before any test module can import triton: TRITON_INTERPRET=1 on machines without CUDA.
+import tests.kernels.interpreter  # noqa: F401
+
 _REAL_EMPTY = torch.empty
 _REAL_EMPTY_LIKE = torch.empty_like
 

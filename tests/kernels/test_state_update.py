@@ -1,53 +1,29 @@
 """Decode step of the selective scan: reference, Triton kernel, and mamba-ssm's reference as an oracle.
 
-Triton on CPU runs under the interpreter. ``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a
-function, and that includes Triton's own ``@jit`` helpers in ``triton.language.standard`` (``tl.zeros``,
-``tl.sigmoid``, ...), decorated when ``triton`` is first imported. So the variable must be set before the
-first ``import triton`` of the process, not merely before our kernel modules. This module sets it at the
-top when there is no CUDA device (compiled Triton cannot run there anyway). If another module imported
-triton earlier in the same pytest process, the Triton tests skip in-process and
-``test_triton_tests_in_interpreter_subprocess`` reruns them in a fresh interpreter-mode pytest process.
-On a CUDA machine nothing is set: the kernels compile and the same tests run on the GPU.
+Triton on CPU runs under the interpreter (see ``tests/kernels/interpreter.py``); on a CUDA machine the same
+tests run on the GPU.
 """
 
-import os
+import importlib
+import importlib.util
 import sys
+import types
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import subprocess  # noqa: E402
-import types  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from m1_kernels.selective_scan.naive import selective_scan_ref  # noqa: E402
-from m1_kernels.selective_scan.naive import selective_state_update_ref  # noqa: E402
-from tests.testing import assert_close  # noqa: E402
-from tests.testing import rel_err  # noqa: E402
+from m1_kernels.selective_scan.naive import selective_scan_ref
+from m1_kernels.selective_scan.naive import selective_state_update_ref
+from tests.kernels.interpreter import CUDA
+from tests.kernels.interpreter import TRITON_DEVICES
+from tests.kernels.interpreter import rerun_triton_tests_in_subprocess
+from tests.kernels.interpreter import triton_module
+from tests.testing import assert_close
+from tests.testing import rel_err
 
 if not CUDA:
     print("test_state_update: no CUDA device, Triton runs under TRITON_INTERPRET=1 on CPU (small shapes)")
-TRITON_DEVICES = ["cuda"] if CUDA else ["cpu"]
-
-
-def _triton_runs_here() -> str | None:
-    """None when Triton kernels can run in this process, else the reason they cannot."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if CUDA:
-        return None
-    import triton.language.standard as tls
-
-    if type(tls.zeros).__name__ != "InterpretedFunction":
-        return "triton was imported before TRITON_INTERPRET=1 was set: rerun in a subprocess"
-    return None
 
 
 # (b, d_inner, N, G_C, G_B): odd small shape, non-power-of-2 state, M1-3B groups at reduced width.
@@ -61,20 +37,12 @@ M1_SHAPE = (5, 3072, 16, 192, 64)  # M1-3B: d_inner 3072, d_state 16, 192 C grou
 
 def _triton_update():
     """``selective_state_update_triton`` (interpreted on CPU, see module docstring)."""
-    reason = _triton_runs_here()
-    if reason:
-        pytest.skip(reason)
-    return importlib.import_module("m1_kernels.selective_scan.triton_update").selective_state_update_triton
+    return triton_module("m1_kernels.selective_scan.triton_update").selective_state_update_triton
 
 
 def test_triton_tests_in_interpreter_subprocess():
     """CPU only: rerun this file's Triton tests in a fresh process when they could not run in this one."""
-    if CUDA or importlib.util.find_spec("triton") is None or _triton_runs_here() is None:
-        pytest.skip("Triton tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton and not subprocess"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    rerun_triton_tests_in_subprocess(__file__)
 
 
 def _inputs(b, d, N, G_C, G_B, n_slots, dtype=torch.float32, state_dtype=torch.float32, device="cpu", seed=0):
