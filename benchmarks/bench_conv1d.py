@@ -8,12 +8,13 @@ Compares our Triton op, the PyTorch reference and causal-conv1d's CUDA ``causal_
 """
 
 import argparse
-import csv
 import datetime
 import os
 import sys
 
 import torch
+from results_io import append_csv
+from results_io import pyplot
 
 D, K = 3072, 4
 QUANTILES = [0.5, 0.2, 0.8]
@@ -148,22 +149,9 @@ def main():
 def write(rows, out):
     if not rows:
         return
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "conv1d.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"appended {len(rows)} rows to {path}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    append_csv(rows, out, "conv1d.csv")
+    plt = pyplot()
+    if plt is None:
         return
     modes = ("fwd", "bwd", "full")
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))

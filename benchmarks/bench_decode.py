@@ -9,7 +9,6 @@ repeated layout (state viewed (b, 192, 16, 16), B repeated to 192 groups; when i
 """
 
 import argparse
-import csv
 import datetime
 import importlib
 import importlib.util
@@ -18,6 +17,8 @@ import sys
 import types
 
 import torch
+from results_io import append_csv
+from results_io import pyplot
 
 D_INNER, N, G_C, G_B = 3072, 16, 192, 64  # M1-3B
 QUANTILES = [0.5, 0.2, 0.8]
@@ -192,22 +193,9 @@ def main():
 def write(rows, out, name):
     if not rows:
         return
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"{name}.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"appended {len(rows)} rows to {path}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    append_csv(rows, out, f"{name}.csv")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, sd in zip(axes, ("float32", "bfloat16")):

@@ -16,12 +16,13 @@ returned gradients included). A GPU correctness check against the reference runs
 """
 
 import argparse
-import csv
 import datetime
 import os
 import sys
 
 import torch
+from results_io import append_csv
+from results_io import pyplot
 
 CSV_NAME = "fused_kl.csv"
 
@@ -188,22 +189,9 @@ def main(argv=None):
 
 
 def write_csv_and_plot(rows, out_dir, csv_name, title):
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, csv_name)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"appended {len(rows)} rows to {path}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    append_csv(rows, out_dir, csv_name)
+    plt = pyplot()
+    if plt is None:
         return
     names = [r["variant"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
