@@ -23,7 +23,7 @@ OFFLINE_ENV = {
 for key, value in OFFLINE_ENV.items():
     os.environ.setdefault(key, value)
 
-DEFAULT_ALLOWED_SKIPS = r"(?i)cuda|gpu|subprocess|child process"
+DEFAULT_ALLOWED_SKIPS = r"(?i)cuda|gpu|subprocess|child process|run in this process|TRITON_INTERPRET=1 child"
 _skips: list[tuple[str, str]] = []
 
 
