@@ -199,11 +199,15 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
         def mamba_call():
             return mamba_fn(u, delta, A, Bm, Cm, Dv, zz, bias, delta_softplus=True)
 
-        with torch.no_grad():
-            ms, peak = bench(mamba_call)
-        record("mamba_cuda", "fwd", T, ms, peak, f"padded {rows_}x{doc_len}, B/C repeated to {gc}")
-        ms, peak = bench(lambda: mamba_call().backward(dym), grad_to_none=[u, delta, zz, Bm, Cm, A, Dv, bias])
-        record("mamba_cuda", "fwd+bwd", T, ms, peak, f"padded {rows_}x{doc_len}, B/C repeated to {gc}")
+        note = f"padded {rows_}x{doc_len}, B/C repeated to {gc}"
+        try:
+            with torch.no_grad():
+                ms, peak = bench(mamba_call)
+            record("mamba_cuda", "fwd", T, ms, peak, note)
+            ms, peak = bench(lambda: mamba_call().backward(dym), grad_to_none=[u, delta, zz, Bm, Cm, A, Dv, bias])
+            record("mamba_cuda", "fwd+bwd", T, ms, peak, note)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # a baseline failing must not lose our rows
+            print(f"mamba_cuda T={T}: failed ({type(err).__name__}: {err}); skipped")
 
 
 def main(argv=None):

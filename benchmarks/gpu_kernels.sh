@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Run the kernel tests on the GPU and the kernel benchmarks, writing results under $OUT (or
 # benchmarks/results). Usage on the GPU machine, from the repo root:
-#   bash benchmarks/gpu_kernels.sh [smoke|scan|decode|conv|losses|tests|all]
+#   bash benchmarks/gpu_kernels.sh [smoke|scan|decode|conv|losses|tests|baselines|all]
 # Nothing is installed: the packages are put on PYTHONPATH (the GPU machine has no network).
+# `baselines` first builds mamba-ssm's and causal-conv1d's CUDA kernels from the sdists carried in
+# .gpu_baselines/ (scripts/fetch_cuda_baseline_sdists.sh), then runs scan, decode and conv against them.
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-benchmarks/results}
@@ -22,5 +24,10 @@ case $what in
   losses)
     run python benchmarks/bench_fused_kl.py --out "$OUT"
     run python benchmarks/bench_logprob_entropy.py --out "$OUT" ;;
+  baselines)
+    build=$HOME/cuda_baselines
+    timeout "${BUILD_TIMEOUT:-420}" python benchmarks/build_cuda_baselines.py --sdists .gpu_baselines --build "$build" 2>&1 | tail -5
+    export PYTHONPATH="$(python benchmarks/build_cuda_baselines.py --build "$build" --print-path):$PYTHONPATH"
+    for w in decode conv scan; do bash "$0" "$w"; done ;;
   all) for w in tests scan decode conv losses; do bash "$0" "$w"; done ;;
 esac
