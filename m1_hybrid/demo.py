@@ -121,7 +121,7 @@ def run(args) -> int:
     elif not _installed("verl"):
         step("    skipped: verl is not installed (pip install 'm1-suite[verl]')")
     else:
-        from verl_m1.cpu_grpo import demo_steps
+        from verl_m1.inprocess_grpo import demo_steps
 
         demo_steps(
             model_dir,

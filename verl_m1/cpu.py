@@ -122,8 +122,10 @@ def use_cpu_platform():
     return current
 
 
-def init_single_process_group(port: int = 29533) -> None:
-    """A one-process ``gloo`` group (rank 0 of 1), as VeRL's workers expect ``torch.distributed``."""
+def init_single_process_group(port: int = 29533, backend: str = "gloo") -> None:
+    """A one-process group (rank 0 of 1), as VeRL's workers expect ``torch.distributed``.
+
+    ``backend``: ``gloo`` on CPU; ``nccl`` for CUDA tensors (FSDP2 collectives on GPU)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -131,7 +133,7 @@ def init_single_process_group(port: int = 29533) -> None:
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group(backend, rank=0, world_size=1)
 
 
 __all__ = ["init_single_process_group", "use_cpu_platform"]

@@ -17,13 +17,13 @@ SAMPLES = [([5, 17, 230, 4012], [61, 62, 63, 64, 65]), ([900], [77]), ([11, 12, 
 
 @pytest.fixture(scope="module")
 def trainer(m1_ckpt):
-    from verl_m1.cpu_grpo import CPUGRPO
+    from verl_m1.inprocess_grpo import CPUGRPO
 
     return CPUGRPO(str(m1_ckpt), lr=1e-4, entropy_coeff=0.01, fused=True, micro_batch_size=2)
 
 
 def test_engine_logprobs_equal_per_sample(trainer, m1_model):
-    from verl_m1.cpu_grpo import padded_batch
+    from verl_m1.inprocess_grpo import padded_batch
 
     batch = padded_batch([p for p, _ in SAMPLES], [r for _, r in SAMPLES], pad_id=2)
     lp, ent = trainer.log_probs(batch, entropy=True)
@@ -37,7 +37,7 @@ def test_engine_logprobs_equal_per_sample(trainer, m1_model):
 
 
 def test_grpo_step_updates_and_syncs(trainer):
-    from verl_m1.cpu_grpo import padded_batch
+    from verl_m1.inprocess_grpo import padded_batch
 
     before = {n: t.detach().clone() for n, t in trainer.engine.get_per_tensor_param()[0]}
     res = trainer.step(["What is 2+3?"], ["5"], n=2, max_new_tokens=6)

@@ -28,8 +28,8 @@ def per_sample_logprobs(model, samples):
 
 @pytest.fixture(scope="module")
 def packed(m1_model):
-    from verl_m1.cpu_grpo import padded_batch
-    from verl_m1.cpu_grpo import to_engine_batch
+    from verl_m1.inprocess_grpo import padded_batch
+    from verl_m1.inprocess_grpo import to_engine_batch
 
     batch = padded_batch([p for p, _ in SAMPLES], [r for _, r in SAMPLES], pad_id=2)
     td = to_engine_batch(batch)
