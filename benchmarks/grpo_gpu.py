@@ -4,8 +4,8 @@ VeRL's FSDP engine (actor, ``ppo_loss``, GRPO advantages) plus an in-process vLL
 ``vllm_m1`` plugin (:class:`verl_m1.inprocess_grpo.InProcessGRPO` with ``rollout="vllm"``). Three parts:
 
 (a) rollout throughput with CUDA graphs on vs off: the same batch (``--bench-prompts`` prompts x
-    ``--max-tokens``, greedy, ``ignore_eos``) on an eager engine (then freed) and on the graph-captured
-    engine the GRPO run uses; one warm-up, median of ``--repeats``. Skipped on CPU (vLLM's CPU backend
+    ``--max-tokens``, greedy, ``ignore_eos``) on a graph-captured and on an eager engine of the
+    checkpoint, each in its own child process; one warm-up, median of ``--repeats``. Skipped on CPU (vLLM's CPU backend
     has no CUDA graphs) with the reason printed;
 (b) ``--steps`` GRPO steps: per step reward mean, entropy, pg loss, rollout time and tok/s,
     weight-sync time and bytes, update time;
@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -72,6 +73,53 @@ def throughput(rollout, prompt_ids, max_tokens: int, repeats: int) -> dict:
     med = statistics.median(secs)
     tokens = runs[0]["tokens"]
     return {"tok_s": tokens / med, "seconds": med, "tokens": tokens, "runs": " ".join(f"{s:.3f}" for s in secs)}
+
+
+def throughput_child(args) -> int:
+    """``--throughput-child MODE``: one engine in this process, print the result as a ``THROUGHPUT`` JSON line."""
+    from m1_eval.prompting import PromptConfig
+    from m1_eval.prompting import build_prompt
+    from verl_m1.vllm_rollout import VLLMRollout
+
+    problems = load_problems(args)[: args.bench_prompts]
+    ro = VLLMRollout(
+        args.model,
+        enforce_eager=args.throughput_child == "eager",
+        sleep_mode=False,
+        max_model_len=1024 + args.max_tokens,
+        max_num_seqs=args.bench_prompts,
+        gpu_memory_utilization=args.gpu_mem_util,
+        seed=0,
+    )
+    tok = ro.tokenizer
+    ids = [tok(build_prompt(pr.problem, tok, PromptConfig()), add_special_tokens=False)["input_ids"] for pr in problems]
+    res = throughput(ro, ids, args.max_tokens, args.repeats)
+    res.update(startup_s=ro.startup_s, prompts=len(ids))
+    print("THROUGHPUT " + json.dumps(res), flush=True)
+    return 0
+
+
+def graphs_vs_eager(args) -> dict:
+    """Rollout tok/s with CUDA graphs on and off, each engine in its own child process.
+
+    One process per engine: a second vLLM engine in a process whose first engine is asleep crashed
+    (illegal memory access in its profiling run on vLLM 0.26), and separate processes also keep the
+    two measurements independent (no shared allocator or compile caches).
+    """
+    out = {}
+    for mode in ("graphs", "eager"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--throughput-child", mode, "--model", args.model]
+        cmd += ["--max-tokens", str(args.max_tokens), "--bench-prompts", str(args.bench_prompts)]
+        cmd += ["--repeats", str(args.repeats), "--gpu-mem-util", str(args.gpu_mem_util), "--out", args.out]
+        if args.data:
+            cmd += ["--data", args.data]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("THROUGHPUT ")), None)
+        if proc.returncode != 0 or line is None:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+            raise RuntimeError(f"throughput child ({mode}) failed with exit code {proc.returncode}:\n{tail}")
+        out[mode] = json.loads(line.removeprefix("THROUGHPUT "))
+    return out
 
 
 def hf_vs_vllm(trainer, prompt_ids, max_tokens: int, compare: int) -> dict:
@@ -139,12 +187,14 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-mem-util", type=float, default=0.3, help="per vLLM engine (the trainer shares the GPU)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/grpo_gpu")
+    p.add_argument("--throughput-child", choices=("graphs", "eager"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.throughput_child:
+        return throughput_child(args)
 
     import torch
 
     from verl_m1.inprocess_grpo import InProcessGRPO
-    from verl_m1.vllm_rollout import VLLMRollout
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     os.makedirs(args.out, exist_ok=True)
@@ -156,6 +206,32 @@ def main(argv=None) -> int:
     vkw = dict(max_model_len=max_len, max_num_seqs=max(args.bench_prompts, args.prompts_per_step * args.n))
     if device == "cuda":
         vkw["gpu_memory_utilization"] = args.gpu_mem_util
+
+    vllm_version = __import__("vllm").__version__
+    tp_rows = []
+    if device != "cuda":
+        log("(a) CUDA graphs on vs off: skipped, vLLM's CPU backend runs eager only (no CUDA graphs)")
+    else:
+        # Before the trainer exists, so each child engine has the GPU to itself.
+        args.model = model
+        for mode, res in graphs_vs_eager(args).items():
+            tp_rows.append(
+                dict(
+                    time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    gpu=torch.cuda.get_device_name(),
+                    vllm=vllm_version,
+                    torch=torch.__version__,
+                    mode="cuda_graphs" if mode == "graphs" else mode,
+                    prompts=res["prompts"],
+                    max_tokens=args.max_tokens,
+                    output_tok_s=f"{res['tok_s']:.1f}",
+                    latency_s=f"{res['seconds']:.3f}",
+                    engine_startup_s=f"{res['startup_s']:.1f}",
+                    runs=res["runs"],
+                )
+            )
+            log(f"(a) {mode:>6}: {res['tok_s']:.0f} tok/s ({res['tokens']} tokens in {res['seconds']:.2f} s)")
+        append_csv(tp_rows, args.out, "rollout_throughput.csv")
 
     # The trainer first: it creates the process group vLLM then joins (VeRL's colocated layout), and
     # its engine is already resident when vLLM sizes its KV cache from what is left.
@@ -170,37 +246,6 @@ def main(argv=None) -> int:
         micro_batch_size=args.micro_batch_size,
     )
     log(f"trainer + vLLM rollout up ({trainer.rollout_backend.startup_s:.1f} s vLLM startup)")
-    bench_ids = trainer.prompt_ids([pr.problem for pr in problems[: args.bench_prompts]])
-    vllm_version = __import__("vllm").__version__
-    tp_rows = []
-    if device != "cuda":
-        log("(a) CUDA graphs on vs off: skipped, vLLM's CPU backend runs eager only (no CUDA graphs)")
-    else:
-        trainer.sync_rollout_model()
-        graphs = throughput(trainer.rollout_backend, bench_ids, args.max_tokens, args.repeats)
-        trainer.rollout_backend.sleep()  # free its KV cache while the eager engine runs
-        eager_ro = VLLMRollout(model, enforce_eager=True, sleep_mode=False, seed=0, **vkw)
-        eager_ro.sync_weights(trainer.engine.get_per_tensor_param()[0])
-        eager = throughput(eager_ro, bench_ids, args.max_tokens, args.repeats)
-        eager_ro.close()
-        del eager_ro
-        for mode, res in (("cuda_graphs", graphs), ("eager", eager)):
-            tp_rows.append(
-                dict(
-                    time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    gpu=torch.cuda.get_device_name(),
-                    vllm=vllm_version,
-                    torch=torch.__version__,
-                    mode=mode,
-                    prompts=len(bench_ids),
-                    max_tokens=args.max_tokens,
-                    output_tok_s=f"{res['tok_s']:.1f}",
-                    latency_s=f"{res['seconds']:.3f}",
-                    runs=res["runs"],
-                )
-            )
-            log(f"(a) {mode:>11}: {res['tok_s']:.0f} tok/s ({res['tokens']} tokens in {res['seconds']:.2f} s)")
-        append_csv(tp_rows, args.out, "rollout_throughput.csv")
 
     # (b) GRPO steps
     rows = []
