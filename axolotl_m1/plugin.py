@@ -24,26 +24,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
+
+from .loss import DistillSettings
 
 M1_MODEL_TYPE = "m1_hybrid"
 # Spellings of "this is an M1 hybrid" accepted in the YAML's model_type.
 M1_MODEL_TYPE_ALIASES = ("m1_hybrid", "M1HybridForCausalLM", "m1")
 INIT_META = "m1_student_init.json"
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """Resolved loss settings (YAML keys with defaults applied)."""
-
-    kl_weight: float = 1.0
-    ce_weight: float = 0.0
-    direction: str = "reverse"
-    temperature: float = 1.0
-    chunk_size: int | None = None
 
 
 def _get(cfg, key, default=None):

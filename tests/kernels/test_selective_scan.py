@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from m1_kernels.selective_scan.naive import selective_scan_ref
+from tests.kernels.interpreter import vectorize_interpreter_scan
 from tests.testing import assert_close
 from tests.testing import random_cu_seqlens
 from tests.testing import rel_err
@@ -237,12 +238,18 @@ def _triton_devices():
 REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture
-def triton_scan(monkeypatch, device):
-    mod = importlib.import_module("m1_kernels.selective_scan.triton_scan")
+@pytest.fixture(params=["triton_scan", "triton_scan_tiled"])
+def triton_scan(request, monkeypatch, device):
+    """The Triton implementation under test: ``triton_scan`` (3D tiles / sequential backward) or
+    ``triton_scan_tiled`` (2D time x channel tiles, loop over states, chunked backward); both export
+    ``selective_scan_triton``."""
+    mod = importlib.import_module(f"m1_kernels.selective_scan.{request.param}")
     if device == "cpu":
         # Small chunks on CPU so that a 63-token test crosses several checkpoints (and stays fast).
-        monkeypatch.setattr(mod, "CHUNK", 16)
+        monkeypatch.setattr(mod, "CHUNK" if request.param == "triton_scan" else "T_CHUNK", 16)
+        if request.param == "triton_scan_tiled":
+            # The tiled kernels run N (time x channel) scans per chunk: scan whole slices in the interpreter.
+            vectorize_interpreter_scan(monkeypatch)
     return mod
 
 
@@ -259,7 +266,7 @@ def _compare(ref, got, dtype):
     "dtype, b, L, d, N, G_C, G_B, lengths",
     [
         pytest.param(torch.float32, 2, 40, 32, 16, 2, 1, None, id="fp32-padded-b2-T40-d32-GC2-GB1"),
-        pytest.param(torch.float32, 1, 63, 48, 16, 3, 1, [1, 17, 33, 1, 11], id="fp32-packed-T63-d48-GC3-docs5"),
+        pytest.param(torch.float32, 1, 63, 48, 16, 3, 1, [1, 17, 0, 33, 1, 11], id="fp32-packed-T63-d48-GC3-docs6"),
         pytest.param(torch.bfloat16, 1, 40, 32, 16, 2, 1, [1, 17, 22], id="bf16-packed-T40-d32-docs3"),
         # 8 channels per C group: a program covers two C groups (per-channel B/C gather, in-program group sums).
         pytest.param(torch.float32, 1, 30, 32, 16, 4, 2, [13, 17], id="fp32-packed-T30-d32-GC4-GB2-cpc8"),
@@ -275,6 +282,7 @@ def test_triton_matches_reference(triton_scan, device, dtype, b, L, d, N, G_C, G
 
 @pytest.mark.parametrize("device", _triton_devices())
 @pytest.mark.parametrize("fwd", ["chunked", "sequential"])
+@pytest.mark.parametrize("triton_scan", ["triton_scan"], indirect=True)  # the tiled module has one forward
 def test_triton_forward_paths(triton_scan, monkeypatch, device, fwd):
     """Both forward kernels (time-parallel chunks / token by token, picked by program count), packed, bf16."""
     monkeypatch.setattr(triton_scan, "SEQUENTIAL_FWD_MIN_PROGRAMS", 0 if fwd == "sequential" else 1 << 30)

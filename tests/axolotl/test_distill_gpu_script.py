@@ -1,0 +1,70 @@
+"""CPU smoke test of ``benchmarks/distill_gpu.py`` (the GPU distillation run) on the 2-layer SmolLM2 slice."""
+
+import csv
+import importlib
+import json
+import math
+import sys
+
+import torch
+
+from .conftest import REPO
+
+
+def _script():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports results_io as a sibling module
+    try:
+        return importlib.import_module("distill_gpu")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_default_attention_layers():
+    script = _script()
+    layers = script.default_attn_layers(30)
+    assert len(layers) == 8 and layers[-1] == 29 and layers == sorted(set(layers))
+
+
+def test_distill_gpu_smoke(tmp_path):
+    """Two steps on CPU: CSVs, plot and summary with finite numbers, held-out eval, loadable bf16 student."""
+    from transformers import AutoModelForCausalLM
+
+    script = _script()
+    out, save = tmp_path / "out", tmp_path / "student"
+    data = script.prepare_data(tmp_path / "data")
+    assert set(data) == {"train.jsonl", "test.jsonl"}
+    summary = script.main(
+        ["--device", "cpu", "--teacher-slice", "2", "--data-dir", str(tmp_path / "data"), "--seq-len", "128",
+         "--batch-rows", "2", "--max-steps", "2", "--eval-docs", "2", "--out", str(out), "--save", str(save)]
+    )  # fmt: skip
+
+    log = _rows(out / "distill_log.csv")
+    assert [int(r["step"]) for r in log] == [1, 2]
+    for r in log:
+        assert all(math.isfinite(float(r[k])) for k in ("kl", "ce", "top1", "tok_per_s", "lr"))
+        assert 0.0 <= float(r["top1"]) <= 1.0 and float(r["kl"]) >= 0.0
+    evals = _rows(out / "distill_eval.csv")
+    assert [int(r["step"]) for r in evals] == [0, 2]
+    assert all(int(r["tokens"]) > 0 and math.isfinite(float(r["kl"])) for r in evals)
+    memory = {r["loss"]: r for r in _rows(out / "distill_memory.csv")}
+    assert set(memory) == {"fused", "naive"}
+    # CPU: no CUDA allocator to read, so memory is reported as not measured (never faked); times are.
+    assert all(r["peak_extra_mib"] == "nan" and float(r["ms_median"]) > 0 for r in memory.values())
+    # The fused loss and the naive fp32 full-logits KL are the same number.
+    assert abs(float(memory["fused"]["value"]) - float(memory["naive"]["value"])) < 1e-4
+    assert (out / "distill_curves.png").stat().st_size > 0
+
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"] == 2 and on_disk["attn_layers"] == [1]
+    assert on_disk["held_out_final"]["step"] == 2 and 0.0 <= on_disk["held_out_final"]["top1"] <= 1.0
+    assert on_disk["loss_memory"]["fused_peak_extra_mib"] is None and "not measured" in on_disk["loss_memory"]["note"]
+    assert math.isfinite(on_disk["tok_per_s_median"])
+
+    student = AutoModelForCausalLM.from_pretrained(save, trust_remote_code=True)
+    assert type(student).__name__ == "M1HybridForCausalLM" and student.dtype == torch.bfloat16
+    assert student.config.attn_layers == [1]
