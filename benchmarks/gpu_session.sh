@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The single-GPU runs of the training stages (issues #6 and #7), as three calls to one warm machine:
+#
+#   smoke  carry .gpu .gpu_tok .gpu_verl   install vLLM + VeRL wheels; GPU smoke of distill_gpu.py and
+#                                          grpo_gpu.py on tiny random models (catch bugs before the real run)
+#   stash  carry .gpu_teacher_a            keep the first part of the teacher GGUF; time the scan kernels
+#   final  carry .gpu_teacher_b .gpu_data  join the teacher; distil SmolLM2-135M into a 25%-attention
+#                                          hybrid (distill_gpu.py), then GRPO it with vLLM rollouts (grpo_gpu.py)
+#
+# The calls must follow each other within the machine's idle window (files live only while it is
+# warm). Results (CSV, PNG, JSON, logs) are written under $HOME and packed into $OUT/results_<stage>.tgz
+# (a call returns at most 8 files).
+set -uo pipefail
+stage=${1:?usage: gpu_session.sh smoke|stash|final}
+DEST=${OUT:-runs/gpu_session}
+OUT=$HOME/gpu_session/$stage
+mkdir -p "$OUT" "$DEST"
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 M1_CACHE_DIR=$HOME/m1cache
+quiet() { grep -v -E "register_constant|warnings.warn|UserWarning|FutureWarning" ; }
+vllm_env() {  # vLLM installed by the smoke call; VeRL wheels next to it
+  source "$HOME/gpu_setup.sh" "${1:-.gpu}"
+  export PYTHONPATH="$PWD:$PWD/kernels:$HOME/site_verl:$PYTHONPATH"
+}
+case $stage in
+  smoke)
+    cp .gpu/setup.sh "$HOME/gpu_setup.sh"
+    source .gpu_verl/setup.sh
+    vllm_env .gpu
+    gunzip -kf .gpu_tok/tokenizer.json.gz
+    python3 - <<'PY'
+import json, pathlib, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+import tests.vllm.conftest as c
+c.smollm2_dir = lambda n: pathlib.Path(".gpu_tok")
+c.build_tiny("/tmp/m1_tiny")
+torch.manual_seed(0)  # a tiny random GQA Llama teacher with SmolLM2's tokenizer
+cfg = LlamaConfig(vocab_size=49152, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=3,
+                  num_key_value_heads=1, head_dim=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+LlamaForCausalLM(cfg).save_pretrained("/tmp/llama_tiny")
+for f in pathlib.Path(".gpu_tok").glob("*"):
+    if not f.name.endswith(".gz"):
+        (pathlib.Path("/tmp/llama_tiny") / f.name).write_bytes(f.read_bytes())
+d = pathlib.Path("/tmp/tiny_data"); d.mkdir(exist_ok=True)
+rows = [("What is 2+3?", "We add: $2+3=5$. So the answer is $\\boxed{5}$.", "5"),
+        ("What is 7*6?", "Multiply: $7\\cdot 6=42$, so $\\boxed{42}$.", "42"),
+        ("Compute 10-4.", "Subtract to get $\\boxed{6}$.", "6"), ("What is 9+9?", "Doubling 9 gives $\\boxed{18}$.", "18")]
+for name in ("train.jsonl", "test.jsonl"):
+    (d / name).write_text("".join(json.dumps({"problem": p, "solution": s, "answer": a}) + "\n" for p, s, a in rows * 8))
+PY
+    timeout 150 python3 benchmarks/distill_gpu.py --teacher /tmp/llama_tiny --data-dir /tmp/tiny_data --seq-len 256 \
+      --batch-rows 2 --max-steps 3 --eval-docs 4 --out "$OUT/distill_smoke" --save /tmp/student_tiny 2>&1 | quiet | tail -25
+    timeout 330 python3 benchmarks/grpo_gpu.py --model /tmp/m1_tiny --data /tmp/tiny_data/test.jsonl --steps 2 \
+      --prompts-per-step 4 --n 4 --max-tokens 64 --bench-prompts 32 --repeats 1 --out "$OUT/grpo_smoke" 2>&1 | quiet | tail -30 ;;
+  stash)
+    bash benchmarks/gpu_teacher.sh stash
+    export PYTHONPATH="$PWD:$PWD/kernels"
+    timeout "${SCAN_TIMEOUT:-300}" python3 benchmarks/bench_selective_scan.py --tiled-configs --no-plot \
+      --ref-max-tokens 0 --out "$OUT" 2>&1 | quiet | tail -60 ;;
+  final)
+    tp=$(bash benchmarks/gpu_teacher.sh assemble) || exit 3
+    vllm_env "$HOME/none"
+    export PYTHONPATH="$PYTHONPATH:$tp"
+    teacher=$(python3 -c "from m1_hybrid.teacher import smollm2_path; print(smollm2_path())" 2>/dev/null | tail -1)
+    echo "teacher: $teacher"
+    python3 benchmarks/distill_gpu.py --teacher "$teacher" --data-dir .gpu_data --minutes "${DISTILL_MINUTES:-3.5}" \
+      --eval-every 100 --eval-docs 200 --out "$OUT/distill" --save "$HOME/distilled" 2>&1 | quiet > "$OUT/distill.log"
+    tail -25 "$OUT/distill.log"
+    [ -f "$HOME/distilled/config.json" ] && timeout "${GRPO_TIMEOUT:-240}" python3 benchmarks/grpo_gpu.py \
+      --model "$HOME/distilled" --data .gpu_data/test.jsonl --steps 4 --repeats 2 --out "$OUT/grpo" 2>&1 | quiet > "$OUT/grpo.log"
+    tail -25 "$OUT/grpo.log" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
+tar czf "$DEST/results_$stage.tgz" -C "$OUT" . && ls -la "$DEST"
