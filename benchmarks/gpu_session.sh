@@ -47,7 +47,7 @@ rows = [("What is 2+3?", "We add: $2+3=5$. So the answer is $\\boxed{5}$.", "5")
 for name in ("train.jsonl", "test.jsonl"):
     (d / name).write_text("".join(json.dumps({"problem": p, "solution": s, "answer": a}) + "\n" for p, s, a in rows * 8))
 PY
-    timeout 150 python3 benchmarks/distill_gpu.py --teacher /tmp/llama_tiny --data-dir /tmp/tiny_data --seq-len 256 \
+    [ -n "${SKIP_DISTILL_SMOKE:-}" ] || timeout 150 python3 benchmarks/distill_gpu.py --teacher /tmp/llama_tiny --data-dir /tmp/tiny_data --seq-len 256 \
       --batch-rows 2 --max-steps 3 --eval-docs 4 --out "$OUT/distill_smoke" --save /tmp/student_tiny 2>&1 | quiet | tail -25
     timeout 330 python3 benchmarks/grpo_gpu.py --model /tmp/m1_tiny --data /tmp/tiny_data/test.jsonl --steps 2 \
       --prompts-per-step 4 --n 4 --max-tokens 64 --bench-prompts 32 --repeats 1 --out "$OUT/grpo_smoke" 2>&1 | quiet | tail -30 ;;

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from m1_kernels import fused_linear_logprob_entropy
@@ -37,6 +38,13 @@ class M1OutputForPPO(CausalLMOutputWithPast):
 
     log_probs: torch.FloatTensor | None = None
     entropy: torch.FloatTensor | None = None
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as a plain tensor: the full value of a (sharded) DTensor, anything else unchanged."""
+    if isinstance(t, DTensor):
+        return t.full_tensor()
+    return t
 
 
 def m1_forward_for_ppo(
@@ -86,8 +94,11 @@ def m1_forward_for_ppo(
     else:
         raise ValueError("the M1 fused forward needs input_ids, labels or shift_labels")
     b, L, H = hidden.shape
-    weight = self.lm_head.weight
-    bias = getattr(self.lm_head, "bias", None)
+    # We call the lm_head's weight directly instead of the module, so FSDP2 never unshards it for us when
+    # it wraps the head (or the tied embedding) as its own unit: gather a sharded DTensor ourselves.
+    # ``full_tensor`` is differentiable, its backward hands each rank the gradient of its shard.
+    weight = _full(self.lm_head.weight)
+    bias = _full(getattr(self.lm_head, "bias", None))
     log_probs, entropy = fused_linear_logprob_entropy(
         hidden.reshape(b * L, H).to(weight.dtype),
         weight,
