@@ -13,17 +13,11 @@ Usage::
 
     python benchmarks/bench_selective_scan.py                 # 8192 and 32768 tokens
     python benchmarks/bench_selective_scan.py --smoke         # tiny shapes, a few seconds
-    python benchmarks/bench_selective_scan.py --tiled-configs # + the tiled kernel at several (T_CHUNK, warps)
-
-Providers: ``triton`` (triton_scan.py), ``triton_tiled`` (triton_scan_tiled.py, 2D tiles and a chunked backward;
-its tunables are the module constants T_CHUNK / NUM_WARPS_FWD / NUM_WARPS_BWD, see TILED_CONFIGS), ``torch_ref``,
-``mamba_cuda``, ``hbm_floor``.
 """
 
 import argparse
 import csv
 import datetime
-import importlib
 import os
 import statistics
 import sys
@@ -32,8 +26,6 @@ import time
 import torch
 
 D_INNER, D_STATE, G_C, G_B = 3072, 16, 192, 64
-# (T_CHUNK, warps fwd, warps bwd) of the tiled kernel timed by --tiled-configs (the default config always runs).
-TILED_CONFIGS = [(64, 4, 4), (128, 4, 4), (128, 4, 8), (256, 4, 8), (256, 8, 8), (256, 8, 16), (512, 8, 16)]
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, achievable order of magnitude
 
 
@@ -47,8 +39,6 @@ def parse_args(argv=None):
     p.add_argument("--ref-max-tokens", type=int, default=8192, help="largest size for the PyTorch reference")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (d_inner 96), quick")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--tiled-configs", action="store_true", help="also time triton_tiled at each of TILED_CONFIGS")
-    p.add_argument("--reverse-scan", default=None, choices=["native", "flip"], help="triton_tiled backward scan mode")
     return p.parse_args(argv)
 
 
@@ -81,23 +71,21 @@ def hbm_bytes(T, d, N, gc, gb, elt):
     return fwd, fwd + bwd
 
 
-def correctness_check(device, dtype, d=D_INNER, N=D_STATE, gc=G_C, gb=G_B, fn=None, name="triton"):
-    """Triton (``fn``, default triton_scan's) vs reference on the GPU (packed, a 0- and a 1-token document,
-    initial states, all gradients); prints relative errors."""
+def correctness_check(device, dtype, d=D_INNER, N=D_STATE, gc=G_C, gb=G_B):
+    """Triton vs reference on the GPU (packed, initial states, all gradients); prints relative errors."""
     from m1_kernels.selective_scan.naive import selective_scan_ref
     from m1_kernels.selective_scan.triton_scan import selective_scan_triton
 
-    fn = fn or selective_scan_triton
     torch.manual_seed(0)
     lengths = [1, 200, 0, 311]
     T = sum(lengths)
     _, ins, _ = make_inputs(T, T, d, N, gc, gb, dtype, device)
-    cu = torch.tensor([0, 1, 201, 201, T], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 1, 201, T], dtype=torch.int32, device=device)
     h0 = torch.randn(len(lengths), d, N, device=device)
     results = []
-    for f in (selective_scan_ref, fn):
+    for fn in (selective_scan_ref, selective_scan_triton):
         leaves = {k: v.detach().clone().requires_grad_() for k, v in {**ins, "initial_state": h0}.items()}
-        y, hf = f(**{k: leaves[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")},
+        y, hf = fn(**{k: leaves[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")},
                    dt_softplus=True, cu_seqlens=cu, initial_state=leaves["initial_state"],
                    return_final_state=True)  # fmt: skip
         g = torch.Generator(device=device).manual_seed(1)
@@ -113,7 +101,7 @@ def correctness_check(device, dtype, d=D_INNER, N=D_STATE, gc=G_C, gb=G_B, fn=No
         msg.append(f"{name} {err:.1e}")
     tol = 2e-5 if dtype == torch.float32 else 1e-2
     status = "OK" if worst < tol else "FAILED"
-    print(f"correctness ({name} vs reference, {dtype}, packed {lengths}): {status}; rel err " + ", ".join(msg))
+    print(f"correctness (triton vs reference, {dtype}, packed {lengths}): {status}; rel err " + ", ".join(msg))
     return status == "OK"
 
 
@@ -185,20 +173,6 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
     ms, peak = bench(lambda: call(selective_scan_triton).backward(dy), grad_to_none=grads)
     record("triton", "fwd+bwd", T, ms, peak)
 
-    tiled = importlib.import_module("m1_kernels.selective_scan.triton_scan_tiled")
-    default = (tiled.T_CHUNK, tiled.NUM_WARPS_FWD, tiled.NUM_WARPS_BWD)
-    configs = [default] + (TILED_CONFIGS if args.tiled_configs else [])
-    tiled_fn = tiled.selective_scan_triton_tiled
-    for cfg in configs:
-        tiled.T_CHUNK, tiled.NUM_WARPS_FWD, tiled.NUM_WARPS_BWD = cfg
-        note = "T_CHUNK={} warps fwd={} bwd={}".format(*cfg) + ("" if cfg is default else " (sweep)")
-        with torch.no_grad():
-            ms, peak = bench(lambda: call(tiled_fn))
-        record("triton_tiled", "fwd", T, ms, peak, note)
-        ms, peak = bench(lambda: call(tiled_fn).backward(dy), grad_to_none=grads)
-        record("triton_tiled", "fwd+bwd", T, ms, peak, note)
-    tiled.T_CHUNK, tiled.NUM_WARPS_FWD, tiled.NUM_WARPS_BWD = default
-
     if T <= args.ref_max_tokens:
         try:
             with torch.no_grad():
@@ -255,15 +229,6 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name()
     print(f"Machine: {gpu} | torch {torch.__version__} | triton {triton.__version__} | dtype {args.dtype}")
     ok = correctness_check(device, dtype, d, N, gc, gb)
-    tiled = importlib.import_module("m1_kernels.selective_scan.triton_scan_tiled")
-    if args.reverse_scan:
-        tiled.REVERSE_SCAN = args.reverse_scan
-    for rev in ("native", "flip"):  # both backward scan modes: tells whether the native reverse scan is right
-        keep, tiled.REVERSE_SCAN = tiled.REVERSE_SCAN, rev
-        good = correctness_check(device, dtype, d, N, gc, gb, tiled.selective_scan_triton_tiled, f"triton_tiled[{rev}]")
-        tiled.REVERSE_SCAN = keep
-        ok = ok and (good or rev != tiled.REVERSE_SCAN)
-    print(f"triton_tiled times below use REVERSE_SCAN={tiled.REVERSE_SCAN!r} (--reverse-scan to change)")
     mamba_fn = import_mamba_selective_scan_fn()
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []

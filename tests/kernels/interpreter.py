@@ -55,34 +55,3 @@ def rerun_triton_tests_in_subprocess(test_file: str) -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", "triton and not subprocess"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
-
-
-def vectorize_interpreter_scan(monkeypatch) -> None:
-    """Make ``tl.associative_scan`` with a custom combine function fast under ``TRITON_INTERPRET=1``.
-
-    Triton's interpreter runs such scans one element at a time in Python (``ScanOps.generic_scan``), which makes
-    kernels that scan (time, channel) tiles many times per program slow on CPU. This replacement keeps the same
-    sequential order along the scan axis but applies the (elementwise) combine function to whole slices of the
-    other axes at once. Only takes effect in interpreter mode; the GPU path is untouched.
-    """
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    import numpy as np
-    from triton.runtime import interpreter as interp
-
-    def generic_scan(self, input):
-        datas = [np.moveaxis(arg.handle.data, self.axis, 0) for arg in input]
-        outs = [np.empty_like(d) for d in datas]
-        acc = None
-        for i in range(datas[0].shape[0]):
-            cur = tuple(self.to_tensor(np.ascontiguousarray(d[i]), input[j].dtype) for j, d in enumerate(datas))
-            if acc is None:
-                acc = cur
-            else:
-                ret = self.combine_fn.fn(*acc, *cur)
-                acc = ret if isinstance(ret, tuple) else (ret,)
-            for o, a in zip(outs, acc):
-                o[i] = a.handle.data.reshape(o[i].shape)
-        return [self.to_tensor(np.moveaxis(o, 0, self.axis), arg.dtype) for o, arg in zip(outs, input)]
-
-    monkeypatch.setattr(interp.ScanOps, "generic_scan", generic_scan)

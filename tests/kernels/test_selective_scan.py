@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from m1_kernels.selective_scan.naive import selective_scan_ref
-from tests.kernels.interpreter import vectorize_interpreter_scan
 from tests.testing import assert_close
 from tests.testing import random_cu_seqlens
 from tests.testing import rel_err
@@ -238,18 +237,12 @@ def _triton_devices():
 REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(params=["triton_scan", "triton_scan_tiled"])
-def triton_scan(request, monkeypatch, device):
-    """The Triton implementation under test: ``triton_scan`` (3D tiles / sequential backward) or
-    ``triton_scan_tiled`` (2D time x channel tiles, loop over states, chunked backward); both export
-    ``selective_scan_triton``."""
-    mod = importlib.import_module(f"m1_kernels.selective_scan.{request.param}")
+@pytest.fixture
+def triton_scan(monkeypatch, device):
+    mod = importlib.import_module("m1_kernels.selective_scan.triton_scan")
     if device == "cpu":
         # Small chunks on CPU so that a 63-token test crosses several checkpoints (and stays fast).
-        monkeypatch.setattr(mod, "CHUNK" if request.param == "triton_scan" else "T_CHUNK", 16)
-        if request.param == "triton_scan_tiled":
-            # The tiled kernels run N (time x channel) scans per chunk: scan whole slices in the interpreter.
-            vectorize_interpreter_scan(monkeypatch)
+        monkeypatch.setattr(mod, "CHUNK", 16)
     return mod
 
 
@@ -282,7 +275,6 @@ def test_triton_matches_reference(triton_scan, device, dtype, b, L, d, N, G_C, G
 
 @pytest.mark.parametrize("device", _triton_devices())
 @pytest.mark.parametrize("fwd", ["chunked", "sequential"])
-@pytest.mark.parametrize("triton_scan", ["triton_scan"], indirect=True)  # the tiled module has one forward
 def test_triton_forward_paths(triton_scan, monkeypatch, device, fwd):
     """Both forward kernels (time-parallel chunks / token by token, picked by program count), packed, bf16."""
     monkeypatch.setattr(triton_scan, "SEQUENTIAL_FWD_MIN_PROGRAMS", 0 if fwd == "sequential" else 1 << 30)
