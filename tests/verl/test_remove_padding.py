@@ -109,3 +109,35 @@ def test_verl_monkey_patch_installs_fused_forward_and_refuses_ulysses(m1_ckpt):
     assert plain.forward.__func__ is M1HybridForCausalLM.forward
     with pytest.raises(ValueError, match="Ulysses"):
         apply_monkey_patch(plain, ulysses_sp_size=2)
+
+
+def test_fused_forward_gathers_sharded_lm_head(m1_model, packed):
+    """Under FSDP2 the lm_head weight can be a sharded DTensor inside our forward (seen on CUDA, where VeRL
+    wraps the head as its own unit): the fused forward gathers it, same outputs, gradient on the DTensor."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from verl_m1.cpu import init_single_process_group
+    from verl_m1.fused import m1_forward_for_ppo
+
+    init_single_process_group()
+    _, ids, pos = packed
+    rolled = torch.roll(ids, -1, dims=1)
+    with torch.no_grad():
+        want = m1_forward_for_ppo(m1_model, input_ids=ids, position_ids=pos, shift_labels=rolled)
+    model = copy.deepcopy(m1_model)
+    mesh = init_device_mesh("cpu", (1,))
+    head = model.lm_head
+    if head.weight is model.model.embed_tokens.weight:  # tied: give the head its own (sharded) copy
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    head.weight = torch.nn.Parameter(distribute_tensor(head.weight.detach(), mesh, [Shard(0)]))
+    got = m1_forward_for_ppo(model, input_ids=ids, position_ids=pos, shift_labels=rolled)
+    assert_close("log-probs", want.log_probs, got.log_probs, atol=1e-5, rtol=1e-5)
+    assert_close("entropy", want.entropy, got.entropy, atol=1e-5, rtol=1e-5)
+    (got.log_probs.sum() + got.entropy.sum()).backward()
+    assert isinstance(head.weight.grad, DTensor) and torch.isfinite(head.weight.grad.full_tensor()).all()
+    assert head.weight.grad.full_tensor().abs().sum() > 0
