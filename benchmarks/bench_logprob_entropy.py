@@ -13,17 +13,18 @@ above the allocation before the call. A GPU correctness check runs first.
     python benchmarks/bench_logprob_entropy.py --smoke
 """
 
-import argparse
-import datetime
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_fused_kl import _versions  # noqa: E402
-from bench_fused_kl import measure  # noqa: E402
-from bench_fused_kl import write_csv_and_plot  # noqa: E402
+from timing import cuda_and_triton  # noqa: E402
+from timing import loss_bench_parser  # noqa: E402
+from timing import measure  # noqa: E402
+from timing import report  # noqa: E402
+from timing import start  # noqa: E402
+from timing import write_csv_and_plot  # noqa: E402
 
 CSV_NAME = "logprob_entropy.csv"
 
@@ -67,33 +68,16 @@ def correctness(dev, dtype):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, default=8192)
-    p.add_argument("--V", type=int, default=128256)
-    p.add_argument("--H", type=int, default=3072)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, short timing")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_logprob_entropy: needs a CUDA GPU (none found); nothing measured.")
-        return 2
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print("bench_logprob_entropy: needs triton (triton.testing.do_bench).")
+    args = loss_bench_parser(__doc__, "tiny shapes, short timing").parse_args(argv)
+    if not cuda_and_triton("bench_logprob_entropy"):
         return 2
     from m1_kernels.logprob_entropy import fused_linear_logprob_entropy
     from m1_kernels.logprob_entropy import fused_linear_logprob_entropy_ref
     from m1_kernels.logprob_entropy import logprob_entropy_from_logits
     from m1_kernels.logprob_entropy import logprob_entropy_from_logits_ref
 
-    if args.smoke:
-        args.T, args.V, args.H = 512, 4096, 256
+    machine = start(args)
     dtype, dev = getattr(torch, args.dtype), "cuda"
-    gpu = torch.cuda.get_device_name(0)
-    tv, trv = _versions()
-    print(f"Machine: {gpu} | torch {tv} | triton {trv} | T={args.T} V={args.V} H={args.H} {args.dtype}")
     ok = correctness(dev, dtype)
     T, V, H = args.T, args.V, args.H
     g = torch.Generator(device=dev).manual_seed(0)
@@ -116,21 +100,7 @@ def main(argv=None):
     res["fused_logits"] = measure(lambda: torch.autograd.grad(_loss(*logprob_entropy_from_logits(x, labels)), x), rep)
 
     base = {"naive_linear": "naive_linear", "fused_linear": "naive_linear"}
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rows = []
-    print(f"{'variant':<15}{'p50 ms':>10}{'p20':>9}{'p80':>9}{'peak GiB':>10}{'mem % base':>11}{'speedup':>9}")
-    for name, ((p50, p20, p80), peak) in res.items():
-        ref = res[base.get(name, "naive_logits")]
-        mem_pct, speed = 100 * peak / ref[1], ref[0][0] / p50
-        print(f"{name:<15}{p50:>10.2f}{p20:>9.2f}{p80:>9.2f}{peak:>10.2f}{mem_pct:>10.1f}%{speed:>8.2f}x")
-        rows.append(
-            dict(
-                timestamp=stamp, gpu=gpu, torch=tv, triton=trv, op="logprob_entropy", variant=name, T=T, V=V, H=H,
-                dtype=args.dtype, ms_p50=f"{p50:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}",
-                peak_extra_gib=f"{peak:.4f}", mem_pct_of_naive=f"{mem_pct:.2f}", speedup_vs_naive=f"{speed:.3f}",
-                smoke=int(args.smoke), correct=int(ok),
-            )
-        )  # fmt: skip
+    rows = report(res, base, "naive_logits", "logprob_entropy", args, machine, ok)
     write_csv_and_plot(rows, args.out, CSV_NAME, "Log-prob + entropy fwd+bwd")
     return 0 if ok else 1
 

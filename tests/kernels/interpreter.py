@@ -55,3 +55,20 @@ def rerun_triton_tests_in_subprocess(test_file: str) -> None:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", "triton and not subprocess"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+
+
+def run_script_under_interpreter(script: str) -> None:
+    """Run ``script`` in a fresh Python process with ``TRITON_INTERPRET=1`` and ``M1_KERNELS_IMPL=triton``
+    (skip without triton); it must exit 0 and print ``TRITON_INTERPRET OK``."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", M1_KERNELS_IMPL="triton")
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore::RuntimeWarning", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    print(proc.stdout, proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TRITON_INTERPRET OK" in proc.stdout

@@ -1,8 +1,5 @@
 """Fused KL losses: fused vs naive.py reference, reference vs float64 truth, masking, stats, memory, Triton."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,26 +9,15 @@ from m1_kernels.fused_kl import fused_kl_div
 from m1_kernels.fused_kl import fused_kl_div_ref
 from m1_kernels.fused_kl import fused_linear_kl_div
 from m1_kernels.fused_kl import fused_linear_kl_div_ref
+from tests.kernels.interpreter import run_script_under_interpreter
 from tests.kernels.memory_probe import AllocationRecorder
-from tests.testing import assert_close
-from tests.testing import rel_err
+from tests.testing import DEVICES
+from tests.testing import check_rel
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: GPU variant skipped")),
-]
-# (tolerance for the loss, for the gradients), as relative error with an elementwise floor (see _check)
+# (tolerance for the loss, for the gradients), as relative error with an elementwise floor (see tests.testing.check_rel)
 # fp32 sums over V = 128k carry ~2e-5 relative rounding, hence 1e-4 (Liger's fp32 rtol is 5e-4).
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-4, 1.5e-2)}
 TOL_LINEAR = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-3, 2e-2)}
-
-
-def _check(name, ref, got, tol):
-    """Relative Frobenius error <= tol, and every element within tol * max|ref| (abs floor) + 4 * tol * |ref|."""
-    err = rel_err(ref, got)
-    assert err <= tol, f"{name}: rel err {err:.3e} > {tol:.1e}"
-    assert_close(name, ref, got, atol=tol * ref.detach().abs().max().item() + 1e-30, rtol=4 * tol)
 
 
 def _kl64(student, teacher, labels, direction, temperature, ignore_index=-100):
@@ -82,8 +68,8 @@ def test_reference_matches_float64(T, V, direction, temperature, chunk):
     loss = fused_kl_div_ref(s, t, labels, direction=direction, temperature=temperature)
     (grad,) = torch.autograd.grad(loss, s)
     loss64, grad64 = _kl64(s, t, labels, direction, temperature)
-    _check("loss", loss64, loss, 1e-4)
-    _check("grad", grad64, grad, 1e-4)
+    check_rel("loss", loss64, loss, 1e-4)
+    check_rel("grad", grad64, grad, 1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -99,15 +85,15 @@ def test_fused_kl_div_matches_reference(T, V, direction, temperature, chunk, dty
     (ref_grad,) = torch.autograd.grad(ref_loss, s)
     tol_loss, tol_grad = TOL[dtype]
     assert loss.dtype == torch.float32 and grad.dtype == dtype
-    _check("loss", ref_loss, loss, tol_loss)
-    _check("grad", ref_grad, grad, tol_grad)
+    check_rel("loss", ref_loss, loss, tol_loss)
+    check_rel("grad", ref_grad, grad, tol_grad)
     assert int(stats.num_tokens) == int(ref_stats.num_tokens)
     assert stats.top1_agreement.item() == pytest.approx(ref_stats.top1_agreement.item(), abs=1e-6)
     assert stats.kl.item() == pytest.approx(loss.item())
     if dtype == torch.float32 and V < 10_000:  # the fused path against the float64 truth directly
         loss64, grad64 = _kl64(s, t, labels, direction, temperature)
-        _check("loss vs fp64", loss64, loss, 1e-5)
-        _check("grad vs fp64", grad64, grad, 5e-5)
+        check_rel("loss vs fp64", loss64, loss, 1e-5)
+        check_rel("grad vs fp64", grad64, grad, 5e-5)
 
 
 LINEAR_CASES = _cases((63, 67, 1423, "T63-H67-V1423"), (80, 64, 32000, "T80-H64-V32000"))
@@ -141,10 +127,10 @@ def test_fused_linear_kl_div_matches_reference(T, H, V, direction, temperature, 
     ref_loss = fused_linear_kl_div_ref(h, w, t, labels, **kw)
     ref_grads = torch.autograd.grad(ref_loss, params)
     tol_loss, tol_grad = TOL_LINEAR[dtype]
-    _check("loss", ref_loss, loss, tol_loss)
+    check_rel("loss", ref_loss, loss, tol_loss)
     for name, r, x in zip(["grad_hidden", "grad_weight", "grad_bias"], ref_grads, grads):
         assert x.dtype == r.dtype
-        _check(name, r, x, tol_grad)
+        check_rel(name, r, x, tol_grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -177,7 +163,7 @@ def test_no_labels_stats_and_leading_dims(device):
     loss, stats = fused_kl_div(s, t, None, chunk_size=5, return_stats=True)
     loss.backward()
     ref_loss, ref_stats = fused_kl_div_ref(s.view(24, 500), t.view(24, 500), None, return_stats=True)
-    _check("loss", ref_loss, loss, 1e-5)
+    check_rel("loss", ref_loss, loss, 1e-5)
     agree = (s.argmax(-1) == t.argmax(-1)).float().mean().item()
     assert agree >= 5 / 24
     assert stats.top1_agreement.item() == pytest.approx(agree) == pytest.approx(ref_stats.top1_agreement.item())
@@ -190,7 +176,7 @@ def test_upstream_gradient_scale_and_single_backward(device):
     s.requires_grad_()
     (grad1,) = torch.autograd.grad(3.5 * fused_kl_div(s, t, labels), s)
     (grad_ref,) = torch.autograd.grad(3.5 * fused_kl_div_ref(s, t, labels), s)
-    _check("scaled grad", grad_ref, grad1, 1e-5)
+    check_rel("scaled grad", grad_ref, grad1, 1e-5)
     loss = fused_kl_div(s, t, labels)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
@@ -290,15 +276,4 @@ def test_triton_kernel_under_interpreter():
     ``triton_kernels.py``), so it cannot be switched on inside this already-running process once
     that module may have been imported: the check runs in a fresh subprocess with the env set.
     """
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", M1_KERNELS_IMPL="triton")
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore::RuntimeWarning", "-c", _INTERPRET_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    print(proc.stdout, proc.stderr[-3000:])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "TRITON_INTERPRET OK" in proc.stdout
+    run_script_under_interpreter(_INTERPRET_SCRIPT)

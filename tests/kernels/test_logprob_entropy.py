@@ -1,8 +1,5 @@
 """Fused token log-prob + entropy: fused vs naive.py, naive vs float64 truth, masking, memory, Triton."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,24 +9,14 @@ from m1_kernels.logprob_entropy import fused_linear_logprob_entropy
 from m1_kernels.logprob_entropy import fused_linear_logprob_entropy_ref
 from m1_kernels.logprob_entropy import logprob_entropy_from_logits
 from m1_kernels.logprob_entropy import logprob_entropy_from_logits_ref
+from tests.kernels.interpreter import run_script_under_interpreter
 from tests.kernels.memory_probe import AllocationRecorder
-from tests.testing import assert_close
-from tests.testing import rel_err
+from tests.testing import DEVICES
+from tests.testing import check_rel
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: GPU variant skipped")),
-]
-# (outputs, gradients): relative Frobenius error bound, plus an elementwise floor (see _check)
+# (outputs, gradients): relative Frobenius error bound, plus an elementwise floor (see tests.testing.check_rel)
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-4, 2e-2)}
 TOL_LINEAR = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (5e-3, 2e-2)}
-
-
-def _check(name, ref, got, tol):
-    err = rel_err(ref, got)
-    assert err <= tol, f"{name}: rel err {err:.3e} > {tol:.1e}"
-    assert_close(name, ref, got, atol=tol * ref.detach().abs().max().item() + 1e-30, rtol=4 * tol)
 
 
 def _loss(lp, ent, c_lp, c_ent):
@@ -74,9 +61,9 @@ def test_reference_matches_float64(T, V, temperature, chunk):
     lp, ent = logprob_entropy_from_logits_ref(x, labels, temperature)
     (grad,) = torch.autograd.grad(_loss(lp, ent, c_lp, c_ent), x)
     lp64, ent64, grad64 = _truth64(x, labels, temperature, c_lp, c_ent)
-    _check("logprobs", lp64, lp, 1e-5)
-    _check("entropy", ent64, ent, 1e-5)
-    _check("grad", grad64, grad, 1e-4)
+    check_rel("logprobs", lp64, lp, 1e-5)
+    check_rel("entropy", ent64, ent, 1e-5)
+    check_rel("grad", grad64, grad, 1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -91,13 +78,13 @@ def test_from_logits_matches_reference(T, V, temperature, chunk, dtype, device):
     (rgrad,) = torch.autograd.grad(_loss(rlp, rent, c_lp, c_ent), x)
     tol_out, tol_grad = TOL[dtype]
     assert lp.dtype == ent.dtype == torch.float32 and grad.dtype == dtype
-    _check("logprobs", rlp, lp, tol_out)
-    _check("entropy", rent, ent, tol_out)
-    _check("grad", rgrad, grad, tol_grad)
+    check_rel("logprobs", rlp, lp, tol_out)
+    check_rel("entropy", rent, ent, tol_out)
+    check_rel("grad", rgrad, grad, tol_grad)
     assert (lp[labels == -100] == 0).all() and (ent[labels == -100] == 0).all()
     if dtype == torch.float32 and V < 10_000:
         lp64, ent64, grad64 = _truth64(x, labels, temperature, c_lp, c_ent)
-        _check("grad vs fp64", grad64, grad, 1e-4)
+        check_rel("grad vs fp64", grad64, grad, 1e-4)
 
 
 LINEAR_CASES = [
@@ -125,11 +112,11 @@ def test_linear_matches_reference(T, H, V, temperature, chunk, with_bias, dtype,
     rlp, rent = fused_linear_logprob_entropy_ref(h, w, labels, temperature=temperature, bias=b)
     rgrads = torch.autograd.grad(_loss(rlp, rent, c_lp, c_ent), params)
     tol_out, tol_grad = TOL_LINEAR[dtype]
-    _check("logprobs", rlp, lp, tol_out)
-    _check("entropy", rent, ent, tol_out)
+    check_rel("logprobs", rlp, lp, tol_out)
+    check_rel("entropy", rent, ent, tol_out)
     for name, r, x in zip(["grad_hidden", "grad_weight", "grad_bias"], rgrads, grads):
         assert x.dtype == r.dtype
-        _check(name, r, x, tol_grad)
+        check_rel(name, r, x, tol_grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -138,7 +125,7 @@ def test_single_output_used_and_all_ignored(device):
     x.requires_grad_()
     (g_ent,) = torch.autograd.grad(logprob_entropy_from_logits(x, labels, chunk_size=5)[1].sum(), x)
     (r_ent,) = torch.autograd.grad(logprob_entropy_from_logits_ref(x, labels)[1].sum(), x)
-    _check("entropy-only grad", r_ent, g_ent, 1e-4)
+    check_rel("entropy-only grad", r_ent, g_ent, 1e-4)
     ignored = torch.full_like(labels, -100)
     lp, ent = logprob_entropy_from_logits(x, ignored, chunk_size=5)
     (g,) = torch.autograd.grad(lp.sum() + ent.sum(), x)
@@ -211,15 +198,4 @@ _INTERPRET_SCRIPT = textwrap.dedent(
 def test_triton_kernels_under_interpreter():
     """Runs both Triton kernels on CPU through triton's interpreter, in a subprocess: TRITON_INTERPRET
     is read when ``@triton.jit`` decorates the kernels, i.e. when ``triton_kernels.py`` is imported."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", M1_KERNELS_IMPL="triton")
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore::RuntimeWarning", "-c", _INTERPRET_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    print(proc.stdout, proc.stderr[-3000:])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "TRITON_INTERPRET OK" in proc.stdout
+    run_script_under_interpreter(_INTERPRET_SCRIPT)

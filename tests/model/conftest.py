@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from m1_hybrid import M1HybridConfig
 from m1_hybrid import M1HybridForCausalLM
+from tests.testing import tiny_m1_config
 
 PROMPTS = [
     "What is the sum of the first ten positive integers?",
@@ -37,29 +37,10 @@ def tokenizer(teacher_dir):
     return tok
 
 
-def tiny_config(**overrides) -> M1HybridConfig:
-    """A small hybrid with the M1 GQA repeat (3 C groups per x/B group) and an odd vocabulary."""
-    kw = dict(
-        vocab_size=97,
-        hidden_size=96,
-        intermediate_size=160,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=16,
-        attn_layers=[2],
-        d_state=16,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
-    kw.update(overrides)
-    return M1HybridConfig(**kw)
-
-
 def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> M1HybridForCausalLM:
     """Random tiny hybrid; A_log/dt spread so the states decay at varied rates."""
     torch.manual_seed(seed)
-    model = M1HybridForCausalLM(tiny_config(**overrides)).to(dtype)
+    model = M1HybridForCausalLM(tiny_m1_config(**overrides)).to(dtype)
     with torch.no_grad():
         for layer in model.model.layers:
             if not layer.is_attention:

@@ -57,24 +57,18 @@ def smollm2_dir(num_layers: int):
 def build_tiny(out_dir, seed: int = 0):
     """A random 4-layer M1 hybrid (attention at layer 2, head_dim 64, M1's 3x GQA repeat, untied head,
     ``dt_bias_twice``) whose logits are peaked enough for greedy decoding to be a sharp test."""
-    from m1_hybrid import M1HybridConfig
     from m1_hybrid import M1HybridForCausalLM
+    from tests.testing import tiny_m1_config
 
     src = smollm2_dir(2)
-    cfg = M1HybridConfig(
+    cfg = tiny_m1_config(  # 4 layers, attention at 2, 2 KV heads, d_state 16, rope_theta 1e4, untied head
         vocab_size=49152,
         hidden_size=256,
         intermediate_size=512,
-        num_hidden_layers=4,
         num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=64,
-        attn_layers=[2],
         d_inner=384,
         d_xb=128,
-        d_state=16,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
         dt_bias_twice=True,
         bos_token_id=1,
         eos_token_id=2,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from m1_kernels.selective_scan.naive import check_cu_seqlens
 from m1_kernels.selective_scan.naive import compute_dtype
+from m1_kernels.selective_scan.naive import live_slots
 
 _ACTIVATIONS = {None: lambda t: t, "silu": F.silu, "swish": F.silu}
 
@@ -78,9 +79,7 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation="silu"
     act = activation_fn(activation)
     bsz = x.shape[0]
     ct = compute_dtype(x.dtype)
-    slots = torch.arange(bsz, device=x.device) if state_indices is None else state_indices.long()
-    live = slots != pad_slot_id
-    rows, slots = live.nonzero().squeeze(-1), slots[live]
+    rows, slots = live_slots(state_indices, bsz, pad_slot_id, x.device)
     window = torch.cat([conv_state[slots].to(ct), x[rows].to(ct).unsqueeze(-1)], dim=-1)  # (n, d, K)
     conv_state[slots] = window[..., 1:].to(conv_state.dtype)
     y = (window * weight.to(ct)).sum(-1)

@@ -77,6 +77,87 @@ def _doc_bounds(doc_idx_ptr, cu_ptr, row, offs_t, mask_t, L, IS_VARLEN: tl.const
 
 
 @triton.jit
+def _tile_setup(doc_idx_ptr, cu_ptr, L, d, IS_VARLEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program ids, offsets, masks and per-token document bounds of a (BLOCK_T, BLOCK_D) tile kernel:
+    (pid_t, row, offs_d, offs_t, mask_d, mask_td, doc, start, end)."""
+    pid_d, pid_t, row = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    mask_d, mask_t = offs_d < d, offs_t < L
+    mask_td = mask_t[:, None] & mask_d[None, :]
+    doc, start, end = _doc_bounds(doc_idx_ptr, cu_ptr, row, offs_t, mask_t, L, IS_VARLEN)
+    return pid_t, row, offs_d, offs_t, mask_d, mask_td, doc, start, end
+
+
+@triton.jit
+def _conv_pre(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    init_ptr,
+    row,
+    offs_t,
+    doc,
+    start,
+    offs_d,
+    mask_d,
+    mask_td,
+    s_x_b,
+    s_x_t,
+    s_x_d,
+    s_w_d,
+    s_w_k,
+    s_i_n,
+    s_i_d,
+    s_i_k,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """fp32 pre-activation ``bias + sum_k w_k * x_{t-K+1+k}`` of a (BLOCK_T, BLOCK_D) tile."""
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(K):
+        w = tl.load(w_ptr + offs_d * s_w_d + k * s_w_k, mask=mask_d, other=0.0).to(tl.float32)
+        p = offs_t - (K - 1) + k
+        v = _load_x_tap(
+            x_ptr, init_ptr, row, offs_t, p, doc, start, offs_d, mask_td,
+            s_x_b, s_x_t, s_x_d, s_i_n, s_i_d, s_i_k, K - 1, HAS_INIT,
+        )  # fmt: skip
+        acc += v * w[None, :]
+    return acc
+
+
+@triton.jit
+def _doc_range(cu_ptr, n, L, IS_VARLEN: tl.constexpr):
+    """(start, end, row) of document (or row) ``n`` for the per-document state kernels."""
+    if IS_VARLEN:
+        start = tl.load(cu_ptr + n).to(tl.int64)
+        end = tl.load(cu_ptr + n + 1).to(tl.int64)
+        row = n * 0
+    else:
+        start = n * 0
+        end = n * 0 + L
+        row = n
+    return start, end, row
+
+
+@triton.jit
+def _state_offsets(d, KM1: tl.constexpr, BLOCK_KM1: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(n, offs_d, offs_j, mask_d, mask (BLOCK_KM1, BLOCK_D)) of a per-document state kernel program."""
+    n = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_j = tl.arange(0, BLOCK_KM1).to(tl.int64)
+    mask_d, mask_j = offs_d < d, offs_j < KM1
+    m = mask_j[:, None] & mask_d[None, :]
+    return n, offs_d, offs_j, mask_d, m
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -106,38 +187,13 @@ def _conv_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_d, pid_t, row = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    mask_d, mask_t = offs_d < d, offs_t < L
-    mask_td = mask_t[:, None] & mask_d[None, :]
-    doc, start, end = _doc_bounds(doc_idx_ptr, cu_ptr, row, offs_t, mask_t, L, IS_VARLEN)
-    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-    for k in tl.static_range(K):
-        w = tl.load(w_ptr + offs_d * s_w_d + k * s_w_k, mask=mask_d, other=0.0).to(tl.float32)
-        p = offs_t - (K - 1) + k
-        v = _load_x_tap(
-            x_ptr,
-            init_ptr,
-            row,
-            offs_t,
-            p,
-            doc,
-            start,
-            offs_d,
-            mask_td,
-            s_x_b,
-            s_x_t,
-            s_x_d,
-            s_i_n,
-            s_i_d,
-            s_i_k,
-            K - 1,
-            HAS_INIT,
-        )
-        acc += v * w[None, :]
+    pid_t, row, offs_d, offs_t, mask_d, mask_td, doc, start, end = _tile_setup(
+        doc_idx_ptr, cu_ptr, L, d, IS_VARLEN, BLOCK_T, BLOCK_D
+    )
+    acc = _conv_pre(
+        x_ptr, w_ptr, bias_ptr, init_ptr, row, offs_t, doc, start, offs_d, mask_d, mask_td,
+        s_x_b, s_x_t, s_x_d, s_w_d, s_w_k, s_i_n, s_i_d, s_i_k, K, HAS_BIAS, HAS_INIT, BLOCK_T, BLOCK_D,
+    )  # fmt: skip
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(
@@ -174,21 +230,9 @@ def _conv_state_kernel(
 
     That is x, or the initial state (zero without one) for documents shorter than ``K - 1``.
     """
-    n = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK_KM1).to(tl.int64)
-    mask_d, mask_j = offs_d < d, offs_j < KM1
-    if IS_VARLEN:
-        start = tl.load(cu_ptr + n).to(tl.int64)
-        end = tl.load(cu_ptr + n + 1).to(tl.int64)
-        row = n * 0
-    else:
-        start = n * 0
-        end = n * 0 + L
-        row = n
+    n, offs_d, offs_j, mask_d, m = _state_offsets(d, KM1, BLOCK_KM1, BLOCK_D)
+    start, end, row = _doc_range(cu_ptr, n, L, IS_VARLEN)
     p = end - KM1 + offs_j  # (BLOCK_KM1,) positions of the final state's entries
-    m = mask_j[:, None] & mask_d[None, :]
     in_doc = p >= start
     v = tl.load(
         src_ptr + row * s_s_b + p[:, None] * s_s_t + offs_d[None, :] * s_s_d, mask=m & in_doc[:, None], other=0.0
@@ -231,20 +275,9 @@ def _conv_dinit_kernel(
 
     ``dpre`` is a contiguous fp32 ``(b, L, d)`` buffer.
     """
-    n = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_j = tl.arange(0, BLOCK_KM1).to(tl.int64)
-    mask_d, mask_j = offs_d < d, offs_j < K - 1
-    if IS_VARLEN:
-        start = tl.load(cu_ptr + n).to(tl.int64)
-        end = tl.load(cu_ptr + n + 1).to(tl.int64)
-        base = dpre_ptr
-    else:
-        start = n * 0
-        end = n * 0 + L
-        base = dpre_ptr + n * L * d
-    m = mask_j[:, None] & mask_d[None, :]
+    n, offs_d, offs_j, mask_d, m = _state_offsets(d, K - 1, BLOCK_KM1, BLOCK_D)
+    start, end, row = _doc_range(cu_ptr, n, L, IS_VARLEN)
+    base = dpre_ptr + row * L * d
     acc = tl.zeros([BLOCK_KM1, BLOCK_D], dtype=tl.float32)
     for k in tl.static_range(K - 1):
         # init entry j sits at position start - (K-1) + j; output t = start + j - k uses it through tap k.
@@ -301,41 +334,17 @@ def _conv_bwd_dpre_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """dpre (fp32, contiguous (b, L, d)) and per-tile partials ``dw[tile, k, d]`` (k == K is dbias)."""
-    pid_d, pid_t, row = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    mask_d, mask_t = offs_d < d, offs_t < L
-    mask_td = mask_t[:, None] & mask_d[None, :]
-    doc, start, end = _doc_bounds(doc_idx_ptr, cu_ptr, row, offs_t, mask_t, L, IS_VARLEN)
+    pid_t, row, offs_d, offs_t, mask_d, mask_td, doc, start, end = _tile_setup(
+        doc_idx_ptr, cu_ptr, L, d, IS_VARLEN, BLOCK_T, BLOCK_D
+    )
     g = tl.load(dout_ptr + row * s_g_b + offs_t[:, None] * s_g_t + offs_d[None, :] * s_g_d, mask=mask_td, other=0.0).to(
         tl.float32
     )
     if SILU:
-        pre = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        if HAS_BIAS:
-            pre += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        for k in tl.static_range(K):
-            w = tl.load(w_ptr + offs_d * s_w_d + k * s_w_k, mask=mask_d, other=0.0).to(tl.float32)
-            v = _load_x_tap(
-                x_ptr,
-                init_ptr,
-                row,
-                offs_t,
-                offs_t - (K - 1) + k,
-                doc,
-                start,
-                offs_d,
-                mask_td,
-                s_x_b,
-                s_x_t,
-                s_x_d,
-                s_i_n,
-                s_i_d,
-                s_i_k,
-                K - 1,
-                HAS_INIT,
-            )
-            pre += v * w[None, :]
+        pre = _conv_pre(
+            x_ptr, w_ptr, bias_ptr, init_ptr, row, offs_t, doc, start, offs_d, mask_d, mask_td,
+            s_x_b, s_x_t, s_x_d, s_w_d, s_w_k, s_i_n, s_i_d, s_i_k, K, HAS_BIAS, HAS_INIT, BLOCK_T, BLOCK_D,
+        )  # fmt: skip
         sig = tl.sigmoid(pre)
         g = g * sig * (1.0 + pre * (1.0 - sig))
     g = tl.where(mask_td, g, 0.0)
@@ -390,12 +399,9 @@ def _conv_bwd_dx_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """``dx_p = sum_k w_k * dpre_{p + K-1-k}`` (same document) ``+ dfinal[doc, :, p - end + K-1]``."""
-    pid_d, pid_t, row = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    mask_d, mask_t = offs_d < d, offs_t < L
-    mask_td = mask_t[:, None] & mask_d[None, :]
-    doc, start, end = _doc_bounds(doc_idx_ptr, cu_ptr, row, offs_t, mask_t, L, IS_VARLEN)
+    pid_t, row, offs_d, offs_t, mask_d, mask_td, doc, start, end = _tile_setup(
+        doc_idx_ptr, cu_ptr, L, d, IS_VARLEN, BLOCK_T, BLOCK_D
+    )
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for k in tl.static_range(K):
         w = tl.load(w_ptr + offs_d * s_w_d + k * s_w_k, mask=mask_d, other=0.0).to(tl.float32)

@@ -22,13 +22,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def group_index(d_inner: int, n_c_groups: int, n_b_groups: int, device=None):
-    """Per-channel C-group and B-group indices of the M1 layout (see module docstring)."""
+def check_groups(d_inner: int, n_c_groups: int, n_b_groups: int) -> None:
+    """Raises unless G_B divides G_C and G_C divides d_inner (the M1 group layout)."""
     if d_inner % n_c_groups or n_c_groups % n_b_groups:
         raise ValueError(
             f"d_inner={d_inner} must be a multiple of the C groups ({n_c_groups}) and the C groups "
             f"a multiple of the B groups ({n_b_groups})"
         )
+
+
+def group_index(d_inner: int, n_c_groups: int, n_b_groups: int, device=None):
+    """Per-channel C-group and B-group indices of the M1 layout (see module docstring)."""
+    check_groups(d_inner, n_c_groups, n_b_groups)
     c_idx = torch.arange(d_inner, device=device) // (d_inner // n_c_groups)
     return c_idx, c_idx // (n_c_groups // n_b_groups)
 
@@ -39,6 +44,14 @@ def discretize_dt(dt, dt_bias, dt_softplus: bool, ct: torch.dtype):
     if dt_bias is not None:
         delta = delta + dt_bias.to(ct)
     return F.softplus(delta) if dt_softplus else delta
+
+
+def live_slots(state_indices, batch: int, pad_slot_id: int, device):
+    """``(rows, slots)`` of a decode step: the batch rows whose cache slot is not ``pad_slot_id``, and their slots
+    (row ``i`` uses slot ``state_indices[i]``, or slot ``i`` when ``state_indices`` is None)."""
+    slots = torch.arange(batch, device=device) if state_indices is None else state_indices.long()
+    live = slots != pad_slot_id
+    return live.nonzero().squeeze(-1), slots[live]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
@@ -131,9 +144,7 @@ def selective_state_update_ref(
     bsz, d = x.shape
     ct = compute_dtype(x.dtype)
     c_idx, b_idx = group_index(d, C.shape[1], B.shape[1], x.device)
-    slots = torch.arange(bsz, device=x.device) if state_indices is None else state_indices.long()
-    live = slots != pad_slot_id
-    rows, slots = live.nonzero().squeeze(-1), slots[live]
+    rows, slots = live_slots(state_indices, bsz, pad_slot_id, x.device)
     delta = discretize_dt(dt[rows], dt_bias, dt_softplus, ct)
     xs = x[rows].to(ct)
     h = state[slots].to(ct)

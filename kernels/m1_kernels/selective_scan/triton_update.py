@@ -16,11 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)), linear above 20 like torch.nn.functional.softplus (threshold 20).
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+from m1_kernels.selective_scan.naive import check_groups
+from m1_kernels.selective_scan.triton_scan import _softplus
 
 
 @triton.jit
@@ -169,8 +166,7 @@ def selective_state_update_triton(
             f"shape mismatch: state {tuple(state.shape)}, x {tuple(x.shape)}, A {tuple(A.shape)}, "
             f"B {tuple(B.shape)}, C {tuple(C.shape)}"
         )
-    if d_inner % G_C or G_C % G_B:
-        raise ValueError(f"d_inner={d_inner} must be a multiple of G_C={G_C}, and G_C of G_B={G_B}")
+    check_groups(d_inner, G_C, G_B)
     if state_indices is None and n_slots < bsz:
         raise ValueError(f"without state_indices the cache needs >= {bsz} slots, has {n_slots}")
     # 1-D parameters are read with unit stride (a no-op for the usual contiguous parameters).
