@@ -327,6 +327,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument(
+        "--train",
+        choices=("all", "mamba"),
+        default="all",
+        help="all parameters (M1's end-to-end stage 1) or only the Mamba mixers (MambaInLlama's stepwise phase 1)",
+    )
     p.add_argument("--minutes", type=float, default=4.0, help="training-loop time budget")
     p.add_argument("--max-steps", type=int, default=100_000)
     p.add_argument("--eval-every", type=int, default=100)
@@ -410,8 +416,16 @@ def main(argv=None) -> dict:
                 f"loss {r['loss']}: peak extra {r['peak_extra_mib']} MiB, {r['ms_median']} ms, value {r['value']:.5f}"
             )
 
-    decay = [p for n, p in student.named_parameters() if p.dim() >= 2 and "A_log" not in n]
-    no_decay = [p for n, p in student.named_parameters() if p.dim() < 2 or "A_log" in n]
+    if args.train == "mamba":
+        # MambaInLlama's stepwise first phase: only the new Mamba mixers learn; embeddings, MLPs, norms and the
+        # kept attention layers stay the teacher's, so the early (large) gradients cannot disturb them.
+        for name, param in student.named_parameters():
+            param.requires_grad_(".mamba." in name)
+    params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2 and "A_log" not in n]
+    no_decay = [p for n, p in params if p.dim() < 2 or "A_log" in n]
+    print(f"training {sum(p.numel() for _, p in params) / 1e6:.1f} M of "
+          f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f} M parameters ({args.train})")  # fmt: skip
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
@@ -447,7 +461,7 @@ def main(argv=None) -> dict:
         with autocast():
             out = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"], m1_distill=db)
         out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(cuda)

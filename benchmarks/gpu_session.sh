@@ -63,10 +63,10 @@ PY
     teacher=$(python3 -c "from m1_hybrid.teacher import smollm2_path; print(smollm2_path())" 2>/dev/null | tail -1)
     echo "teacher: $teacher"
     python3 benchmarks/distill_gpu.py --teacher "$teacher" --data-dir .gpu_data --minutes "${DISTILL_MINUTES:-3.5}" \
-      --eval-every 100 --eval-docs 200 --out "$OUT/distill" --save "$HOME/distilled" 2>&1 | quiet > "$OUT/distill.log"
+      --eval-every 100 --eval-docs 200 --out "$OUT/distill" --save "$HOME/distilled" ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
     tail -25 "$OUT/distill.log"
     [ -f "$HOME/distilled/config.json" ] && timeout "${GRPO_TIMEOUT:-240}" python3 benchmarks/grpo_gpu.py \
-      --model "$HOME/distilled" --data .gpu_data/test.jsonl --steps 4 --repeats 2 --out "$OUT/grpo" 2>&1 | quiet > "$OUT/grpo.log"
+      --model "$HOME/distilled" --data .gpu_data/test.jsonl --steps 4 --repeats 2 --out "$OUT/grpo" ${GRPO_ARGS:-} 2>&1 | quiet > "$OUT/grpo.log"
     tail -25 "$OUT/grpo.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

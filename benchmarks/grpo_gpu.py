@@ -122,14 +122,13 @@ def graphs_vs_eager(args) -> dict:
     return out
 
 
-def hf_vs_vllm(trainer, prompt_ids, max_tokens: int, compare: int) -> dict:
+def hf_vs_vllm(trainer, prompt_ids, max_tokens: int, compare: int, dtype: str) -> dict:
     """Greedy vLLM vs HF ``generate`` on the weights just synced from the engine (same stream)."""
     import torch
 
     from verl_m1.inprocess_grpo import HFRollout
 
-    cuda = trainer.device == "cuda"
-    hf = HFRollout(trainer.model_config.hf_config, trainer.device, torch.bfloat16 if cuda else torch.float32)
+    hf = HFRollout(trainer.model_config.hf_config, trainer.device, getattr(torch, dtype))
     hf.sync_weights(trainer.engine.get_per_tensor_param()[0])
     tok = trainer.tokenizer
     # Both stop at EOS (kept as the last token), so a sequence pair is equal only if both stop together.
@@ -147,7 +146,7 @@ def hf_vs_vllm(trainer, prompt_ids, max_tokens: int, compare: int) -> dict:
     return {
         "prompts": len(rows),
         "compared_tokens": compare,
-        "hf_dtype": "bfloat16" if cuda else "float32",
+        "dtype": dtype,
         "identical": sum(r["identical"] for r in rows),
         "first_divergence": [r["first_divergence"] for r in rows],
     }
@@ -184,6 +183,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compare-prompts", type=int, default=8)
     p.add_argument("--compare-tokens", type=int, default=32)
+    p.add_argument(
+        "--rollout-dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="vLLM rollout and HF comparison dtype (auto: bfloat16 on GPU, float32 on CPU); float32 makes (c) exact",
+    )
     p.add_argument("--gpu-mem-util", type=float, default=0.3, help="per vLLM engine (the trainer shares the GPU)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/grpo_gpu")
@@ -235,7 +240,8 @@ def main(argv=None) -> int:
 
     # The trainer first: it creates the process group vLLM then joins (VeRL's colocated layout), and
     # its engine is already resident when vLLM sizes its KV cache from what is left.
-    rollout_kw = dict(vkw, enforce_eager=device != "cuda")
+    dtype = args.rollout_dtype if args.rollout_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    rollout_kw = dict(vkw, enforce_eager=device != "cuda", dtype=dtype)
     trainer = InProcessGRPO(
         model,
         device=device,
@@ -282,9 +288,9 @@ def main(argv=None) -> int:
 
     # (c) greedy vLLM vs HF on the synced weights
     cmp_ids = trainer.prompt_ids([pr.problem for pr in problems[: args.compare_prompts]])
-    match = hf_vs_vllm(trainer, cmp_ids, args.compare_tokens, args.compare_tokens)
+    match = hf_vs_vllm(trainer, cmp_ids, args.compare_tokens, args.compare_tokens, dtype)
     log(
-        f"(c) greedy vLLM vs HF ({match['hf_dtype']}) after sync: {match['identical']}/{match['prompts']} identical "
+        f"(c) greedy vLLM vs HF ({match['dtype']}) after sync: {match['identical']}/{match['prompts']} identical "
         f"over the first {args.compare_tokens} tokens; first divergence per prompt {match['first_divergence']}"
     )
     summary = dict(

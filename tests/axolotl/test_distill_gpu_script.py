@@ -68,3 +68,28 @@ def test_distill_gpu_smoke(tmp_path):
     student = AutoModelForCausalLM.from_pretrained(save, trust_remote_code=True)
     assert type(student).__name__ == "M1HybridForCausalLM" and student.dtype == torch.bfloat16
     assert student.config.attn_layers == [1]
+
+
+def test_distill_gpu_trains_only_mamba_when_asked(tmp_path):
+    """``--train mamba`` (MambaInLlama's stepwise phase 1): every non-Mamba weight stays as converted."""
+    from m1_hybrid import M1HybridForCausalLM
+    from m1_hybrid.convert import convert_checkpoint
+    from m1_hybrid.teacher import smollm2_slice_path
+
+    script = _script()
+    script.prepare_data(tmp_path / "data")
+    converted = M1HybridForCausalLM.from_pretrained(
+        convert_checkpoint(smollm2_slice_path(2), tmp_path / "converted", [1], "fp32")
+    )
+    script.main(
+        ["--device", "cpu", "--teacher-slice", "2", "--data-dir", str(tmp_path / "data"), "--seq-len", "128",
+         "--batch-rows", "2", "--max-steps", "1", "--eval-docs", "1", "--no-memory",
+         "--train", "mamba", "--lr", "0.1", "--warmup", "0",
+         "--out", str(tmp_path / "out"), "--save", str(tmp_path / "student")]
+    )  # fmt: skip
+    trained = M1HybridForCausalLM.from_pretrained(tmp_path / "student", dtype=torch.float32)
+    before, after = converted.state_dict(), trained.state_dict()
+    frozen = [n for n in before if ".mamba." not in n]
+    assert frozen and all(torch.equal(before[n].bfloat16().float(), after[n]) for n in frozen)
+    # ... while the step did update something (the mixers): a non-zero gradient was clipped and applied.
+    assert float(_rows(tmp_path / "out" / "distill_log.csv")[0]["grad_norm"]) > 0
