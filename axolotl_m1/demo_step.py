@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+# No hub, no telemetry: the environment of every framework process we start (the tests extend it).
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",

@@ -16,7 +16,6 @@ Usage::
 """
 
 import argparse
-import csv
 import datetime
 import os
 import statistics
@@ -24,6 +23,7 @@ import sys
 import time
 
 import torch
+from results_io import append_csv
 
 D_INNER, D_STATE, G_C, G_B = 3072, 16, 192, 64
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, achievable order of magnitude
@@ -246,15 +246,7 @@ def main(argv=None):
         bench_size(T, args, (d, N, gc, gb), dtype, device, doc_len, mamba_fn, record)
         torch.cuda.empty_cache()
 
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "selective_scan.csv")
-    new = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {csv_path}")
+    append_csv(rows, args.out, "selective_scan.csv")
     if not args.no_plot:
         plot(rows, os.path.join(args.out, f"selective_scan_{time.strftime('%Y%m%d-%H%M%S')}.png"), gpu)
     return 0 if ok else 2

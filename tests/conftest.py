@@ -10,16 +10,9 @@ import re
 
 import pytest
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "DO_NOT_TRACK": "1",
-    "WANDB_MODE": "disabled",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from axolotl_m1.demo_step import OFFLINE_ENV as FRAMEWORK_OFFLINE_ENV  # light module: os, yaml
+
+OFFLINE_ENV = {**FRAMEWORK_OFFLINE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
 for key, value in OFFLINE_ENV.items():
     os.environ.setdefault(key, value)
 

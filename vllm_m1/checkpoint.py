@@ -10,6 +10,8 @@ from __future__ import annotations
 import glob
 import os
 
+from m1_hybrid.import_m1 import RELEASED_MAMBA_KEYS
+
 
 def expected_keys(config) -> set[str]:
     """Checkpoint tensor names an ``M1HybridForCausalLM`` with ``config`` must have."""
@@ -23,15 +25,7 @@ def expected_keys(config) -> set[str]:
         if getattr(config, "mlp_bias", False):
             keys |= {f"{p}.mlp.{n}_proj.bias" for n in ("gate", "up", "down")}
         if kind == "mamba":
-            names = [
-                "in_proj.weight",
-                "dt_proj.weight",
-                "dt_proj.bias",
-                "conv1d.weight",
-                "A_log",
-                "D",
-                "out_proj.weight",
-            ]
+            names = list(RELEASED_MAMBA_KEYS)
             if getattr(config, "conv_bias", True):
                 names.append("conv1d.bias")
             if getattr(config, "mamba_in_proj_bias", False):

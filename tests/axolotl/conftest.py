@@ -8,22 +8,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "DO_NOT_TRACK": "1",
-    "WANDB_MODE": "disabled",
-}
-for _k, _v in OFFLINE_ENV.items():
-    os.environ.setdefault(_k, _v)
+from tests.conftest import OFFLINE_ENV  # applied to os.environ there
 
 pytest.importorskip("axolotl", reason="axolotl is not installed (pip install -e .[axolotl])")
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "axolotl"
 SEQ_LEN = 128
+
+
+def chat_datasets(path) -> list[dict]:
+    """Axolotl ``datasets:`` for the tiny MATH chats at ``path`` (assistant turns trained, eos included)."""
+    return [
+        dict(
+            path=str(path),
+            ds_type="json",
+            type="chat_template",
+            field_messages="messages",
+            roles_to_train=["assistant"],
+            train_on_eos="turn",
+        )
+    ]
 
 
 def tiny_yaml(path: Path, example: str, **overrides) -> Path:
@@ -75,16 +80,7 @@ def axolotl_setup(tmp_path_factory, teacher_dir, tiny_data):
         base_model=str(teacher_dir),
         m1_teacher_model=str(teacher_dir),
         m1_student_init_dir=str(root / "student_init"),
-        datasets=[
-            dict(
-                path=str(tiny_data),
-                ds_type="json",
-                type="chat_template",
-                field_messages="messages",
-                roles_to_train=["assistant"],
-                train_on_eos="turn",
-            )
-        ],
+        datasets=chat_datasets(tiny_data),
         dataset_prepared_path=str(root / "prepared"),
         output_dir=str(root / "out"),
     )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from .conftest import axolotl_env
+from .conftest import chat_datasets
 from .conftest import tiny_yaml
 
 pytestmark = pytest.mark.slow
@@ -30,19 +31,6 @@ def history(ckpt: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
-def _dataset(path):
-    return [
-        dict(
-            path=str(path),
-            ds_type="json",
-            type="chat_template",
-            field_messages="messages",
-            roles_to_train=["assistant"],
-            train_on_eos="turn",
-        )
-    ]
-
-
 @pytest.fixture(scope="module")
 def distill_run(tmp_path_factory, teacher_dir, tiny_data):
     root = tmp_path_factory.mktemp("e2e")
@@ -50,7 +38,7 @@ def distill_run(tmp_path_factory, teacher_dir, tiny_data):
         base_model=str(teacher_dir),
         m1_teacher_model=str(teacher_dir),
         m1_student_init_dir=str(root / "student_init"),
-        datasets=_dataset(tiny_data),
+        datasets=chat_datasets(tiny_data),
         dataset_prepared_path=str(root / "prepared"),
         max_steps=STEPS,
         save_steps=SAVE,
