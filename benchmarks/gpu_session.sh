@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The single-GPU runs of the training stages (issues #6 and #7), as three calls to one warm machine:
+# The single-GPU runs of the training stages (issues #6 and #7), as four calls to one warm machine:
 #
 #   smoke  carry .gpu .gpu_tok .gpu_verl   install vLLM + VeRL wheels; GPU smoke of distill_gpu.py and
 #                                          grpo_gpu.py on tiny random models (catch bugs before the real run)
-#   stash  carry .gpu_teacher_a            keep the first part of the teacher GGUF; time the scan kernels
+#   stash  carry .gpu_teacher_a            keep the first part of the teacher GGUF
 #   final  carry .gpu_teacher_b .gpu_data  join the teacher; distil SmolLM2-135M into a 25%-attention
-#                                          hybrid (distill_gpu.py), then GRPO it with vLLM rollouts (grpo_gpu.py)
+#                                          hybrid (distill_gpu.py; DISTILL_ARGS adds e.g. --align-minutes)
+#   grpo   carry .gpu_data                 GRPO the distilled hybrid with vLLM rollouts (grpo_gpu.py; GRPO_ARGS)
 #
 # The calls must follow each other within the machine's idle window (files live only while it is
 # warm). Results (CSV, PNG, JSON, logs) are written under $HOME and packed into $OUT/results_<stage>.tgz
 # (a call returns at most 8 files).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh smoke|stash|final}
+stage=${1:?usage: gpu_session.sh smoke|stash|final|grpo}
 DEST=${OUT:-runs/gpu_session}
 OUT=$HOME/gpu_session/$stage
 mkdir -p "$OUT" "$DEST"
@@ -48,14 +49,11 @@ for name in ("train.jsonl", "test.jsonl"):
     (d / name).write_text("".join(json.dumps({"problem": p, "solution": s, "answer": a}) + "\n" for p, s, a in rows * 8))
 PY
     [ -n "${SKIP_DISTILL_SMOKE:-}" ] || timeout 150 python3 benchmarks/distill_gpu.py --teacher /tmp/llama_tiny --data-dir /tmp/tiny_data --seq-len 256 \
-      --batch-rows 2 --max-steps 3 --eval-docs 4 --out "$OUT/distill_smoke" --save /tmp/student_tiny 2>&1 | quiet | tail -25
-    timeout 330 python3 benchmarks/grpo_gpu.py --model /tmp/m1_tiny --data /tmp/tiny_data/test.jsonl --steps 2 \
+      --batch-rows 2 --max-steps 3 --align-minutes 0.05 --eval-docs 4 --out "$OUT/distill_smoke" --save /tmp/student_tiny 2>&1 | quiet | tail -25
+    [ -n "${SKIP_GRPO_SMOKE:-}" ] || timeout 330 python3 benchmarks/grpo_gpu.py --model /tmp/m1_tiny --data /tmp/tiny_data/test.jsonl --steps 2 \
       --prompts-per-step 4 --n 4 --max-tokens 64 --bench-prompts 32 --repeats 1 --out "$OUT/grpo_smoke" 2>&1 | quiet | tail -30 ;;
   stash)
-    bash benchmarks/gpu_teacher.sh stash
-    export PYTHONPATH="$PWD:$PWD/kernels"
-    timeout "${SCAN_TIMEOUT:-300}" python3 benchmarks/bench_selective_scan.py --tiled-configs --no-plot \
-      --ref-max-tokens 0 --out "$OUT" 2>&1 | quiet | tail -60 ;;
+    bash benchmarks/gpu_teacher.sh stash ;;
   final)
     tp=$(bash benchmarks/gpu_teacher.sh assemble) || exit 3
     vllm_env "$HOME/none"
@@ -64,9 +62,12 @@ PY
     echo "teacher: $teacher"
     python3 benchmarks/distill_gpu.py --teacher "$teacher" --data-dir .gpu_data --minutes "${DISTILL_MINUTES:-3.5}" \
       --eval-every 100 --eval-docs 200 --out "$OUT/distill" --save "$HOME/distilled" ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
-    tail -25 "$OUT/distill.log"
-    [ -f "$HOME/distilled/config.json" ] && timeout "${GRPO_TIMEOUT:-240}" python3 benchmarks/grpo_gpu.py \
-      --model "$HOME/distilled" --data .gpu_data/test.jsonl --steps 4 --repeats 2 --out "$OUT/grpo" ${GRPO_ARGS:-} 2>&1 | quiet > "$OUT/grpo.log"
+    tail -25 "$OUT/distill.log" ;;
+  grpo)
+    vllm_env "$HOME/none"
+    [ -f "$HOME/distilled/config.json" ] || { echo "no distilled model: run the final stage first" >&2; exit 3; }
+    timeout "${GRPO_TIMEOUT:-420}" python3 benchmarks/grpo_gpu.py --model "$HOME/distilled" --steps 4 --repeats 2 \
+      --out "$OUT/grpo" ${GRPO_ARGS:-} 2>&1 | quiet > "$OUT/grpo.log"
     tail -25 "$OUT/grpo.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

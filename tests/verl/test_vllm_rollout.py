@@ -104,3 +104,18 @@ def test_grpo_gpu_script_on_cpu(tmp_path, m1_ckpt):
     assert summary["throughput"].startswith("skipped")
     assert summary["hf_vs_vllm_greedy"]["identical"] == 1  # fp32 on both sides
     assert (tmp_path / "out" / "grpo_log.csv").exists()
+
+
+def test_grpo_gpu_arithmetic_problems_are_right_and_seeded():
+    """``--data arithmetic``: easy problems whose gold answers are what the expression evaluates to."""
+    sys.path.insert(0, "benchmarks")
+    try:
+        import grpo_gpu
+    finally:
+        sys.path.remove("benchmarks")
+    probs = grpo_gpu.arithmetic_problems(64)
+    assert [p.problem for p in probs] == [p.problem for p in grpo_gpu.arithmetic_problems(64)]
+    for p in probs:
+        expr = p.problem.removeprefix("What is ").removesuffix("?")
+        assert str(eval(expr)) == p.answer  # noqa: S307 - our own generated "a op b"
+    assert {p.problem.split()[3] for p in probs} == {"+", "-", "*"}

@@ -1,0 +1,120 @@
+"""Layer-wise alignment: train each converted Mamba mixer to reproduce the attention it replaced.
+
+Before end-to-end distillation, every Mamba mixer of a freshly converted student can learn, on its
+own, to map the teacher's input of that layer to the teacher's attention output (MOHAWK's
+"hidden-state alignment", Bick et al. 2024, arXiv 2408.10189). The targets come from one teacher
+forward pass, and the layers do not feed each other (each mixer sees the teacher's input, not the
+previous student layer's output), so all of them train in parallel from a single backward and the
+gradients are local: no signal has to travel through 30 layers and the lm_head. End-to-end
+reverse-KL distillation then starts from mixers that already approximate their attention.
+
+The loss of layer ``i`` is the relative squared error over the real tokens::
+
+    rel_i = sum_t ||mamba_i(u_t) - attn_i(u_t)||^2 / sum_t ||attn_i(u_t)||^2
+
+with ``u`` the teacher's input of layer ``i`` after its ``input_layernorm``. Relative, so layers
+whose attention output is large do not dominate; the training loss is the mean over layers.
+
+Example::
+
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from m1_hybrid.convert import convert_model
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> teacher = LlamaForCausalLM(cfg).eval()
+    >>> student = convert_model(teacher, attn_layers=[1], d_state=4)
+    >>> align = AttentionAlignment(teacher, student)
+    >>> out = align(torch.randint(0, 64, (2, 8)), torch.arange(8).repeat(2, 1))
+    >>> out.layers, tuple(out.per_layer.shape), bool(out.loss > 0)
+    ([0], (1,), True)
+    >>> align.remove()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import is_packed
+from .packing import packed_layout
+
+
+@dataclass
+class AlignmentOutput:
+    """``loss``: mean relative error over the aligned layers (differentiable); ``per_layer`` (detached)."""
+
+    loss: torch.Tensor
+    per_layer: torch.Tensor
+    layers: list[int]
+
+
+class AttentionAlignment:
+    """Captures the teacher's per-layer attention inputs/outputs and scores the student's mixers on them.
+
+    ``teacher``: the Llama/Qwen2 model the student was converted from (frozen); ``student``: an
+    ``M1HybridForCausalLM`` with the same layer count. Only the student's Mamba layers are aligned
+    (its attention layers are the teacher's own). Call :meth:`remove` to detach the hooks.
+    """
+
+    def __init__(self, teacher, student):
+        t_layers = getattr(teacher, teacher.base_model_prefix).layers
+        s_layers = student.model.layers
+        if len(t_layers) != len(s_layers):
+            raise ValueError(
+                f"teacher has {len(t_layers)} layers, student {len(s_layers)}: align a student converted from "
+                "this teacher (m1_hybrid.convert.convert_model)"
+            )
+        self.teacher, self.student = teacher, student
+        self.layers = [i for i, layer in enumerate(s_layers) if not layer.is_attention]
+        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks = [
+            t_layers[i].self_attn.register_forward_hook(self._capture(i), with_kwargs=True) for i in self.layers
+        ]
+
+    def _capture(self, index: int):
+        def hook(module, args, kwargs, output):
+            inputs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            attn_out = output[0] if isinstance(output, tuple) else output
+            self._captured[index] = (inputs.detach(), attn_out.detach())
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __call__(self, input_ids, position_ids=None, token_mask=None) -> AlignmentOutput:
+        """Teacher forward (no grad), then every aligned mixer on its captured input.
+
+        ``position_ids`` restarting at 0 mark packed documents (the mixers then reset their SSM and
+        conv state there, as the teacher's attention does); ``token_mask (b, L)`` (True = counted)
+        drops padding from the sums.
+        """
+        self._captured.clear()
+        base = getattr(self.teacher, self.teacher.base_model_prefix)
+        with torch.no_grad():
+            base(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        b, L = input_ids.shape
+        cu = packed_layout(position_ids, None, (b, L)).cu_seqlens if is_packed(position_ids, None) else None
+        weight = None if token_mask is None else token_mask.unsqueeze(-1)
+        losses = []
+        for i in self.layers:
+            u, target = self._captured[i]
+            mixer = self.student.model.layers[i].mamba
+            u = u.to(mixer.in_proj.weight.dtype)
+            if cu is not None:  # packed rows become one row of documents, as in M1DecoderLayer
+                pred = mixer(u.reshape(1, b * L, -1), cu_seqlens=cu).view(b, L, -1)
+            else:
+                pred = mixer(u)
+            acc = torch.promote_types(pred.dtype, torch.float32)  # bf16 outputs are compared in fp32
+            err = (pred.to(acc) - target.to(acc)).square()
+            ref = target.to(acc).square()
+            if weight is not None:
+                err, ref = err * weight.to(acc), ref * weight.to(acc)
+            losses.append(err.sum() / ref.sum().clamp_min(1e-12))
+        self._captured.clear()
+        per_layer = torch.stack(losses)
+        return AlignmentOutput(per_layer.mean(), per_layer.detach(), list(self.layers))

@@ -1,0 +1,105 @@
+"""Layer-wise alignment (``m1_hybrid.alignment``): the loss is what it says, packs documents without
+leaking state, trains only the Mamba mixers, and training lowers it."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers import LlamaForCausalLM
+
+from m1_hybrid.alignment import AttentionAlignment
+from m1_hybrid.convert import convert_model
+
+
+def _pair(layers=3, attn=(1,)):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=6,
+        num_key_value_heads=2, attn_implementation="eager",
+    )  # fmt: skip
+    teacher = LlamaForCausalLM(cfg).eval().double()
+    student = convert_model(teacher, attn_layers=list(attn), d_state=4).double()
+    return teacher, student
+
+
+def test_loss_is_the_relative_error_of_each_mixer_on_the_teachers_inputs():
+    teacher, student = _pair()
+    align = AttentionAlignment(teacher, student)
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    out = align(ids, token_mask=mask)
+    assert out.layers == [0, 2]
+
+    # By hand: run the teacher layer by layer, keep the normed input and the attention output.
+    captured = {}
+    hooks = [
+        teacher.model.layers[i].self_attn.register_forward_hook(
+            lambda m, a, kw, o, i=i: captured.__setitem__(i, (kw["hidden_states"], o[0])), with_kwargs=True
+        )
+        for i in out.layers
+    ]
+    with torch.no_grad():
+        teacher.model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    w = mask.double().unsqueeze(-1)
+    expected = []
+    for i in out.layers:
+        u, target = captured[i]
+        pred = student.model.layers[i].mamba(u)
+        expected.append(((pred - target).square() * w).sum() / (target.square() * w).sum())
+    torch.testing.assert_close(out.per_layer, torch.stack(expected).detach())
+    torch.testing.assert_close(out.loss, torch.stack(expected).mean())
+    align.remove()
+    assert not teacher.model.layers[0].self_attn._forward_hooks
+
+
+def test_packed_rows_equal_documents_one_by_one():
+    """Two documents packed in one row (positions restart) score as the two documents alone."""
+    teacher, student = _pair()
+    align = AttentionAlignment(teacher, student)
+    a, b = torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 7))
+    packed = align(torch.cat([a, b], 1), torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0))
+
+    def sums(ids):  # numerator and denominator of each layer's relative error for one document
+        out = align(ids)
+        captured = {}
+        hooks = [
+            teacher.model.layers[i].self_attn.register_forward_hook(
+                lambda m, a_, kw, o, i=i: captured.__setitem__(i, o[0].square().sum()), with_kwargs=True
+            )
+            for i in out.layers
+        ]
+        with torch.no_grad():
+            teacher.model(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        den = torch.stack([captured[i] for i in out.layers])
+        return out.per_layer * den, den
+
+    (na, da), (nb, db) = sums(a), sums(b)
+    torch.testing.assert_close(packed.per_layer, (na + nb) / (da + db))
+
+
+def test_gradients_reach_only_the_mamba_mixers_and_training_lowers_the_loss():
+    teacher, student = _pair()
+    align = AttentionAlignment(teacher, student)
+    ids = torch.randint(0, 97, (4, 16))
+    opt = torch.optim.Adam([p for n, p in student.named_parameters() if ".mamba." in n], lr=3e-3)
+    first = align(ids)
+    first.loss.backward()
+    touched = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched and all(".mamba." in n for n in touched)
+    assert all(p.grad is None for p in teacher.parameters())
+    for _ in range(30):
+        opt.zero_grad()
+        align(ids).loss.backward()
+        opt.step()
+    assert float(align(ids).loss) < 0.5 * float(first.loss)
+
+
+def test_refuses_a_student_of_another_teacher():
+    teacher, _ = _pair(layers=3)
+    _, other = _pair(layers=2, attn=(0,))
+    with pytest.raises(ValueError, match="teacher has 3 layers, student 2"):
+        AttentionAlignment(teacher, other)
