@@ -6,16 +6,23 @@ forward and forward+backward median time (``triton.testing.do_bench``, quantiles
 peak extra memory. mamba-ssm's ``selective_scan_fn`` has no varlen: it runs the padded equivalent
 (rows of ``--doc-len``) with B and C repeated to G_C groups in its ``(b, G, N, L)`` layout.
 
-Before timing, the Triton op is checked against the reference on the GPU and the result printed.
+The Triton op is timed in one or more variants (``--variants``): a label, optionally with settings of
+``triton_scan``'s module constants, ``LABEL[:NAME=INT[,NAME=INT...]]``. The label is the row's ``provider``.
+By default: ``triton`` (the defaults: chunk-parallel backward) and ``triton_seq_bwd`` (the sequential backward).
+
+Before timing, each variant is checked against the reference on the GPU and the result printed.
 Rows are appended to ``<out>/selective_scan.csv`` and a PNG plot is written next to it.
 
 Usage::
 
     python benchmarks/bench_selective_scan.py                 # 8192 and 32768 tokens
     python benchmarks/bench_selective_scan.py --smoke         # tiny shapes, a few seconds
+    python benchmarks/bench_selective_scan.py --variants triton triton_seq_bwd:CHUNK_PARALLEL_BWD=0 \\
+        st3:BWD_LOOP_STAGES=3,BWD_PROGRAMS_PER_SM=4 walk:BWD_LOCAL_TILE_T=1    # a sweep
 """
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -27,6 +34,7 @@ from results_io import append_csv
 
 D_INNER, D_STATE, G_C, G_B = 3072, 16, 192, 64
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, achievable order of magnitude
+DEFAULT_VARIANTS = ["triton", "triton_seq_bwd:CHUNK_PARALLEL_BWD=0"]
 
 
 def parse_args(argv=None):
@@ -39,7 +47,49 @@ def parse_args(argv=None):
     p.add_argument("--ref-max-tokens", type=int, default=8192, help="largest size for the PyTorch reference")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (d_inner 96), quick")
     p.add_argument("--no-plot", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=DEFAULT_VARIANTS,
+        help="Triton variants: LABEL[:NAME=INT,...] setting triton_scan constants (default: %(default)s)",
+    )
+    args = p.parse_args(argv)
+    try:
+        args.variants = [parse_variant(v) for v in args.variants]
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+def parse_variant(spec):
+    """``LABEL[:NAME=INT[,NAME=INT...]]`` -> ``(label, {NAME: int})``."""
+    label, _, settings = spec.partition(":")
+    values = {}
+    for item in filter(None, settings.split(",")):
+        name, _, value = item.partition("=")
+        values[name] = int(value)  # ValueError on a malformed setting
+    if not label:
+        raise ValueError(f"variant {spec!r} has no label")
+    return label, values
+
+
+@contextlib.contextmanager
+def variant_settings(values):
+    """Set triton_scan module constants for the duration of the block (the op reads them at each call)."""
+    import importlib
+
+    scan = importlib.import_module("m1_kernels.selective_scan.triton_scan")
+    unknown = [name for name in values if not name.isupper() or not hasattr(scan, name)]
+    if unknown:
+        raise SystemExit(f"--variants: {unknown} are not module constants of triton_scan")
+    saved = {name: getattr(scan, name) for name in values}
+    for name, value in values.items():
+        setattr(scan, name, type(saved[name])(value))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(scan, name, value)
 
 
 def make_inputs(T, doc_len, d, N, gc, gb, dtype, device):
@@ -71,7 +121,7 @@ def hbm_bytes(T, d, N, gc, gb, elt):
     return fwd, fwd + bwd
 
 
-def correctness_check(device, dtype, d=D_INNER, N=D_STATE, gc=G_C, gb=G_B):
+def correctness_check(device, dtype, d=D_INNER, N=D_STATE, gc=G_C, gb=G_B, label="triton"):
     """Triton vs reference on the GPU (packed, initial states, all gradients); prints relative errors."""
     from m1_kernels.selective_scan.naive import selective_scan_ref
     from m1_kernels.selective_scan.triton_scan import selective_scan_triton
@@ -101,7 +151,7 @@ def correctness_check(device, dtype, d=D_INNER, N=D_STATE, gc=G_C, gb=G_B):
         msg.append(f"{name} {err:.1e}")
     tol = 2e-5 if dtype == torch.float32 else 1e-2
     status = "OK" if worst < tol else "FAILED"
-    print(f"correctness (triton vs reference, {dtype}, packed {lengths}): {status}; rel err " + ", ".join(msg))
+    print(f"correctness ({label} vs reference, {dtype}, packed {lengths}): {status}; rel err " + ", ".join(msg))
     return status == "OK"
 
 
@@ -167,11 +217,14 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
     record("hbm_floor", "fwd+bwd", T, (full_floor / HBM_BYTES_PER_S * 1e3,) * 3, None, f"{full_floor / 1e9:.2f} GB")
 
     grads = [fused, *params]
-    with torch.no_grad():
-        ms, peak = bench(lambda: call(selective_scan_triton))
-    record("triton", "fwd", T, ms, peak)
-    ms, peak = bench(lambda: call(selective_scan_triton).backward(dy), grad_to_none=grads)
-    record("triton", "fwd+bwd", T, ms, peak)
+    for label, values in args.variants:
+        with variant_settings(values):
+            with torch.no_grad():
+                ms, peak = bench(lambda: call(selective_scan_triton))
+            note = ",".join(f"{k}={v}" for k, v in values.items())
+            record(label, "fwd", T, ms, peak, note)
+            ms, peak = bench(lambda: call(selective_scan_triton).backward(dy), grad_to_none=grads)
+            record(label, "fwd+bwd", T, ms, peak, note)
 
     if T <= args.ref_max_tokens:
         try:
@@ -228,7 +281,10 @@ def main(argv=None):
     doc_len = 128 if args.smoke else args.doc_len
     gpu = torch.cuda.get_device_name()
     print(f"Machine: {gpu} | torch {torch.__version__} | triton {triton.__version__} | dtype {args.dtype}")
-    ok = correctness_check(device, dtype, d, N, gc, gb)
+    ok = True
+    for label, values in args.variants:
+        with variant_settings(values):
+            ok &= correctness_check(device, dtype, d, N, gc, gb, label)
     mamba_fn = import_mamba_selective_scan_fn()
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []

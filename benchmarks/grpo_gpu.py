@@ -54,17 +54,21 @@ def build_model(args) -> str:
     return out
 
 
+ARITHMETIC_EXAMPLE = "Example: What is 2 + 3? Answer: 2 + 3 = 5, so the answer is \\boxed{5}."
+
+
 def arithmetic_problems(count: int, seed: int = 0):
-    """``count`` two-operand integer problems (``+``, ``-``, ``*`` on 1..12) with their answers.
+    """``count`` two-operand integer problems (``+``, ``-``, ``*`` on 1..12), each after one worked example.
 
     A model of SmolLM2's size solves almost nothing in MATH, so every GRPO group gets reward 0, every
-    advantage is 0 and the run learns nothing. These problems are easy enough that some of the ``n``
-    rollouts of a prompt are right and some wrong: the group-normalised advantages are non-zero
-    and the reward curve can move within a few steps.
+    advantage is 0 and the run learns nothing. Even bare ``What is 7 * 7?`` gets 0/96 from
+    SmolLM2-135M-Instruct at temperature 0.7 (it rarely writes ``\\boxed{}``); with the worked example
+    it gets 8/96. Some of the ``n`` rollouts of a prompt are then right and some wrong, so the
+    group-normalised advantages are non-zero and the reward curve can move within a few steps.
 
     Example::
 
-        >>> [(p.problem, p.answer) for p in arithmetic_problems(2)]
+        >>> [(p.problem.splitlines()[-1], p.answer) for p in arithmetic_problems(2)]
         [('What is 7 * 7?', '49'), ('What is 5 + 9?', '14')]
     """
     import random
@@ -76,7 +80,8 @@ def arithmetic_problems(count: int, seed: int = 0):
     out = []
     for i in range(count):
         a, b, op = rng.randint(1, 12), rng.randint(1, 12), rng.choice(sorted(ops))
-        out.append(Problem("arithmetic", str(i), f"What is {a} {op} {b}?", str(ops[op](a, b))))
+        question = f"{ARITHMETIC_EXAMPLE}\n\nWhat is {a} {op} {b}?"
+        out.append(Problem("arithmetic", str(i), question, str(ops[op](a, b))))
     return out
 
 
@@ -207,6 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=8, help="rollouts per prompt (the GRPO group)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--entropy-coeff", type=float, default=0.001)
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--micro-batch-size", type=int, default=16)
     p.add_argument("--bench-prompts", type=int, default=64, help="batch for the CUDA-graph on/off comparison")
@@ -280,11 +286,12 @@ def main(argv=None) -> int:
         lr=args.lr,
         entropy_coeff=args.entropy_coeff,
         micro_batch_size=args.micro_batch_size,
+        temperature=args.temperature,
     )
     log(f"trainer + vLLM rollout up ({trainer.rollout_backend.startup_s:.1f} s vLLM startup)")
 
     # (b) GRPO steps
-    rows = []
+    rows, samples = [], []
     for step in range(args.steps):
         lo = step * args.prompts_per_step % max(len(problems) - args.prompts_per_step, 1)
         batch = problems[lo : lo + args.prompts_per_step]
@@ -306,6 +313,11 @@ def main(argv=None) -> int:
             update_s=res["update_s"],
         )
         rows.append(row)
+        samples += [
+            {"step": step + 1, "answer": batch[i // args.n].answer, "reward": r, "text": t}
+            for i, (r, t) in enumerate(zip(res["rewards"], res["texts"], strict=True))
+            if i % args.n == 0  # the first rollout of every prompt
+        ]
         log(
             f"(b) step {row['step']}/{args.steps}: reward {row['reward_mean']:.3f} entropy {row['entropy']:.3f} "
             f"pg_loss {row['pg_loss']:.4f}; gen {row['gen_s']:.1f} s ({row['rollout_tok_s']:.0f} tok/s), "
@@ -315,6 +327,8 @@ def main(argv=None) -> int:
         [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows], args.out, "grpo_log.csv"
     )
     plot_reward(rows, os.path.join(args.out, "grpo_reward.png"))
+    with open(os.path.join(args.out, "grpo_samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
 
     # (c) greedy vLLM vs HF on the synced weights
     cmp_ids = trainer.prompt_ids([pr.problem for pr in problems[: args.compare_prompts]])

@@ -9,6 +9,7 @@
 #   verl 0.9.1, tensordict (imported by verl.protocol), omegaconf + antlr4 (verl configs), codetiming
 #   (verl.utils.profiler), datasets + dill + multiprocess (verl.utils.dataset.rl_dataset is imported by the
 #   FSDP engine), orjson (tensordict on Python < 3.13).
+# The reward (m1_eval's grader) needs math-verify + latex2sympy2_extended (sympy comes with torch).
 # Not needed: hydra-core (only verl.trainer.main_ppo), zstandard (torch probes it optionally), and Ray:
 # verl_m1.ray_absent registers a placeholder when Ray is missing (its wheel is ~70 MB).
 # tensordict 0.8.3 = the version tested on CPU; its _C extension links only libstdc++ (no libtorch), so it
@@ -23,7 +24,8 @@ mkdir -p "$DEST"
 "$PY" -m pip download -d "$DEST" --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   verl==0.9.1 tensordict==0.8.3 omegaconf==2.3.1 codetiming==1.4.0 \
-  datasets==4.8.4 dill==0.4.1 multiprocess==0.70.19 orjson==3.13.0
+  datasets==4.8.4 dill==0.4.1 multiprocess==0.70.19 orjson==3.13.0 \
+  math-verify==0.9.0 latex2sympy2_extended==1.11.0
 # omegaconf 2.3 pins antlr4-python3-runtime 4.9.*, published as an sdist only: build its (pure-Python,
 # py3-none-any) wheel here.
 "$PY" -m pip wheel -w "$DEST" --no-deps antlr4-python3-runtime==4.9.3

@@ -352,6 +352,7 @@ class InProcessGRPO:
         return {
             "reward_mean": float(np.mean(rewards)),
             "rewards": rewards,
+            "texts": texts,
             "response_tokens": int(mask.sum()),
             "rollout_s": t_rollout,
             "rollout_tok_s": self.last_rollout["tok_s"],

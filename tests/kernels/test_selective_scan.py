@@ -263,6 +263,8 @@ def _compare(ref, got, dtype):
         pytest.param(torch.bfloat16, 1, 40, 32, 16, 2, 1, [1, 17, 22], id="bf16-packed-T40-d32-docs3"),
         # 8 channels per C group: a program covers two C groups (per-channel B/C gather, in-program group sums).
         pytest.param(torch.float32, 1, 30, 32, 16, 4, 2, [13, 17], id="fp32-packed-T30-d32-GC4-GB2-cpc8"),
+        # Documents over many 16-token chunks, one of exactly 4 chunks, next to empty and 1-token ones.
+        pytest.param(torch.float32, 1, 200, 32, 16, 2, 1, [1, 70, 0, 64, 1, 64], id="fp32-packed-T200-docs6"),
     ],
 )
 def test_triton_matches_reference(triton_scan, device, dtype, b, L, d, N, G_C, G_B, lengths):
@@ -284,6 +286,30 @@ def test_triton_forward_paths(triton_scan, monkeypatch, device, fwd):
     ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
     got = run_and_grad(triton_scan.selective_scan_triton, leaves(inputs), cu)
     _compare(ref, got, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize(
+    "bwd, local_tile, b, L, lengths",
+    [
+        pytest.param("chunk_parallel", 16, 1, 224, [1, 150, 0, 70, 3], id="chunk_parallel-packed-T224"),
+        pytest.param("chunk_parallel", 1, 2, 100, None, id="chunk_parallel-walk-padded-b2-T100"),
+        pytest.param("sequential", 16, 1, 224, [1, 150, 0, 70, 3], id="sequential-packed-T224"),
+    ],
+)
+def test_triton_backward_paths(triton_scan, monkeypatch, device, bwd, local_tile, b, L, lengths):
+    """Both backward paths at the real CHUNK = 64, over documents / rows of several chunks. The chunk-parallel one
+    with a single slot lane per channel block (each pass-3 program then takes every chunk, in slot order) and its
+    pass 1 in 16-token tiles (4 per chunk) or token by token."""
+    monkeypatch.setattr(triton_scan, "CHUNK", 64)
+    monkeypatch.setattr(triton_scan, "CHUNK_PARALLEL_BWD", bwd == "chunk_parallel")
+    monkeypatch.setattr(triton_scan, "BWD_PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(triton_scan, "BWD_LOCAL_TILE_T", local_tile)
+    cu = random_cu_seqlens(lengths, device) if lengths else None
+    inputs = make_inputs(b, L, 32, 16, 2, 1, torch.float32, device, n_states=len(lengths) if lengths else b)
+    ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
+    got = run_and_grad(triton_scan.selective_scan_triton, leaves(inputs), cu)
+    _compare(ref, got, torch.float32)
 
 
 @pytest.mark.parametrize("device", _triton_devices())

@@ -104,6 +104,8 @@ def test_grpo_gpu_script_on_cpu(tmp_path, m1_ckpt):
     assert summary["throughput"].startswith("skipped")
     assert summary["hf_vs_vllm_greedy"]["identical"] == 1  # fp32 on both sides
     assert (tmp_path / "out" / "grpo_log.csv").exists()
+    samples = [json.loads(line) for line in (tmp_path / "out" / "grpo_samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["answer"]) for s in samples] == [(1, "5")] and samples[0]["reward"] in (0.0, 1.0)
 
 
 def test_grpo_gpu_arithmetic_problems_are_right_and_seeded():
@@ -116,6 +118,7 @@ def test_grpo_gpu_arithmetic_problems_are_right_and_seeded():
     probs = grpo_gpu.arithmetic_problems(64)
     assert [p.problem for p in probs] == [p.problem for p in grpo_gpu.arithmetic_problems(64)]
     for p in probs:
-        expr = p.problem.removeprefix("What is ").removesuffix("?")
+        assert p.problem.startswith(grpo_gpu.ARITHMETIC_EXAMPLE)
+        expr = p.problem.splitlines()[-1].removeprefix("What is ").removesuffix("?")
         assert str(eval(expr)) == p.answer  # noqa: S307 - our own generated "a op b"
-    assert {p.problem.split()[3] for p in probs} == {"+", "-", "*"}
+    assert {p.problem.split()[-2] for p in probs} == {"+", "-", "*"}
