@@ -8,7 +8,8 @@ peak extra memory. mamba-ssm's ``selective_scan_fn`` has no varlen: it runs the 
 
 The Triton op is timed in one or more variants (``--variants``): a label, optionally with settings of
 ``triton_scan``'s module constants, ``LABEL[:NAME=INT[,NAME=INT...]]``. The label is the row's ``provider``.
-By default: ``triton`` (the defaults: chunk-parallel backward) and ``triton_seq_bwd`` (the sequential backward).
+By default: ``triton`` alone (the op as shipped); e.g. ``seq_fwd:SEQUENTIAL_FWD_MIN_PROGRAMS=0`` forces the
+sequential forward kernel.
 
 Before timing, each variant is checked against the reference on the GPU and the result printed.
 Rows are appended to ``<out>/selective_scan.csv`` and a PNG plot is written next to it.
@@ -17,8 +18,8 @@ Usage::
 
     python benchmarks/bench_selective_scan.py                 # 8192 and 32768 tokens
     python benchmarks/bench_selective_scan.py --smoke         # tiny shapes, a few seconds
-    python benchmarks/bench_selective_scan.py --variants triton triton_seq_bwd:CHUNK_PARALLEL_BWD=0 \\
-        st3:BWD_LOOP_STAGES=3,BWD_PROGRAMS_PER_SM=4 walk:BWD_LOCAL_TILE_T=1    # a sweep
+    python benchmarks/bench_selective_scan.py --variants triton seq_fwd:SEQUENTIAL_FWD_MIN_PROGRAMS=0 \\
+        tile32:FWD_TILE_T=32                                                 # a sweep
 """
 
 import argparse
@@ -34,7 +35,7 @@ from results_io import append_csv
 
 D_INNER, D_STATE, G_C, G_B = 3072, 16, 192, 64
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, achievable order of magnitude
-DEFAULT_VARIANTS = ["triton", "triton_seq_bwd:CHUNK_PARALLEL_BWD=0"]
+DEFAULT_VARIANTS = ["triton"]
 
 
 def parse_args(argv=None):
@@ -130,7 +131,7 @@ def correctness_check(device, dtype, d=D_INNER, N=D_STATE, gc=G_C, gb=G_B, label
     lengths = [1, 200, 0, 311]
     T = sum(lengths)
     _, ins, _ = make_inputs(T, T, d, N, gc, gb, dtype, device)
-    cu = torch.tensor([0, 1, 201, T], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     h0 = torch.randn(len(lengths), d, N, device=device)
     results = []
     for fn in (selective_scan_ref, selective_scan_triton):

@@ -290,21 +290,15 @@ def test_triton_forward_paths(triton_scan, monkeypatch, device, fwd):
 
 @pytest.mark.parametrize("device", _triton_devices())
 @pytest.mark.parametrize(
-    "bwd, local_tile, b, L, lengths",
+    "b, L, lengths",
     [
-        pytest.param("chunk_parallel", 16, 1, 224, [1, 150, 0, 70, 3], id="chunk_parallel-packed-T224"),
-        pytest.param("chunk_parallel", 1, 2, 100, None, id="chunk_parallel-walk-padded-b2-T100"),
-        pytest.param("sequential", 16, 1, 224, [1, 150, 0, 70, 3], id="sequential-packed-T224"),
+        pytest.param(1, 224, [1, 150, 0, 70, 3], id="packed-T224"),
+        pytest.param(2, 100, None, id="padded-b2-T100"),
     ],
 )
-def test_triton_backward_paths(triton_scan, monkeypatch, device, bwd, local_tile, b, L, lengths):
-    """Both backward paths at the real CHUNK = 64, over documents / rows of several chunks. The chunk-parallel one
-    with a single slot lane per channel block (each pass-3 program then takes every chunk, in slot order) and its
-    pass 1 in 16-token tiles (4 per chunk) or token by token."""
+def test_triton_backward_over_real_chunks(triton_scan, monkeypatch, device, b, L, lengths):
+    """The backward at the real CHUNK = 64 (checkpoint every 64 tokens), over documents / rows of several chunks."""
     monkeypatch.setattr(triton_scan, "CHUNK", 64)
-    monkeypatch.setattr(triton_scan, "CHUNK_PARALLEL_BWD", bwd == "chunk_parallel")
-    monkeypatch.setattr(triton_scan, "BWD_PROGRAMS_PER_SM", 1)
-    monkeypatch.setattr(triton_scan, "BWD_LOCAL_TILE_T", local_tile)
     cu = random_cu_seqlens(lengths, device) if lengths else None
     inputs = make_inputs(b, L, 32, 16, 2, 1, torch.float32, device, n_states=len(lengths) if lengths else b)
     ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)

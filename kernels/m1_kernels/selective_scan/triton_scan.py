@@ -3,11 +3,10 @@
 # Written for m1-suite; the maths (recurrence, gradients, checkpointing) is in README.md next to this file.
 """Triton selective scan, forward and backward, padded or packed (``cu_seqlens``).
 
-Parallelisation: the forward has one program per (sequence, block of ``BLOCK_D`` channels); a sequence is a
-batch row (padded) or a document (packed). The ``(BLOCK_D, N)`` fp32 state lives in registers. The program walks
-the sequence token by token (sequential forward), or ``TILE_T`` tokens at a time with a parallel scan over each
-tile (chunked forward, used below ``SEQUENTIAL_FWD_MIN_PROGRAMS`` programs, see README). The backward is
-chunk-parallel by default (``CHUNK_PARALLEL_BWD``): its programs take (checkpoint slot, channel block) pairs.
+Parallelisation: one program per (sequence, block of ``BLOCK_D`` channels); a sequence is a batch row
+(padded) or a document (packed). The ``(BLOCK_D, N)`` fp32 state lives in registers. The program walks the
+sequence token by token (sequential forward, backward), or ``TILE_T`` tokens at a time with a parallel scan
+over each tile (chunked forward, used below ``SEQUENTIAL_FWD_MIN_PROGRAMS`` programs, see README).
 The GQA repeat is folded into the B/C address computation
 (channel ``d`` reads C group ``d // CPC`` and B group ``d // CPC // CPB``), so no repeated B/C is ever
 materialised.
@@ -18,18 +17,12 @@ Memory (M1-3B, d_inner=3072, N=16, 32768 packed tokens as 16 documents of 2048, 
   writes the state at every ``CHUNK``-th token of each document (fp32 ``d_inner * N * 4`` = 196 KB per
   checkpoint; ``L / CHUNK + docs`` of them = 100 MB at CHUNK=64) instead of the 6.4 GB that keeping
   every h_t would need.
-* backward: the checkpoints make the chunks independent, except for the adjoint ``dh``, which crosses chunk
-  boundaries linearly. Pass 1 computes each chunk's local adjoint (its walk from ``dh = 0``) and its decay
-  ``sum_t delta_t``; pass 2 chains them over each sequence's chunks, last to first, into the adjoint entering
-  each chunk from its end (and d initial_state); pass 3 runs every chunk's backward: it reloads the chunk's
-  starting state, recomputes h_t for the chunk's tokens into a private fp32 scratch tile
-  (``CHUNK * BLOCK_D * N * 4`` bytes per program, written and read back at once, so it mostly stays in L2),
-  then walks the chunk backwards carrying ``dh`` in registers. dC and the per-C-group partial dB are reduced
-  over the channels of a group inside the program (``BLOCK_D`` is a multiple of ``CPC``), dA / dD /
-  d(dt_bias) are accumulated in registers and written once per program (pass 3 is persistent, so that and
-  the scratch stay bounded by the program count). Passes 1-2 keep one more fp32 state per checkpoint slot
-  (as large as the checkpoints: 100 MB). The sequential backward (``CHUNK_PARALLEL_BWD = False``)
-  runs the same chunk body over all of a sequence's chunks in one program per (sequence, channel block).
+* backward: per chunk (last chunk first) a program reloads the chunk's starting state, recomputes h_t
+  for the chunk's tokens into a private fp32 scratch tile (``CHUNK * BLOCK_D * N * 4`` bytes per
+  program, written and read back at once, so it mostly stays in L2), then walks the chunk backwards
+  carrying the adjoint ``dh`` in registers. dC and the per-C-group partial dB are reduced over the
+  channels of a group inside the program (``BLOCK_D`` is a multiple of ``CPC``), dA / dD / d(dt_bias)
+  are accumulated in registers and written once per (sequence, channel block).
 
 Not autotuned: block sizes come from :func:`_launch_config`, so results never depend on a timing run.
 """
@@ -52,23 +45,6 @@ CHUNK = 64
 # programs, chunked 4.40 ms vs sequential 3.29 ms. The threshold sits between the two.
 SEQUENTIAL_FWD_MIN_PROGRAMS = 1536
 FWD_TILE_T = 16  # tokens per step of the chunked forward (divides CHUNK); 16 beat 32 and 64 on the H100
-# Backward path (see README, "Chunk-parallel backward"): True runs three passes over the checkpoint slots (local
-# adjoints per chunk, a sequential combine across chunks, then every chunk's backward in parallel); False runs the
-# sequential backward (one program per (sequence, channel block) walking all of its chunks), kept for comparison.
-CHUNK_PARALLEL_BWD = True
-# Programs per SM of the persistent pass 3 of the chunk-parallel backward (rounded down to whole slot lanes of
-# n_dblocks programs). Each program owns a scratch tile of CHUNK * BLOCK_D * BLOCK_N fp32 (64 KB at M1-3B shapes), so
-# this bounds the scratch whatever the token count. 6 is what fits: ptxas gives the chunk backward 168 registers per
-# thread at 2 warps (M1-3B, sm_90), and 65536 / (168 * 64) = 6 programs per SM; more would only queue for a second wave.
-BWD_PROGRAMS_PER_SM = 6
-# Software-pipelining stages of the chunk body's per-token loops, in both backward paths (tl.range num_stages; 1 =
-# none). With more, the loads of the next tokens are in flight while the current one computes; ptxas: 204-232
-# registers per thread at 2-3 stages (168 at 1), so fewer programs fit per SM. Not yet measured on a GPU.
-BWD_LOOP_STAGES = 1
-# Tokens per step (a power of two) of pass 1 of the chunk-parallel backward (the chunks' local adjoints): 1 walks the
-# chunk token by token; more evaluates the walk's closed form that many tokens at a time (see
-# _bwd_local_adjoint_kernel). Not yet measured on a GPU: compare 1 and 16.
-BWD_LOCAL_TILE_T = 16
 
 
 @triton.jit
@@ -411,216 +387,6 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
-def _block_params(
-    A_ptr,
-    bias_ptr,
-    D_ptr,
-    pid_d,
-    d_inner,
-    N,
-    s_A_d,
-    s_A_n,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_D: tl.constexpr,
-):
-    """Channel and state offsets and masks of channel block ``pid_d``; its A (BLOCK_D, BLOCK_N), dt bias and D
-    (BLOCK_D,) in fp32 (zeros when absent)."""
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    return offs_d, offs_n, mask_d, mask_dn, A, bias, Dv
-
-
-@triton.jit
-def _slot_chunk(cu_ptr, slot_seq_ptr, slot, L, n_ckpt_per_row, IS_VARLEN: tl.constexpr, CHUNK: tl.constexpr):
-    """``(row, cs, ce)``: the chunk ``[cs, ce)`` (in batch row ``row``) whose entering state is checkpoint ``slot``.
-
-    Packed: ``slot_seq[slot]`` is the last document whose slot range starts at or before ``slot``. A slot in a gap
-    between two documents' ranges (see README) comes out with ``cs >= ce``: no chunk, no work.
-    """
-    if IS_VARLEN:
-        seq = tl.load(slot_seq_ptr + slot)
-    else:
-        seq = slot // n_ckpt_per_row
-    start, end, row, slot0 = _seq_bounds(cu_ptr, seq, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
-    cs = start + (slot - slot0) * CHUNK
-    ce = tl.minimum(cs + CHUNK, end)
-    return row, cs, ce
-
-
-@triton.jit
-def _bwd_chunk(
-    x_ptr,
-    dt_ptr,
-    B_ptr,
-    C_ptr,
-    z_ptr,
-    dout_ptr,
-    dx_ptr,
-    ddt_ptr,
-    dz_ptr,
-    dBp_ptr,
-    dC_ptr,
-    scr_ptr,
-    row,
-    cs,
-    ce,
-    h_start,
-    dh,
-    dA_acc,
-    dD_acc,
-    dbias_acc,
-    A,
-    bias,
-    Dv,
-    pid_d,
-    offs_d,
-    offs_n,
-    mask_d,
-    mask_dn,
-    L,
-    d_inner,
-    N,
-    G_C,
-    s_x_b,
-    s_x_l,
-    s_x_d,
-    s_dt_b,
-    s_dt_l,
-    s_dt_d,
-    s_z_b,
-    s_z_l,
-    s_z_d,
-    s_do_b,
-    s_do_l,
-    s_do_d,
-    s_B_b,
-    s_B_l,
-    s_B_g,
-    s_B_n,
-    s_C_b,
-    s_C_l,
-    s_C_g,
-    s_C_n,
-    CPC: tl.constexpr,
-    CPB: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
-):
-    """Backward of one chunk ``[cs, ce)`` of batch row ``row``, for one channel block.
-
-    ``h_start`` is the state entering the chunk (its checkpoint) and ``dh`` the adjoint flowing in from the chunk's
-    end, ``a_ce * dh_ce`` (d final state for the last chunk of a sequence). Writes dx, ddt, dz, dC and the
-    per-C-group dB of the chunk's tokens, adds the chunk's dA / dD / d dt_bias terms to the accumulators and returns
-    ``(a_cs * dh_cs, dA_acc, dD_acc, dbias_acc)``: ``a_cs * dh_cs`` flows on into the previous chunk.
-    ``scr_ptr`` is a (BLOCK_D, BLOCK_N) pointer tile into the program's private scratch of ``CHUNK`` states.
-    """
-    GPB: tl.constexpr = BLOCK_D // CPC  # C groups per channel block
-    c_grp = offs_d // CPC
-    b_grp = c_grp // CPB
-    offs_g = pid_d * GPB + tl.arange(0, GPB)
-    mask_gn = (offs_g[:, None] < G_C) & (offs_n[None, :] < N)
-    x_ptr += row * s_x_b + offs_d * s_x_d
-    dt_ptr += row * s_dt_b + offs_d * s_dt_d
-    if HAS_Z:
-        z_ptr += row * s_z_b + offs_d * s_z_d
-    dout_ptr += row * s_do_b + offs_d * s_do_d
-    B_ptr += row * s_B_b + b_grp[:, None] * s_B_g + offs_n[None, :] * s_B_n
-    C_ptr += row * s_C_b + c_grp[:, None] * s_C_g + offs_n[None, :] * s_C_n
-    # Gradients of the (b, L, d) tensors are written contiguous; dC / dB partials are (b, L, G_C, N) fp32.
-    grad_off = row * L * d_inner + offs_d
-    g_off = row * L * G_C * N + offs_g[:, None] * N + offs_n[None, :]
-
-    # Make sure every thread is done reading the previous chunk's scratch before it is overwritten.
-    tl.debug_barrier()
-    # 1) Recompute h_cs .. h_{ce-1} from the checkpoint, keeping them in the scratch tile.
-    h = h_start
-    for t in tl.range(cs, ce, num_stages=LOOP_STAGES):
-        xt = tl.load(x_ptr + t * s_x_l, mask=mask_d, other=0.0).to(tl.float32)
-        delta = tl.load(dt_ptr + t * s_dt_l, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            delta += bias
-        if SOFTPLUS:
-            delta = _softplus(delta)
-        Bt = tl.load(B_ptr + t * s_B_l, mask=mask_dn, other=0.0).to(tl.float32)
-        h = tl.exp(delta[:, None] * A) * h + (delta * xt)[:, None] * Bt
-        tl.store(scr_ptr + (t - cs) * (BLOCK_D * BLOCK_N), h)
-    # Scratch written by one thread is read by another below: a CTA barrier orders them.
-    tl.debug_barrier()
-    # 2) Walk the chunk backwards. h_cur = h_t; h_prev = h_{t-1} (the checkpoint at t == cs).
-    h_cur = h
-    for i in tl.range(0, ce - cs, num_stages=LOOP_STAGES):
-        t = ce - 1 - i
-        xt = tl.load(x_ptr + t * s_x_l, mask=mask_d, other=0.0).to(tl.float32)
-        dt_raw = tl.load(dt_ptr + t * s_dt_l, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt_raw += bias
-        if SOFTPLUS:
-            delta = _softplus(dt_raw)
-        else:
-            delta = dt_raw
-        Bt = tl.load(B_ptr + t * s_B_l, mask=mask_dn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + t * s_C_l, mask=mask_dn, other=0.0).to(tl.float32)
-        do = tl.load(dout_ptr + t * s_do_l, mask=mask_d, other=0.0).to(tl.float32)
-        not_first = (tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.int32) + (t - cs)) > 0
-        h_prev = tl.load(scr_ptr + (t - cs - 1) * (BLOCK_D * BLOCK_N), mask=not_first, other=0.0)
-        h_prev = tl.where(not_first, h_prev, h_start)
-        a = tl.exp(delta[:, None] * A)
-        if HAS_Z:
-            zt = tl.load(z_ptr + t * s_z_l, mask=mask_d, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(zt)
-            y_pre = tl.sum(h_cur * Ct, axis=1)
-            if HAS_D:
-                y_pre += Dv * xt
-            dz = do * y_pre * sig * (1.0 + zt * (1.0 - sig))
-            tl.store(dz_ptr + grad_off + t * d_inner, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
-            g = do * zt * sig
-        else:
-            g = do
-        # Adjoint of h_t: from y_t, plus a_{t+1} * adjoint of h_{t+1} (already in dh).
-        dh += g[:, None] * Ct
-        # dC_t[group] = sum over the group's channels of g_t[d] * h_t[d, :].
-        dC_t = tl.sum(tl.reshape(g[:, None] * h_cur, (GPB, CPC, BLOCK_N)), axis=1)
-        tl.store(dC_ptr + g_off + t * (G_C * N), dC_t, mask=mask_gn)
-        # dB_t (per C group; the wrapper sums the CPB C groups of each B group).
-        dB_t = tl.sum(tl.reshape(dh * (delta * xt)[:, None], (GPB, CPC, BLOCK_N)), axis=1)
-        tl.store(dBp_ptr + g_off + t * (G_C * N), dB_t, mask=mask_gn)
-        dhB = tl.sum(dh * Bt, axis=1)
-        dx = dhB * delta
-        if HAS_D:
-            dx += g * Dv
-            dD_acc += g * xt
-        da = dh * h_prev * a  # d loss / d(delta * A) per state entry
-        ddelta = dhB * xt + tl.sum(da * A, axis=1)
-        dA_acc += da * delta[:, None]
-        if SOFTPLUS:
-            ddt = tl.where(dt_raw <= 20.0, ddelta * tl.sigmoid(dt_raw), ddelta)
-        else:
-            ddt = ddelta
-        dbias_acc += ddt
-        tl.store(dx_ptr + grad_off + t * d_inner, dx.to(dx_ptr.dtype.element_ty), mask=mask_d)
-        tl.store(ddt_ptr + grad_off + t * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
-        dh = dh * a
-        h_cur = h_prev
-    return dh, dA_acc, dD_acc, dbias_acc
-
-
-@triton.jit
 def _scan_bwd_kernel(
     x_ptr,
     dt_ptr,
@@ -682,16 +448,25 @@ def _scan_bwd_kernel(
     SOFTPLUS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
 ):
-    """Sequential backward: one program per (sequence, channel block) walks the sequence's chunks last to first,
-    carrying the adjoint dh from chunk to chunk. Kept for comparison with the chunk-parallel backward."""
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
-    offs_d, offs_n, mask_d, mask_dn, A, bias, Dv = _block_params(
-        A_ptr, bias_ptr, D_ptr, pid_d, d_inner, N, s_A_d, s_A_n, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_D
-    )
+    GPB: tl.constexpr = BLOCK_D // CPC  # C groups per channel block
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+    c_grp = offs_d // CPC
+    b_grp = c_grp // CPB
+    offs_g = pid_d * GPB + tl.arange(0, GPB)
+    mask_gn = (offs_g[:, None] < G_C) & (offs_n[None, :] < N)
+
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     state_offs = offs_d[:, None] * N + offs_n[None, :]
     if HAS_DFINAL:
         dh = tl.load(dfinal_ptr + pid_s * d_inner * N + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
@@ -700,6 +475,17 @@ def _scan_bwd_kernel(
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    x_ptr += row * s_x_b + offs_d * s_x_d
+    dt_ptr += row * s_dt_b + offs_d * s_dt_d
+    if HAS_Z:
+        z_ptr += row * s_z_b + offs_d * s_z_d
+    dout_ptr += row * s_do_b + offs_d * s_do_d
+    B_ptr += row * s_B_b + b_grp[:, None] * s_B_g + offs_n[None, :] * s_B_n
+    C_ptr += row * s_C_b + c_grp[:, None] * s_C_g + offs_n[None, :] * s_C_n
+    # Gradients of the (b, L, d) tensors are written contiguous; dC / dB partials are (b, L, G_C, N) fp32.
+    grad_off = row * L * d_inner + offs_d
+    g_off = row * L * G_C * N + offs_g[:, None] * N + offs_n[None, :]
     # Private scratch tile of this program: CHUNK states of (BLOCK_D, BLOCK_N), fp32, contiguous.
     pid_lin = pid_s * tl.num_programs(1) + pid_d
     scr_ptr = (
@@ -715,295 +501,83 @@ def _scan_bwd_kernel(
         cs = start + c * CHUNK
         ce = tl.minimum(cs + CHUNK, end)
         h_start = tl.load(ckpt_ptr + (slot0 + c) * d_inner * N + state_offs, mask=mask_dn, other=0.0)
-        dh, dA_acc, dD_acc, dbias_acc = _bwd_chunk(
-            x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, dx_ptr, ddt_ptr, dz_ptr, dBp_ptr, dC_ptr, scr_ptr,
-            row, cs, ce, h_start, dh, dA_acc, dD_acc, dbias_acc, A, bias, Dv, pid_d, offs_d, offs_n, mask_d, mask_dn,
-            L, d_inner, N, G_C, s_x_b, s_x_l, s_x_d, s_dt_b, s_dt_l, s_dt_d, s_z_b, s_z_l, s_z_d, s_do_b, s_do_l,
-            s_do_d, s_B_b, s_B_l, s_B_g, s_B_n, s_C_b, s_C_l, s_C_g, s_C_n,
-            CPC, CPB, BLOCK_D, BLOCK_N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOOP_STAGES,
-        )  # fmt: skip
+        # Make sure every thread is done reading the previous chunk's scratch before it is overwritten.
+        tl.debug_barrier()
+        # 1) Recompute h_cs .. h_{ce-1} from the checkpoint, keeping them in the scratch tile.
+        h = h_start
+        for t in range(cs, ce):
+            xt = tl.load(x_ptr + t * s_x_l, mask=mask_d, other=0.0).to(tl.float32)
+            delta = tl.load(dt_ptr + t * s_dt_l, mask=mask_d, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                delta += bias
+            if SOFTPLUS:
+                delta = _softplus(delta)
+            Bt = tl.load(B_ptr + t * s_B_l, mask=mask_dn, other=0.0).to(tl.float32)
+            h = tl.exp(delta[:, None] * A) * h + (delta * xt)[:, None] * Bt
+            tl.store(scr_ptr + (t - cs) * (BLOCK_D * BLOCK_N), h)
+        # Scratch written by one thread is read by another below: a CTA barrier orders them.
+        tl.debug_barrier()
+        # 2) Walk the chunk backwards. h_cur = h_t; h_prev = h_{t-1} (the checkpoint at t == cs).
+        h_cur = h
+        for i in range(0, ce - cs):
+            t = ce - 1 - i
+            xt = tl.load(x_ptr + t * s_x_l, mask=mask_d, other=0.0).to(tl.float32)
+            dt_raw = tl.load(dt_ptr + t * s_dt_l, mask=mask_d, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt_raw += bias
+            if SOFTPLUS:
+                delta = _softplus(dt_raw)
+            else:
+                delta = dt_raw
+            Bt = tl.load(B_ptr + t * s_B_l, mask=mask_dn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + t * s_C_l, mask=mask_dn, other=0.0).to(tl.float32)
+            do = tl.load(dout_ptr + t * s_do_l, mask=mask_d, other=0.0).to(tl.float32)
+            not_first = (tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.int32) + (t - cs)) > 0
+            h_prev = tl.load(scr_ptr + (t - cs - 1) * (BLOCK_D * BLOCK_N), mask=not_first, other=0.0)
+            h_prev = tl.where(not_first, h_prev, h_start)
+            a = tl.exp(delta[:, None] * A)
+            if HAS_Z:
+                zt = tl.load(z_ptr + t * s_z_l, mask=mask_d, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(zt)
+                y_pre = tl.sum(h_cur * Ct, axis=1)
+                if HAS_D:
+                    y_pre += Dv * xt
+                dz = do * y_pre * sig * (1.0 + zt * (1.0 - sig))
+                tl.store(dz_ptr + grad_off + t * d_inner, dz.to(dz_ptr.dtype.element_ty), mask=mask_d)
+                g = do * zt * sig
+            else:
+                g = do
+            # Adjoint of h_t: from y_t, plus a_{t+1} * adjoint of h_{t+1} (already in dh).
+            dh += g[:, None] * Ct
+            # dC_t[group] = sum over the group's channels of g_t[d] * h_t[d, :].
+            dC_t = tl.sum(tl.reshape(g[:, None] * h_cur, (GPB, CPC, BLOCK_N)), axis=1)
+            tl.store(dC_ptr + g_off + t * (G_C * N), dC_t, mask=mask_gn)
+            # dB_t (per C group; the wrapper sums the CPB C groups of each B group).
+            dB_t = tl.sum(tl.reshape(dh * (delta * xt)[:, None], (GPB, CPC, BLOCK_N)), axis=1)
+            tl.store(dBp_ptr + g_off + t * (G_C * N), dB_t, mask=mask_gn)
+            dhB = tl.sum(dh * Bt, axis=1)
+            dx = dhB * delta
+            if HAS_D:
+                dx += g * Dv
+                dD_acc += g * xt
+            da = dh * h_prev * a  # d loss / d(delta * A) per state entry
+            ddelta = dhB * xt + tl.sum(da * A, axis=1)
+            dA_acc += da * delta[:, None]
+            if SOFTPLUS:
+                ddt = tl.where(dt_raw <= 20.0, ddelta * tl.sigmoid(dt_raw), ddelta)
+            else:
+                ddt = ddelta
+            dbias_acc += ddt
+            tl.store(dx_ptr + grad_off + t * d_inner, dx.to(dx_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(ddt_ptr + grad_off + t * d_inner, ddt.to(ddt_ptr.dtype.element_ty), mask=mask_d)
+            dh = dh * a
+            h_cur = h_prev
 
     # dh is now the adjoint of the initial state h_{-1}.
     tl.store(dh0_ptr + pid_s * d_inner * N + state_offs, dh, mask=mask_dn)
     tl.store(dA_ptr + pid_s * d_inner * N + state_offs, dA_acc, mask=mask_dn)
     tl.store(dD_ptr + pid_s * d_inner + offs_d, dD_acc, mask=mask_d)
     tl.store(dbias_ptr + pid_s * d_inner + offs_d, dbias_acc, mask=mask_d)
-
-
-@triton.jit
-def _bwd_local_adjoint_kernel(
-    dt_ptr,
-    A_ptr,
-    C_ptr,
-    z_ptr,
-    bias_ptr,
-    cu_ptr,
-    slot_seq_ptr,
-    dout_ptr,
-    carry_ptr,
-    dsum_ptr,
-    L,
-    d_inner,
-    N,
-    n_ckpt_per_row,
-    n_dblocks,
-    s_dt_b,
-    s_dt_l,
-    s_dt_d,
-    s_z_b,
-    s_z_l,
-    s_z_d,
-    s_do_b,
-    s_do_l,
-    s_do_d,
-    s_C_b,
-    s_C_l,
-    s_C_g,
-    s_C_n,
-    s_A_d,
-    s_A_n,
-    CPC: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    TILE_T: tl.constexpr,
-):
-    """Chunk-parallel backward, pass 1: one program per (checkpoint slot, channel block).
-
-    The chunk's own contribution to ``a_cs * dh_cs``: its backward walk ``dh <- a_t (dh + g_t C_t)``, ``t = ce-1 ..
-    cs``, from ``dh = 0`` (the adjoint flowing in from later chunks adds ``prod_t a_t * dh_in``: pass 2). Stored to
-    ``carry[slot]``, with ``sum_t delta_t`` (the chunk's decay is ``exp(A * sum_t delta_t)``) to ``dsum[slot]``.
-
-    ``TILE_T == 1``: the walk itself, token by token. Else its closed form, ``TILE_T`` tokens at a time (their loads
-    all in flight at once): ``local = sum_t exp(A * S_t) g_t C_t`` with ``S_t = delta_cs + ... + delta_t``, a cumsum
-    along time of (TILE_T, BLOCK_D) tiles, no scan over the state. ``A * S_t <= 0`` when ``delta >= 0`` (softplus)
-    and ``A <= 0``, so the exponentials cannot overflow (else they are the walk's own products).
-    """
-    pid = tl.program_id(0)
-    slot = (pid // n_dblocks).to(tl.int64)
-    pid_d = pid % n_dblocks
-    row, cs, ce = _slot_chunk(cu_ptr, slot_seq_ptr, slot, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
-    if cs >= ce:  # a slot between two documents' ranges
-        return
-    offs_d, offs_n, mask_d, mask_dn, A, bias, _ = _block_params(
-        A_ptr, bias_ptr, bias_ptr, pid_d, d_inner, N, s_A_d, s_A_n, BLOCK_D, BLOCK_N, HAS_BIAS, False
-    )
-    dt_ptr += row * s_dt_b
-    if HAS_Z:
-        z_ptr += row * s_z_b
-    dout_ptr += row * s_do_b
-    C_ptr += row * s_C_b
-
-    dh = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if TILE_T == 1:
-        dt_ptr += offs_d * s_dt_d
-        if HAS_Z:
-            z_ptr += offs_d * s_z_d
-        dout_ptr += offs_d * s_do_d
-        C_ptr += (offs_d // CPC)[:, None] * s_C_g + offs_n[None, :] * s_C_n
-        for i in range(0, ce - cs):
-            t = ce - 1 - i
-            delta = tl.load(dt_ptr + t * s_dt_l, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                delta += bias
-            if SOFTPLUS:
-                delta = _softplus(delta)
-            Ct = tl.load(C_ptr + t * s_C_l, mask=mask_dn, other=0.0).to(tl.float32)
-            g = tl.load(dout_ptr + t * s_do_l, mask=mask_d, other=0.0).to(tl.float32)
-            if HAS_Z:
-                zt = tl.load(z_ptr + t * s_z_l, mask=mask_d, other=0.0).to(tl.float32)
-                g = g * zt * tl.sigmoid(zt)
-            dh = tl.exp(delta[:, None] * A) * (dh + g[:, None] * Ct)
-            dsum += delta
-    else:
-        ONE_GROUP: tl.constexpr = BLOCK_D <= CPC
-        if ONE_GROUP:
-            c_grp = (pid_d * BLOCK_D) // CPC
-        else:
-            c_grp = offs_d // CPC
-        offs_t = tl.arange(0, TILE_T)
-        mask_n = offs_n < N
-        for t0 in range(cs, ce, TILE_T):
-            t = t0 + offs_t
-            mask_t = t < ce
-            mask_td = mask_t[:, None] & mask_d[None, :]
-            delta = _load_td(dt_ptr, t, offs_d, s_dt_l, s_dt_d, mask_td)
-            if HAS_BIAS:
-                delta += bias[None, :]
-            if SOFTPLUS:
-                delta = _softplus(delta)
-            delta = tl.where(mask_td, delta, 0.0)  # tokens past the chunk: no decay, and g = 0 below
-            g = _load_td(dout_ptr, t, offs_d, s_do_l, s_do_d, mask_td)
-            if HAS_Z:
-                zt = _load_td(z_ptr, t, offs_d, s_z_l, s_z_d, mask_td)
-                g = g * zt * tl.sigmoid(zt)
-            Ct = _load_group_tile(C_ptr, t, c_grp, offs_n, s_C_l, s_C_g, s_C_n, mask_t, mask_n, mask_dn, ONE_GROUP)
-            S = dsum[None, :] + tl.cumsum(delta, axis=0)  # S_t, (TILE_T, BLOCK_D)
-            dh += tl.sum(tl.exp(S[:, :, None] * A[None, :, :]) * (g[:, :, None] * Ct), axis=0)
-            dsum += tl.sum(delta, axis=0)
-    tl.store(carry_ptr + slot * d_inner * N + offs_d[:, None] * N + offs_n[None, :], dh, mask=mask_dn)
-    tl.store(dsum_ptr + slot * d_inner + offs_d, dsum, mask=mask_d)
-
-
-@triton.jit
-def _bwd_carry_kernel(
-    A_ptr,
-    cu_ptr,
-    dfinal_ptr,
-    carry_ptr,
-    dsum_ptr,
-    dh0_ptr,
-    L,
-    d_inner,
-    N,
-    n_ckpt_per_row,
-    s_A_d,
-    s_A_n,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    HAS_DFINAL: tl.constexpr,
-):
-    """Chunk-parallel backward, pass 2: one program per (sequence, channel block), chunks last to first.
-
-    With ``carry_c`` the adjoint flowing into chunk c from its end (``a_ce * dh_ce``; d final state for the last
-    chunk), the chunk maps it to ``carry_{c-1} = local_c + exp(A * dsum_c) * carry_c`` (``local_c`` from pass 1).
-    Overwrites ``carry[slot of c]`` (pass 1's ``local_c``) with ``carry_c``, the adjoint pass 3 starts chunk c from;
-    what flows out of the first chunk is d initial state.
-    """
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
-    offs_d, offs_n, mask_d, mask_dn, A, _, _ = _block_params(
-        A_ptr, A_ptr, A_ptr, pid_d, d_inner, N, s_A_d, s_A_n, BLOCK_D, BLOCK_N, False, False
-    )
-    state_offs = offs_d[:, None] * N + offs_n[None, :]
-    if HAS_DFINAL:
-        dh = tl.load(dfinal_ptr + pid_s * d_inner * N + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
-    else:
-        dh = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    n_chunks = tl.cdiv(end - start, CHUNK)
-    for ci in range(0, n_chunks):
-        slot = slot0 + n_chunks - 1 - ci
-        p = carry_ptr + slot * d_inner * N + state_offs
-        local = tl.load(p, mask=mask_dn, other=0.0)
-        dsum = tl.load(dsum_ptr + slot * d_inner + offs_d, mask=mask_d, other=0.0)
-        tl.store(p, dh, mask=mask_dn)
-        dh = local + tl.exp(A * dsum[:, None]) * dh
-    tl.store(dh0_ptr + pid_s * d_inner * N + state_offs, dh, mask=mask_dn)
-
-
-@triton.jit
-def _scan_bwd_chunks_kernel(
-    x_ptr,
-    dt_ptr,
-    A_ptr,
-    B_ptr,
-    C_ptr,
-    D_ptr,
-    z_ptr,
-    bias_ptr,
-    cu_ptr,
-    slot_seq_ptr,
-    dout_ptr,
-    carry_ptr,
-    ckpt_ptr,
-    scratch_ptr,
-    dx_ptr,
-    ddt_ptr,
-    dz_ptr,
-    dBp_ptr,
-    dC_ptr,
-    dA_ptr,
-    dD_ptr,
-    dbias_ptr,
-    L,
-    d_inner,
-    N,
-    G_C,
-    n_ckpt_per_row,
-    n_slots,
-    n_dblocks,
-    s_x_b,
-    s_x_l,
-    s_x_d,
-    s_dt_b,
-    s_dt_l,
-    s_dt_d,
-    s_z_b,
-    s_z_l,
-    s_z_d,
-    s_do_b,
-    s_do_l,
-    s_do_d,
-    s_B_b,
-    s_B_l,
-    s_B_g,
-    s_B_n,
-    s_C_b,
-    s_C_l,
-    s_C_g,
-    s_C_n,
-    s_A_d,
-    s_A_n,
-    CPC: tl.constexpr,
-    CPB: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
-):
-    """Chunk-parallel backward, pass 3: the full backward of every chunk, from its checkpoint and its carry.
-
-    Persistent: program ``lane * n_dblocks + pid_d`` takes channel block ``pid_d`` of slots ``lane``,
-    ``lane + n_lanes``, ... The fixed number of programs bounds the scratch (one ``CHUNK``-state tile per program,
-    whatever the token count), and the program's dA / dD / d dt_bias partials stay in registers across its chunks
-    and are written once, to row ``lane``, for the wrapper to sum (deterministic, no atomics).
-    """
-    pid = tl.program_id(0)
-    lane = (pid // n_dblocks).to(tl.int64)  # int64 slots (so the loop's too): slot * d_inner * N may pass 2**31
-    pid_d = pid % n_dblocks
-    n_lanes = tl.num_programs(0) // n_dblocks
-    offs_d, offs_n, mask_d, mask_dn, A, bias, Dv = _block_params(
-        A_ptr, bias_ptr, D_ptr, pid_d, d_inner, N, s_A_d, s_A_n, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_D
-    )
-    state_offs = offs_d[:, None] * N + offs_n[None, :]
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    scr_ptr = (
-        scratch_ptr
-        + pid.to(tl.int64) * (CHUNK * BLOCK_D * BLOCK_N)
-        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N
-        + offs_n[None, :]
-    )
-    for slot in range(lane, n_slots, n_lanes):
-        row, cs, ce = _slot_chunk(cu_ptr, slot_seq_ptr, slot, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
-        if cs < ce:
-            slot_off = slot * d_inner * N + state_offs
-            h_start = tl.load(ckpt_ptr + slot_off, mask=mask_dn, other=0.0)
-            dh = tl.load(carry_ptr + slot_off, mask=mask_dn, other=0.0)
-            _, dA_acc, dD_acc, dbias_acc = _bwd_chunk(
-                x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, dout_ptr, dx_ptr, ddt_ptr, dz_ptr, dBp_ptr, dC_ptr, scr_ptr,
-                row, cs, ce, h_start, dh, dA_acc, dD_acc, dbias_acc, A, bias, Dv, pid_d, offs_d, offs_n, mask_d,
-                mask_dn, L, d_inner, N, G_C, s_x_b, s_x_l, s_x_d, s_dt_b, s_dt_l, s_dt_d, s_z_b, s_z_l, s_z_d, s_do_b,
-                s_do_l, s_do_d, s_B_b, s_B_l, s_B_g, s_B_n, s_C_b, s_C_l, s_C_g, s_C_n,
-                CPC, CPB, BLOCK_D, BLOCK_N, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, LOOP_STAGES,
-            )  # fmt: skip
-    tl.store(dA_ptr + lane * d_inner * N + state_offs, dA_acc, mask=mask_dn)
-    tl.store(dD_ptr + lane * d_inner + offs_d, dD_acc, mask=mask_d)
-    tl.store(dbias_ptr + lane * d_inner + offs_d, dbias_acc, mask=mask_d)
 
 
 def _launch_config(cpc: int, N: int):
@@ -1028,93 +602,6 @@ def _supported(x, N: int, cpc: int) -> bool:
 
 def _strides3(t, like):
     return t.stride() if t is not None else like.stride()
-
-
-def _bwd_strides(ts):
-    """Strides of x, dt, z, dout (b, L, d), B, C (b, L, G, N) and A, in the backward kernels' argument order."""
-    x = ts["x"]
-    return (*x.stride(), *ts["dt"].stride(), *_strides3(ts["z"], x), *ts["dout"].stride(), *ts["B"].stride(),
-            *ts["C"].stride(), *ts["A"].stride())  # fmt: skip
-
-
-def _partials(rows: int, d: int, N: int, device):
-    """fp32 ``(rows, d, N)``, ``(rows, d)``, ``(rows, d)`` buffers for dA, dD and d dt_bias partials (summed over
-    rows by the caller)."""
-    f32 = dict(device=device, dtype=torch.float32)
-    return torch.empty((rows, d, N), **f32), torch.empty((rows, d), **f32), torch.empty((rows, d), **f32)
-
-
-def _scratch(programs: int, meta, device):
-    """The backward programs' private scratch: ``CHUNK`` fp32 states of ``(BLOCK_D, BLOCK_N)`` per program."""
-    return torch.empty((programs, meta["CHUNK"], meta["BLOCK_D"], meta["BLOCK_N"]), device=device, dtype=torch.float32)
-
-
-def _sequential_bwd(ts, grads, sizes, meta, num_warps):
-    """Backward with :func:`_scan_bwd_kernel`; returns per-sequence dA, dD and d dt_bias partials."""
-    x, d, N = ts["x"], ts["x"].shape[2], ts["A"].shape[1]
-    n_seqs, n_dblocks = sizes["n_seqs"], sizes["n_dblocks"]
-    dA, dD, dbias = _partials(n_seqs, d, N, x.device)
-    scratch = _scratch(n_seqs * n_dblocks, meta, x.device)
-    _scan_bwd_kernel[(n_seqs, n_dblocks)](
-        x, ts["dt"], ts["A"], ts["B"], ts["C"], ts["D"], ts["z"], ts["dt_bias"], ts["cu"], ts["dout"], ts["dfinal"],
-        ts["ckpt"], scratch, grads["dx"], grads["ddt"], grads["dz"], grads["dBp"], grads["dC"], dA, dD, dbias,
-        grads["dh0"], x.shape[1], d, N, ts["C"].shape[2], sizes["n_ckpt"], *_bwd_strides(ts),
-        HAS_DFINAL=ts["dfinal"] is not None, num_warps=num_warps, **meta,
-    )  # fmt: skip
-    return dA, dD, dbias
-
-
-def _bwd_lanes(n_slots: int, n_dblocks: int, device) -> int:
-    """Slot lanes of the persistent pass 3: at most ``BWD_PROGRAMS_PER_SM`` programs per SM (on CPU, as if one SM),
-    at least one lane, at most one lane per slot."""
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(n_slots, n_sm * BWD_PROGRAMS_PER_SM // n_dblocks))
-
-
-def _chunk_parallel_bwd(ts, grads, sizes, meta, num_warps):
-    """Backward in three passes over the checkpoint slots (see README, "Chunk-parallel backward"); returns per-lane
-    dA, dD and d dt_bias partials."""
-    x, cu, L, d, N = ts["x"], ts["cu"], ts["x"].shape[1], ts["x"].shape[2], ts["A"].shape[1]
-    n_seqs, n_slots, n_dblocks, n_ckpt_per_row = sizes["n_seqs"], sizes["n_slots"], sizes["n_dblocks"], sizes["n_ckpt"]
-    chunk, dev = meta["CHUNK"], x.device
-    # carry: pass 1 writes each chunk's local adjoint there, pass 2 overwrites it with the adjoint entering the chunk
-    # from its end. dsum: sum of delta over each chunk.
-    carry = torch.empty((max(n_slots, 1), d, N), device=dev, dtype=torch.float32)
-    dsum = torch.empty((max(n_slots, 1), d), device=dev, dtype=torch.float32)
-    slot_seq = None
-    if cu is not None:
-        # Document of each slot: the last one whose first slot, cu[i] // CHUNK + i, is <= the slot. The first slots
-        # strictly increase with i, so a sorted search finds it, on the device (no host sync).
-        first = torch.div(cu[:-1], chunk, rounding_mode="floor") + torch.arange(n_seqs, device=dev, dtype=cu.dtype)
-        slots = torch.arange(n_slots, device=dev, dtype=cu.dtype)
-        slot_seq = (torch.searchsorted(first, slots, right=True) - 1).to(torch.int32)
-    n_lanes = _bwd_lanes(n_slots, n_dblocks, dev)
-    dA, dD, dbias = _partials(n_lanes, d, N, dev)
-    scratch = _scratch(n_lanes * n_dblocks, meta, dev)
-    shared = dict(CHUNK=chunk, BLOCK_D=meta["BLOCK_D"], BLOCK_N=meta["BLOCK_N"], IS_VARLEN=cu is not None)
-    z = ts["z"]
-    # Pass 1's (TILE_T, BLOCK_D, BLOCK_N) tiles get warps as the chunked forward's (4 for 16 x 16 x 16).
-    local_tile = min(BWD_LOCAL_TILE_T, chunk)
-    elems = local_tile * meta["BLOCK_D"] * meta["BLOCK_N"]
-    local_warps = num_warps if local_tile == 1 else max(4, min(16, elems // 1024))
-    if n_slots > 0:  # (padded rows of length 0 have no chunks)
-        _bwd_local_adjoint_kernel[(n_slots * n_dblocks,)](
-            ts["dt"], ts["A"], ts["C"], z, ts["dt_bias"], cu, slot_seq, ts["dout"], carry, dsum,
-            L, d, N, n_ckpt_per_row, n_dblocks, *ts["dt"].stride(), *_strides3(z, x), *ts["dout"].stride(),
-            *ts["C"].stride(), *ts["A"].stride(), CPC=meta["CPC"], HAS_Z=meta["HAS_Z"], HAS_BIAS=meta["HAS_BIAS"],
-            SOFTPLUS=meta["SOFTPLUS"], TILE_T=local_tile, num_warps=local_warps, **shared,
-        )  # fmt: skip
-    _bwd_carry_kernel[(n_seqs, n_dblocks)](
-        ts["A"], cu, ts["dfinal"], carry, dsum, grads["dh0"], L, d, N, n_ckpt_per_row, *ts["A"].stride(),
-        HAS_DFINAL=ts["dfinal"] is not None, num_warps=num_warps, **shared,
-    )  # fmt: skip
-    # Launched even without slots: it then writes zero partials.
-    _scan_bwd_chunks_kernel[(n_lanes * n_dblocks,)](
-        x, ts["dt"], ts["A"], ts["B"], ts["C"], ts["D"], z, ts["dt_bias"], cu, slot_seq, ts["dout"], carry,
-        ts["ckpt"], scratch, grads["dx"], grads["ddt"], grads["dz"], grads["dBp"], grads["dC"], dA, dD, dbias,
-        L, d, N, ts["C"].shape[2], n_ckpt_per_row, n_slots, n_dblocks, *_bwd_strides(ts), num_warps=num_warps, **meta,
-    )  # fmt: skip
-    return dA, dD, dbias
 
 
 class SelectiveScanFunction(torch.autograd.Function):
@@ -1192,7 +679,7 @@ class SelectiveScanFunction(torch.autograd.Function):
                 **extra,
             )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt)
-        ctx.cfg = (dt_softplus, n_seqs, n_slots, n_ckpt_per_row, CHUNK, block_d, block_n, num_warps, cpc, cpb)
+        ctx.cfg = (dt_softplus, n_seqs, n_ckpt_per_row, block_d, block_n, num_warps, cpc, cpb)
         ctx.return_final_state = return_final_state
         if return_final_state:
             return out, final
@@ -1201,7 +688,7 @@ class SelectiveScanFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *rest):
         x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt = ctx.saved_tensors
-        dt_softplus, n_seqs, n_slots, n_ckpt_per_row, chunk, block_d, block_n, num_warps, cpc, cpb = ctx.cfg
+        dt_softplus, n_seqs, n_ckpt_per_row, block_d, block_n, num_warps, cpc, cpb = ctx.cfg
         dfinal = rest[0] if ctx.return_final_state and rest else None
         b, L, d = x.shape
         N = A.shape[1]
@@ -1213,31 +700,65 @@ class SelectiveScanFunction(torch.autograd.Function):
         dz = torch.empty((b, L, d), device=dev, dtype=z.dtype) if z is not None else None
         dBp = torch.empty((b, L, G_C, N), device=dev, dtype=torch.float32)
         dC = torch.empty((b, L, G_C, N), device=dev, dtype=torch.float32)
+        dA = torch.empty((n_seqs, d, N), device=dev, dtype=torch.float32)
+        dD = torch.empty((n_seqs, d), device=dev, dtype=torch.float32)
+        dbias = torch.empty((n_seqs, d), device=dev, dtype=torch.float32)
         dh0 = torch.empty((n_seqs, d, N), device=dev, dtype=torch.float32)
+        scratch = torch.empty((n_seqs * n_dblocks, CHUNK, block_d, block_n), device=dev, dtype=torch.float32)
         if dfinal is not None:
             dfinal = dfinal.to(torch.float32).contiguous()
-        ts = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, cu=cu, dout=dout, dfinal=dfinal, ckpt=ckpt)
-        grads = dict(dx=dx, ddt=ddt, dz=dz, dBp=dBp, dC=dC, dh0=dh0)
-        sizes = dict(n_seqs=n_seqs, n_slots=n_slots, n_ckpt=n_ckpt_per_row, n_dblocks=n_dblocks)
-        meta = dict(
-            CPC=cpc,
-            CPB=cpb,
-            BLOCK_D=block_d,
-            BLOCK_N=block_n,
-            CHUNK=chunk,
-            HAS_D=D is not None,
-            HAS_Z=z is not None,
-            HAS_BIAS=dt_bias is not None,
-            SOFTPLUS=bool(dt_softplus),
-            IS_VARLEN=cu is not None,
-            LOOP_STAGES=BWD_LOOP_STAGES,
-        )
-        if n_seqs == 0:  # no sequences: nothing flows anywhere (empty partials sum to zero)
-            dA, dD, dbias = _partials(0, d, N, dev)
-        elif CHUNK_PARALLEL_BWD:
-            dA, dD, dbias = _chunk_parallel_bwd(ts, grads, sizes, meta, num_warps)
-        else:
-            dA, dD, dbias = _sequential_bwd(ts, grads, sizes, meta, num_warps)
+        if n_seqs > 0:
+            _scan_bwd_kernel[(n_seqs, n_dblocks)](
+                x,
+                dt,
+                A,
+                B,
+                C,
+                D,
+                z,
+                dt_bias,
+                cu,
+                dout,
+                dfinal,
+                ckpt,
+                scratch,
+                dx,
+                ddt,
+                dz,
+                dBp,
+                dC,
+                dA,
+                dD,
+                dbias,
+                dh0,
+                L,
+                d,
+                N,
+                G_C,
+                n_ckpt_per_row,
+                *x.stride(),
+                *dt.stride(),
+                *_strides3(z, x),
+                *dout.stride(),
+                *B.stride(),
+                *C.stride(),
+                *A.stride(),
+                CPC=cpc,
+                CPB=cpb,
+                BLOCK_D=block_d,
+                BLOCK_N=block_n,
+                CHUNK=CHUNK,
+                HAS_D=D is not None,
+                HAS_Z=z is not None,
+                HAS_BIAS=dt_bias is not None,
+                SOFTPLUS=bool(dt_softplus),
+                IS_VARLEN=cu is not None,
+                HAS_DFINAL=dfinal is not None,
+                num_warps=num_warps,
+            )
+        else:  # no sequences: nothing flows anywhere
+            for t in (dA, dD, dbias):
+                t.zero_()
         dB = dBp.view(b, L, G_B, cpb, N).sum(3).to(B.dtype)
         return (
             dx,
