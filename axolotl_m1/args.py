@@ -38,6 +38,17 @@ class M1Args(BaseModel):
     m1_kl_direction: Literal["reverse", "forward"] | None = None
     m1_kl_temperature: float | None = Field(default=None, gt=0.0)
     m1_kl_chunk_size: int | None = Field(default=None, ge=1)
+    m1_align_steps: int | None = Field(
+        default=None,
+        ge=0,
+        json_schema_extra={
+            "description": "Layer-wise alignment steps of the Mamba mixers to the teacher's attention before "
+            "distillation (fresh runs only; default 0 = off; needs m1_distill)"
+        },
+    )
+    m1_align_lr: float | None = Field(
+        default=None, gt=0.0, json_schema_extra={"description": "Learning rate of the alignment steps (default 1e-3)"}
+    )
 
     @field_validator("m1_attn_layers")
     @classmethod
@@ -58,4 +69,10 @@ class M1Args(BaseModel):
             ce = 0.0 if self.m1_ce_weight is None else self.m1_ce_weight
             if kl == 0.0 and ce == 0.0:
                 raise ValueError("m1_kl_weight and m1_ce_weight are both 0: nothing to train")
+        elif self.m1_align_steps:
+            raise ValueError(
+                f"m1_align_steps: {self.m1_align_steps} aligns the Mamba mixers to a teacher's attention, which needs "
+                "distillation: set m1_distill: true (with m1_teacher_model, or base_model: <teacher> + "
+                "m1_attn_layers), or set m1_align_steps: 0"
+            )
         return self

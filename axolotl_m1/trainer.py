@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
+from .align import align_student
 from .loss import IGNORE_INDEX
 from .loss import DistillBatch
 from .loss import M1DistillOutput
@@ -19,6 +20,7 @@ from .loss import distill_positions
 from .loss import document_starts
 from .loss import install_distill_forward
 from .plugin import DistillSettings
+from .plugin import _get
 from .plugin import settings as resolve_settings
 from .plugin import teacher_dtype
 from .teacher import check_vocab
@@ -88,6 +90,10 @@ class M1DistillTrainer(M1Trainer):
     Logs ``kl``, ``ce`` and ``top1_agreement`` (means over the counted tokens of the logging
     window; ``eval_*`` in evaluation). The loss is a per-micro-batch token mean; the HF Trainer
     divides it by the gradient-accumulation steps (``model_accepts_loss_kwargs = False``).
+
+    With ``m1_align_steps > 0``, a fresh run (not a resumed one) first aligns the Mamba mixers to
+    the teacher's attention (:func:`axolotl_m1.align.align_student`); its ``align_rel_err*``
+    metrics are logged with the first training step.
     """
 
     def __init__(self, *args, **kwargs):
@@ -95,6 +101,8 @@ class M1DistillTrainer(M1Trainer):
         self.model_accepts_loss_kwargs = False
         self.m1_teacher = None
         self.m1_settings = DistillSettings()
+        self.m1_align_steps, self.m1_align_lr = 0, 1e-3
+        self._m1_pending_logs: dict[str, float] = {}
 
     def setup_distillation(self, cfg, teacher=None, teacher_tokenizer=None) -> None:
         """Resolve the loss settings, load the teacher (or take ``teacher``) and check vocabularies.
@@ -105,6 +113,8 @@ class M1DistillTrainer(M1Trainer):
             teacher_tokenizer: its tokenizer; loaded from ``cfg.m1_teacher_model`` if None and a name is set.
         """
         self.m1_settings = resolve_settings(cfg)
+        self.m1_align_steps = int(_get(cfg, "m1_align_steps", 0))
+        self.m1_align_lr = float(_get(cfg, "m1_align_lr", 1e-3))
         student = self.accelerator.unwrap_model(self.model)
         install_distill_forward(student)
         name = (cfg.get("m1_teacher_model") if hasattr(cfg, "get") else None) or "<teacher>"
@@ -122,6 +132,21 @@ class M1DistillTrainer(M1Trainer):
         t_vocab = teacher.get_output_embeddings().weight.shape[0]
         check_vocab(self.processing_class, teacher_tokenizer, student.lm_head.weight.shape[0], t_vocab, name)
         self.m1_teacher = teacher.eval().requires_grad_(False)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Align the Mamba mixers first (``m1_align_steps``, fresh runs only), then train as usual."""
+        if self.m1_align_steps > 0 and not resume_from_checkpoint:
+            if self.m1_teacher is None:
+                raise RuntimeError("M1DistillTrainer.setup_distillation was not called (M1Plugin does it)")
+            self._m1_pending_logs = align_student(self, self.m1_align_steps, self.m1_align_lr)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Axolotl's log; the alignment metrics join the first training log (kept in ``log_history``)."""
+        if self._m1_pending_logs and "loss" in logs:
+            logs = {**self._m1_pending_logs, **logs}
+            self._m1_pending_logs = {}
+        super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Distillation loss of one micro-batch (see the module docstring)."""

@@ -312,6 +312,18 @@ def lr_at(progress: float, step: int, lr: float, warmup: int, floor: float = 0.1
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def scheduled_steps(opt, lr: float, warmup: int, minutes: float, max_steps: int):
+    """Yield ``(step, lr)`` (step from 1) until ``max_steps`` or ``minutes`` of wall time are used, first
+    setting every param group of ``opt`` to :func:`lr_at` of the step and of the elapsed share of the budget."""
+    budget, t_start, step = minutes * 60, time.perf_counter(), 0
+    while step < max_steps and time.perf_counter() - t_start < budget:
+        now = lr_at(max(step / max_steps, (time.perf_counter() - t_start) / budget), step, lr, warmup)
+        for group in opt.param_groups:
+            group["lr"] = now
+        step += 1
+        yield step, now
+
+
 def align_stage(student, teacher, next_batch, args, autocast, out_dir: Path) -> list[dict]:
     """``--align-minutes`` of layer-wise alignment (only the Mamba mixers learn); returns the per-step log.
 
@@ -321,33 +333,24 @@ def align_stage(student, teacher, next_batch, args, autocast, out_dir: Path) -> 
     from tqdm import tqdm
 
     from m1_hybrid.alignment import AttentionAlignment
+    from m1_hybrid.alignment import alignment_optimizer
+    from m1_hybrid.alignment import alignment_step
+    from m1_hybrid.alignment import mamba_parameters
 
     align = AttentionAlignment(teacher, student)
-    params = [p for n, p in student.named_parameters() if ".mamba." in n]
-    opt = torch.optim.AdamW(
-        params, lr=args.align_lr, betas=(0.9, 0.95), weight_decay=0.0, fused=teacher.device.type == "cuda"
-    )
-    log, budget, t_start, step = [], args.align_minutes * 60, time.perf_counter(), 0
+    params = mamba_parameters(student)
+    opt = alignment_optimizer(params, args.align_lr, fused=teacher.device.type == "cuda")
+    log, t_start, step = [], time.perf_counter(), 0
     bar = tqdm(desc="align", unit="step", dynamic_ncols=True)
-    while step < args.max_steps and time.perf_counter() - t_start < budget:
-        t0 = time.perf_counter()
-        lr = lr_at(max(step / args.max_steps, (t0 - t_start) / budget), step, args.align_lr, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    for step, lr in scheduled_steps(opt, args.align_lr, args.warmup, args.align_minutes, args.max_steps):
         batch = next_batch()
-        with autocast():
-            out = align(batch["input_ids"], batch["position_ids"])
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
+        out, grad_norm = alignment_step(align, opt, params, batch["input_ids"], batch["position_ids"], None, autocast)
         row = {
             "step": step,
             "rel_err": float(out.loss),
             "rel_err_max": float(out.per_layer.max()),
             "lr": lr,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "seconds": time.perf_counter() - t_start,
         }
         log.append(row)
@@ -513,15 +516,11 @@ def main(argv=None) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     log, pending = [], []
-    budget = args.minutes * 60
     t_start = time.perf_counter()
     bar = tqdm(desc="distill", unit="step", dynamic_ncols=True)
     step = tokens = 0
-    while step < args.max_steps and time.perf_counter() - t_start < budget:
+    for step, lr in scheduled_steps(opt, args.lr, args.warmup, args.minutes, args.max_steps):
         t0 = time.perf_counter()
-        lr = lr_at(max(step / args.max_steps, (t0 - t_start) / budget), step, args.lr, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
         batch = next_batch()
         db = distill_batch(teacher, batch, settings)
         with autocast():
@@ -532,7 +531,6 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         _sync(cuda)
         dt = time.perf_counter() - t0
-        step += 1
         step_tokens = batch["input_ids"].numel()
         tokens += step_tokens
         row = {

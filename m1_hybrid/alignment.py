@@ -29,10 +29,15 @@ Example::
     >>> out.layers, tuple(out.per_layer.shape), bool(out.loss > 0)
     ([0], (1,), True)
     >>> align.remove()
+
+:func:`alignment_step` is one optimiser step of that loss over the Mamba parameters
+(:func:`mamba_parameters`, :func:`alignment_optimizer`); the Axolotl plugin (``m1_align_steps``,
+:mod:`axolotl_m1.align`) and ``benchmarks/distill_gpu.py`` (``--align-minutes``) loop over it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -118,3 +123,37 @@ class AttentionAlignment:
         self._captured.clear()
         per_layer = torch.stack(losses)
         return AlignmentOutput(per_layer.mean(), per_layer.detach(), list(self.layers))
+
+
+def mamba_parameters(student) -> list[torch.nn.Parameter]:
+    """The parameters alignment trains: those of the Mamba mixers (names containing ``.mamba.``)."""
+    return [p for n, p in student.named_parameters() if ".mamba." in n]
+
+
+def alignment_optimizer(params, lr: float, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW for the alignment stage: betas (0.9, 0.95), no weight decay."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
+
+
+def alignment_step(
+    align: AttentionAlignment,
+    optimizer: torch.optim.Optimizer,
+    params,
+    input_ids,
+    position_ids=None,
+    token_mask=None,
+    autocast=contextlib.nullcontext,
+    max_grad_norm: float = 1.0,
+) -> tuple[AlignmentOutput, float]:
+    """One alignment step: score under ``autocast()``, backward, clip ``params`` to ``max_grad_norm``, step.
+
+    Sets the learning rate only through ``optimizer`` (the caller schedules it); returns the
+    step's :class:`AlignmentOutput` and the gradient norm before clipping.
+    """
+    with autocast():
+        out = align(input_ids, position_ids, token_mask)
+    out.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return AlignmentOutput(out.loss.detach(), out.per_layer, out.layers), float(grad_norm)

@@ -99,3 +99,28 @@ def test_student_built_on_the_fly_and_reused(llama_dir, tmp_path):
     assert ckpt["base_model"] == cfg["base_model"]
     with pytest.raises(ValueError, match="already an M1 hybrid"):
         prepare_student({"base_model": cfg["base_model"], "m1_attn_layers": [0]})
+
+
+def test_align_steps_need_distillation(axolotl_setup, tmp_path):
+    """m1_align_steps > 0 without m1_distill is refused, by the plugin's args and by Axolotl's config load."""
+    from axolotl.cli.config import load_cfg
+
+    from .conftest import tiny_yaml
+
+    with pytest.raises(ValidationError, match="set m1_distill: true"):
+        M1Args(m1_align_steps=3)
+    with pytest.raises(ValidationError):
+        M1Args(m1_distill=True, m1_teacher_model="t", m1_align_steps=-1)
+    assert M1Args(m1_align_steps=0).m1_align_steps == 0
+    assert M1Args(m1_distill=True, m1_teacher_model="t", m1_align_steps=3, m1_align_lr=0.01).m1_align_lr == 0.01
+    cfg, _ = axolotl_setup
+    assert cfg.m1_align_steps == 4 and cfg.m1_align_lr == 0.001  # declared: survive Axolotl's validation
+    path = tiny_yaml(
+        tmp_path / "sft.yml",
+        "tiny_cpu_sft.yml",
+        base_model=cfg.base_model,
+        output_dir=str(tmp_path / "out"),
+        m1_align_steps=3,
+    )
+    with pytest.raises(ValueError, match="m1_align_steps: 3 .* set m1_distill: true"):
+        load_cfg(str(path))

@@ -1,4 +1,4 @@
-"""The tiny CPU configs through Axolotl's own entry point (``axolotl train``): distill, resume, SFT."""
+"""The tiny CPU configs through Axolotl's own entry point (``axolotl train``): align + distill, resume, SFT."""
 
 import json
 import subprocess
@@ -15,6 +15,8 @@ from .conftest import tiny_yaml
 pytestmark = pytest.mark.slow
 
 STEPS, SAVE = 10, 5
+ALIGN_STEPS = 4
+ALIGN_KEYS = {"align_rel_err_first", "align_rel_err_last", "align_rel_err_max_first", "align_rel_err_max_last"}
 
 
 def axolotl_train(cfg_path: Path, log: Path) -> None:
@@ -42,6 +44,8 @@ def distill_run(tmp_path_factory, teacher_dir, tiny_data):
         dataset_prepared_path=str(root / "prepared"),
         max_steps=STEPS,
         save_steps=SAVE,
+        m1_align_steps=ALIGN_STEPS,
+        m1_align_lr=1e-3,
     )
     cfg_a = tiny_yaml(root / "a.yml", "tiny_cpu_distill.yml", output_dir=str(root / "a"), **common)
     axolotl_train(cfg_a, root / "a.log")
@@ -58,6 +62,17 @@ def test_distill_loss_falls_and_logs_stats(distill_run):
         assert {"kl", "ce", "top1_agreement"} <= set(s)
         assert abs(s["kl"] - s["loss"]) < 1e-3  # m1_kl_weight 1, m1_ce_weight 0
         assert 0.0 <= s["top1_agreement"] <= 1.0
+
+
+def test_alignment_ran_before_training(distill_run):
+    """m1_align_steps: the fresh run aligned the mixers first; the relative error fell and joined step 1's log."""
+    root, _ = distill_run
+    h = history(root / "a" / f"checkpoint-{STEPS}")
+    assert ALIGN_KEYS <= set(h[1]) and not any(ALIGN_KEYS & set(h[s]) for s in range(2, STEPS + 1))
+    first, last = h[1]["align_rel_err_first"], h[1]["align_rel_err_last"]
+    assert 0.0 < last < first <= h[1]["align_rel_err_max_first"], h[1]
+    log = (root / "a.log").read_text()
+    assert f"m1 alignment: {ALIGN_STEPS} steps" in log
 
 
 def test_checkpoint_loads_with_from_pretrained(distill_run):
@@ -117,6 +132,9 @@ def test_resume_from_mid_run_checkpoint_continues_the_run(distill_run):
     axolotl_train(cfg_b, root / "b.log")
     a, b = history(root / "a" / f"checkpoint-{STEPS}"), history(root / "b" / f"checkpoint-{STEPS}")
     assert sorted(b) == list(range(1, STEPS + 1))
+    # The aligned weights are in the checkpoint: the resumed run does not align again.
+    assert "m1 align" not in (root / "b.log").read_text()
+    assert not any(ALIGN_KEYS & set(b[s]) for s in range(SAVE + 1, STEPS + 1))
     for step in range(SAVE + 1, STEPS + 1):
         assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-3 * max(1.0, abs(a[step]["loss"])), (step, a[step], b[step])
 

@@ -7,6 +7,9 @@ from transformers import LlamaConfig
 from transformers import LlamaForCausalLM
 
 from m1_hybrid.alignment import AttentionAlignment
+from m1_hybrid.alignment import alignment_optimizer
+from m1_hybrid.alignment import alignment_step
+from m1_hybrid.alignment import mamba_parameters
 from m1_hybrid.convert import convert_model
 
 
@@ -103,3 +106,23 @@ def test_refuses_a_student_of_another_teacher():
     _, other = _pair(layers=2, attn=(0,))
     with pytest.raises(ValueError, match="teacher has 3 layers, student 2"):
         AttentionAlignment(teacher, other)
+
+
+def test_alignment_step_trains_the_mixers_and_clears_gradients():
+    """The shared step (plugin's m1_align_steps, distill_gpu's --align-minutes): only Mamba weights move."""
+    teacher, student = _pair()
+    align = AttentionAlignment(teacher, student)
+    params = mamba_parameters(student)
+    assert params and len(params) < len(list(student.parameters()))
+    opt = alignment_optimizer(params, lr=3e-3)
+    ids, pos = torch.randint(0, 97, (2, 12)), torch.cat([torch.arange(5), torch.arange(7)]).repeat(2, 1)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    first, grad_norm = alignment_step(align, opt, params, ids, pos)
+    assert grad_norm > 0 and not first.loss.requires_grad
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".mamba." in n for n in changed)
+    assert all(p.grad is None for p in student.parameters())
+    for _ in range(20):
+        last, _ = alignment_step(align, opt, params, ids, pos)
+    assert float(last.loss) < 0.7 * float(first.loss)
+    align.remove()
