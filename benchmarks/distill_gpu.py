@@ -484,8 +484,11 @@ def main(argv=None) -> dict:
     if args.train == "mamba":
         # MambaInLlama's stepwise first phase: only the new Mamba mixers learn; embeddings, MLPs, norms and the
         # kept attention layers stay the teacher's, so the early (large) gradients cannot disturb them.
-        for name, param in student.named_parameters():
-            param.requires_grad_(".mamba." in name)
+        from m1_hybrid.alignment import mamba_parameters
+
+        student.requires_grad_(False)
+        for param in mamba_parameters(student):
+            param.requires_grad_(True)
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.dim() >= 2 and "A_log" not in n]
     no_decay = [p for n, p in params if p.dim() < 2 or "A_log" in n]
