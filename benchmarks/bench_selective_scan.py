@@ -47,6 +47,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--ref-max-tokens", type=int, default=8192, help="largest size for the PyTorch reference")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (d_inner 96), quick")
+    p.add_argument(
+        "--shape",
+        metavar="D,N,G_C,G_B",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=(D_INNER, D_STATE, G_C, G_B),
+        help="d_inner, d_state, C groups, B groups (default: M1-3B, %(default)s); "
+        "e.g. 576,16,36,12 or 576,64,9,3 for the SmolLM2-135M hybrid",
+    )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
         "--variants",
@@ -277,7 +285,7 @@ def main(argv=None):
         return 1
     device = "cuda"
     dtype = getattr(torch, args.dtype)
-    d, N, gc, gb = (96, 16, 6, 2) if args.smoke else (D_INNER, D_STATE, G_C, G_B)
+    d, N, gc, gb = (96, 16, 6, 2) if args.smoke else args.shape
     tokens = [256, 512] if args.smoke else args.tokens
     doc_len = 128 if args.smoke else args.doc_len
     gpu = torch.cuda.get_device_name()

