@@ -184,6 +184,7 @@ def worker(args) -> None:
         max_num_seqs=max(args.batches),
         enable_prefix_caching=args.prefix_caching,
         seed=0,
+        tensor_parallel_size=args.tp,
     )
     if cuda:
         kw.update(dtype="bfloat16", gpu_memory_utilization=args.gpu_mem_util)
@@ -285,6 +286,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmups", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
     p.add_argument("--gpu-mem-util", type=float, default=0.9)
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size; rows are named MODEL_tpN when > 1")
     p.add_argument("--prefix-caching", action="store_true", help="leave prefix caching on (off by default)")
     p.add_argument("--workdir", default=None, help="where configs are written (default: a temp folder)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per model before the child is killed")
@@ -305,9 +307,10 @@ def main(argv=None) -> int:
         path = write_config(name, root, args.smoke)
         params = count_params(path)
         print(f"== {name}: {params:.3f} B params, config in {path}", flush=True)
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--model-name", name]
+        label = name if args.tp == 1 else f"{name}_tp{args.tp}"
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--model-name", label]
         cmd += ["--params-b", str(params), "--prompt-len", str(args.prompt_len), "--warmups", str(args.warmups)]
-        cmd += ["--repeats", str(args.repeats), "--gpu-mem-util", str(args.gpu_mem_util)]
+        cmd += ["--repeats", str(args.repeats), "--gpu-mem-util", str(args.gpu_mem_util), "--tp", str(args.tp)]
         cmd += ["--batches", *map(str, args.batches), "--tokens", *map(str, args.tokens)]
         if args.prefix_caching:
             cmd.append("--prefix-caching")
