@@ -435,40 +435,14 @@ def _scan_fwd_kernel(
 
     # Software pipeline: the loop is latency-bound (each token waits for its global loads), so token t+1's
     # loads are issued before token t's arithmetic and their latency overlaps it. Past the end they are masked.
-    xn, dn, Bn, Cn, zn = _token_loads(
-        x_ptr,
-        dt_ptr,
-        B_ptr,
-        C_ptr,
-        z_ptr,
-        start,
-        s_x_l,
-        s_dt_l,
-        s_B_l,
-        s_C_l,
-        s_z_l,
-        _and_lt(mask_d, start, end),
-        _and_lt(mask_bc, start, end),
-        HAS_Z,
-    )
+    xn, dn, Bn, Cn, zn = _token_loads(x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, start, s_x_l, s_dt_l, s_B_l,
+                                      s_C_l, s_z_l, _and_lt(mask_d, start, end),
+                                      _and_lt(mask_bc, start, end), HAS_Z)  # fmt: skip
     for t in range(start, end):
         xt, delta, Bt, Ct, zt = xn, dn, Bn, Cn, zn
-        xn, dn, Bn, Cn, zn = _token_loads(
-            x_ptr,
-            dt_ptr,
-            B_ptr,
-            C_ptr,
-            z_ptr,
-            t + 1,
-            s_x_l,
-            s_dt_l,
-            s_B_l,
-            s_C_l,
-            s_z_l,
-            _and_lt(mask_d, t + 1, end),
-            _and_lt(mask_bc, t + 1, end),
-            HAS_Z,
-        )
+        xn, dn, Bn, Cn, zn = _token_loads(x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, t + 1, s_x_l, s_dt_l,
+                                          s_B_l, s_C_l, s_z_l, _and_lt(mask_d, t + 1, end),
+                                          _and_lt(mask_bc, t + 1, end), HAS_Z)  # fmt: skip
         if SAVE_CKPT:
             # State entering chunk (t - start) // CHUNK; a masked-off store costs no memory traffic.
             rel = t - start
@@ -611,17 +585,8 @@ def _scan_bwd_kernel(
         xn, dn, Bn = _recurrence_loads(x_ptr, dt_ptr, B_ptr, cs, s_x_l, s_dt_l, s_B_l, mask_d, mask_bc)
         for t in range(cs, ce):
             xt, delta, Bt = xn, dn, Bn
-            xn, dn, Bn = _recurrence_loads(
-                x_ptr,
-                dt_ptr,
-                B_ptr,
-                t + 1,
-                s_x_l,
-                s_dt_l,
-                s_B_l,
-                _and_lt(mask_d, t + 1, ce),
-                _and_lt(mask_bc, t + 1, ce),
-            )
+            xn, dn, Bn = _recurrence_loads(x_ptr, dt_ptr, B_ptr, t + 1, s_x_l, s_dt_l, s_B_l,
+                                           _and_lt(mask_d, t + 1, ce), _and_lt(mask_bc, t + 1, ce))  # fmt: skip
             if HAS_BIAS:
                 delta += bias
             if SOFTPLUS:
@@ -641,22 +606,9 @@ def _scan_bwd_kernel(
         for i in range(0, ce - cs):
             t = ce - 1 - i
             xt, dt_raw, Bt, Ct, zt, do, h_prev = xn, dn, Bn, Cn, zn, don, hpn
-            xn, dn, Bn, Cn, zn = _token_loads(
-                x_ptr,
-                dt_ptr,
-                B_ptr,
-                C_ptr,
-                z_ptr,
-                t - 1,
-                s_x_l,
-                s_dt_l,
-                s_B_l,
-                s_C_l,
-                s_z_l,
-                _and_lt(mask_d, cs, t),
-                _and_lt(mask_bc, cs, t),
-                HAS_Z,
-            )
+            xn, dn, Bn, Cn, zn = _token_loads(x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, t - 1, s_x_l, s_dt_l,
+                                              s_B_l, s_C_l, s_z_l, _and_lt(mask_d, cs, t),
+                                              _and_lt(mask_bc, cs, t), HAS_Z)  # fmt: skip
             don = tl.load(dout_ptr + (t - 1) * s_do_l, mask=_and_lt(mask_d, cs, t), other=0.0).to(tl.float32)
             hpn = _scratch_prev(scr_ptr, t - 1 - cs, h_start, BLOCK_D, BLOCK_N)
             if HAS_BIAS:
