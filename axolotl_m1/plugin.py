@@ -13,7 +13,8 @@ load -> trainer):
   (Algorithm 1, :func:`m1_hybrid.convert.convert_checkpoint`) and points ``base_model`` at it.
 - ``post_model_load``: with ``m1_distill``, gives the model a distillation forward path
   (:func:`axolotl_m1.trainer.install_distill_forward`) so the fused KL runs inside the model's own
-  forward (where FSDP has the root parameters, lm_head included, unsharded).
+  forward (where FSDP has the root parameters, lm_head included, unsharded). Under FSDP, casts the
+  parameters to one dtype (:func:`unify_param_dtype`).
 - ``get_trainer_cls``: :class:`axolotl_m1.trainer.M1DistillTrainer` with ``m1_distill``, else
   :class:`axolotl_m1.trainer.M1Trainer` (Axolotl's trainer with a resumable packed data order).
 - ``post_trainer_create``: with ``m1_distill``, loads the teacher (frozen, eval, its own dtype, on
@@ -24,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
 
 from .loss import DistillSettings
 
+LOG = logging.getLogger(__name__)
 M1_MODEL_TYPE = "m1_hybrid"
 # Spellings of "this is an M1 hybrid" accepted in the YAML's model_type.
 M1_MODEL_TYPE_ALIASES = ("m1_hybrid", "M1HybridForCausalLM", "m1")
@@ -92,6 +95,38 @@ def enable_multipack() -> None:
 
     if M1_MODEL_TYPE not in SUPPORTED_MULTIPACK_MODEL_TYPES:
         SUPPORTED_MULTIPACK_MODEL_TYPES.append(M1_MODEL_TYPE)
+
+
+def fsdp_configured(cfg) -> bool:
+    """Whether the YAML asks for FSDP (``fsdp_config`` or the older ``fsdp`` list)."""
+    return bool(_get(cfg, "fsdp_config") or _get(cfg, "fsdp"))
+
+
+def unify_param_dtype(model) -> list[str]:
+    """Cast parameters to the model's majority dtype; returns the names that changed.
+
+    M1 keeps ``A_log`` in fp32 (as mamba does: ``A = -exp(A_log)`` is sensitive to rounding), so a model
+    loaded in bf16 holds both dtypes. FSDP2 flattens the parameters of each wrapped layer into one group and
+    refuses mixed dtypes ("FSDP expects uniform original parameter dtype"), so under FSDP ``A_log`` trains in
+    the model's dtype like every other weight.
+
+    Example::
+
+        >>> import torch
+        >>> m = torch.nn.Linear(2, 2).to(torch.bfloat16)
+        >>> m.bias.data = m.bias.data.float()
+        >>> unify_param_dtype(m), m.bias.dtype
+        (['bias'], torch.bfloat16)
+    """
+    from collections import Counter
+
+    target = Counter(p.dtype for p in model.parameters()).most_common(1)[0][0]
+    changed = []
+    for name, param in model.named_parameters():
+        if param.dtype != target:
+            param.data = param.data.to(target)
+            changed.append(name)
+    return changed
 
 
 @contextlib.contextmanager
@@ -208,6 +243,11 @@ class M1Plugin(BasePlugin):
             )
         if cfg.m1_distill:
             install_distill_forward(inner)
+        if fsdp_configured(cfg):
+            changed = unify_param_dtype(inner)
+            if changed:
+                LOG.info(f"axolotl_m1: FSDP needs one parameter dtype per layer: cast {len(changed)} tensors "
+                         f"({changed[0]}, ...) to {next(inner.parameters()).dtype}")  # fmt: skip
 
     def get_trainer_cls(self, cfg):
         """``M1DistillTrainer`` with ``m1_distill``, else ``M1Trainer`` (Axolotl's, plain CE, resumable order)."""

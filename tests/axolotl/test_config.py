@@ -124,3 +124,20 @@ def test_align_steps_need_distillation(axolotl_setup, tmp_path):
     )
     with pytest.raises(ValueError, match="m1_align_steps: 3 .* set m1_distill: true"):
         load_cfg(str(path))
+
+
+def test_fsdp_gets_one_parameter_dtype(tmp_path):
+    """A bf16-loaded M1 keeps A_log in fp32; FSDP2 refuses mixed dtypes in a wrapped layer (found on the H100:
+    "FSDP expects uniform original parameter dtype"), so post_model_load unifies them under FSDP only."""
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_m1.plugin import M1Plugin
+    from m1_hybrid import M1HybridForCausalLM
+    from tests.testing import tiny_m1_config
+
+    M1HybridForCausalLM(tiny_m1_config()).save_pretrained(tmp_path)
+    for fsdp, expect in ((None, {torch.bfloat16, torch.float32}), ({"fsdp_version": 2}, {torch.bfloat16})):
+        model = M1HybridForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+        assert model.model.layers[0].mamba.A_log.dtype == torch.float32  # mamba's fp32 A_log
+        M1Plugin().post_model_load(DictDefault(base_model=str(tmp_path), m1_distill=False, fsdp_config=fsdp), model)
+        assert {p.dtype for p in model.parameters()} == expect
