@@ -19,6 +19,8 @@ load -> trainer):
   :class:`axolotl_m1.trainer.M1Trainer` (Axolotl's trainer with a resumable packed data order).
 - ``post_trainer_create``: with ``m1_distill``, loads the teacher (frozen, eval, its own dtype, on
   the trainer's device) after the tokenizer/vocabulary check.
+- ``post_train``: under FSDP, puts M1's code files and ``auto_map`` back into the saved model (FSDP2
+  swaps the model's class for a torch-defined wrapper, whose source ``save_pretrained`` copies instead).
 """
 
 from __future__ import annotations
@@ -260,3 +262,15 @@ class M1Plugin(BasePlugin):
         """Load the frozen teacher (after the vocabulary check) into the distillation trainer."""
         if cfg.m1_distill:
             trainer.setup_distillation(cfg)
+
+    def post_train(self, cfg, model):
+        """Under FSDP, give the saved model M1's code back (see :func:`m1_hybrid.checkpoint.repair_wrapped_save`)."""
+        import torch.distributed as dist
+
+        from m1_hybrid.checkpoint import repair_wrapped_save
+
+        main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        out = Path(cfg.output_dir or ".")
+        if fsdp_configured(cfg) and main and (out / "config.json").exists():
+            removed = repair_wrapped_save(out, type(model))
+            LOG.info(f"axolotl_m1: M1 code and auto_map restored in {out} (removed the FSDP wrapper's {removed})")

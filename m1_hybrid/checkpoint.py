@@ -58,3 +58,54 @@ def save_atomically(model: M1HybridForCausalLM, out_dir, extra_files_from=None) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+M1_AUTO_MAP = {
+    "AutoConfig": "configuration_m1.M1HybridConfig",
+    "AutoModelForCausalLM": "modeling_m1.M1HybridForCausalLM",
+}
+
+
+def model_code_files() -> list[Path]:
+    """The source files a checkpoint needs for ``trust_remote_code`` loads: ``modeling_m1.py`` and its imports."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from . import modeling_m1
+
+    return sorted({Path(modeling_m1.__file__), *map(Path, get_relative_import_files(modeling_m1.__file__))})
+
+
+def repair_wrapped_save(folder, wrapper_cls: type) -> list[str]:
+    """Put M1's code and ``auto_map`` back into a checkpoint saved from a wrapper-swapped model.
+
+    ``save_pretrained`` copies the source of the saving object's class. FSDP2's ``fully_shard`` swaps a
+    model's class for ``FSDP<Name>``, defined in torch, so a checkpoint saved under FSDP gets torch's FSDP
+    files and an ``auto_map`` naming the wrapper, and ``trust_remote_code`` loads fail. This removes the
+    wrapper's files, copies M1's, and rewrites ``auto_map``. Returns the removed file names.
+
+    Example::
+
+        >>> repair_wrapped_save(ckpt_dir, type(fsdp_model))  # doctest: +SKIP
+        ['_fsdp_api.py', ...]
+    """
+    import json
+    import sys
+
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    folder = Path(folder)
+    ours = {f.name for f in model_code_files()}
+    wrapper_file = getattr(sys.modules.get(wrapper_cls.__module__), "__file__", None)
+    wrapper_files = {wrapper_file, *get_relative_import_files(wrapper_file)} if wrapper_file else set()
+    removed = []
+    for name in sorted({Path(f).name for f in wrapper_files} - ours):
+        if (folder / name).exists():
+            (folder / name).unlink()
+            removed.append(name)
+    for f in model_code_files():
+        shutil.copy2(f, folder / f.name)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = dict(M1_AUTO_MAP)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return removed

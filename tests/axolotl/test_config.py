@@ -141,3 +141,43 @@ def test_fsdp_gets_one_parameter_dtype(tmp_path):
         assert model.model.layers[0].mamba.A_log.dtype == torch.float32  # mamba's fp32 A_log
         M1Plugin().post_model_load(DictDefault(base_model=str(tmp_path), m1_distill=False, fsdp_config=fsdp), model)
         assert {p.dtype for p in model.parameters()} == expect
+
+
+def test_fsdp_saved_model_gets_m1_code_back(tmp_path):
+    """FSDP2 swaps the model's class for torch's FSDPM1HybridForCausalLM, so save_pretrained wrote torch's FSDP
+    source and an auto_map naming the wrapper (seen in the H100 run's output folder); post_train repairs it."""
+    import json
+
+    import torch.distributed as dist
+    from axolotl.utils.dict import DictDefault
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    import m1_hybrid.checkpoint  # auto_map registration, as in training
+    from axolotl_m1.plugin import M1Plugin
+    from m1_hybrid import M1HybridForCausalLM
+    from tests.testing import tiny_m1_config
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = M1HybridForCausalLM(tiny_m1_config())
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        out = tmp_path / "out"
+        model.save_pretrained(out, state_dict=dict(full))  # (save_pretrained empties the dict it gets)
+        broken = json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+        assert "FSDP" in broken and (out / "_fsdp_state.py").exists() and not (out / "modeling_m1.py").exists()
+        M1Plugin().post_train(DictDefault(output_dir=str(out), fsdp_config={"fsdp_version": 2}), model)
+    finally:
+        dist.destroy_process_group()
+    assert not list(out.glob("_fsdp*.py"))
+    assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_m1.M1HybridForCausalLM"
+    )
+    assert all((out / f.name).exists() for f in m1_hybrid.checkpoint.model_code_files())
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert all(torch.equal(v, full[k]) for k, v in loaded.state_dict().items())
