@@ -239,7 +239,8 @@ def worker(args) -> None:
                 output_tok_s=f"{outs / med:.1f}",
                 latency_s=f"{med:.3f}",
                 ms_per_step=f"{1000 * med / n_tok:.2f}",
-                peak_gpu_mem_gib=f"{torch.cuda.max_memory_reserved() / 2**30:.2f}" if cuda else "",
+                # (with TP > 1 the model runs in vLLM's worker processes: this process's counter says nothing)
+                peak_gpu_mem_gib=f"{torch.cuda.max_memory_reserved() / 2**30:.2f}" if cuda and args.tp == 1 else "",
                 kv_cache_tokens=kv_tokens,
                 runs=" ".join(f"{x:.3f}" for x in times),
             )
