@@ -713,6 +713,11 @@ class SelectiveScanFunction(torch.autograd.Function):
         ckpt = torch.empty((max(n_slots, 1) if save_ckpt else 1, d, N), device=x.device, dtype=torch.float32)
         h0 = initial_state
         grid = (n_seqs, triton.cdiv(d, block_d))
+        # Compile-time layout and options, shared by the forward and backward kernels (the checkpoint interval
+        # is read once here, so both see the same one).
+        meta = dict(CPC=cpc, CPB=cpb, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHUNK, HAS_D=D is not None,
+                    HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+                    IS_VARLEN=cu is not None)  # fmt: skip
         if n_seqs > 0:
             if n_seqs * grid[1] < SEQUENTIAL_FWD_MIN_PROGRAMS and block_d * block_n <= CHUNKED_FWD_MAX_STATE:
                 kernel = _scan_fwd_chunked_kernel
@@ -747,22 +752,14 @@ class SelectiveScanFunction(torch.autograd.Function):
                 *C.stride(),
                 *A.stride(),
                 *(h0.stride() if h0 is not None else (0, 0, 0)),
-                CPC=cpc,
-                CPB=cpb,
-                BLOCK_D=block_d,
-                BLOCK_N=block_n,
-                CHUNK=CHUNK,
-                HAS_D=D is not None,
-                HAS_Z=z is not None,
-                HAS_BIAS=dt_bias is not None,
-                SOFTPLUS=bool(dt_softplus),
-                IS_VARLEN=cu is not None,
+                **meta,
                 HAS_H0=h0 is not None,
                 SAVE_CKPT=save_ckpt,
                 **extra,
             )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt)
-        ctx.cfg = (dt_softplus, n_seqs, n_ckpt_per_row, block_d, block_n, num_warps, cpc, cpb)
+        ctx.cfg = (n_seqs, n_ckpt_per_row, block_d, block_n, num_warps, cpb)
+        ctx.meta = meta
         ctx.return_final_state = return_final_state
         if return_final_state:
             return out, final
@@ -771,7 +768,7 @@ class SelectiveScanFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *rest):
         x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt = ctx.saved_tensors
-        dt_softplus, n_seqs, n_ckpt_per_row, block_d, block_n, num_warps, cpc, cpb = ctx.cfg
+        n_seqs, n_ckpt_per_row, block_d, block_n, num_warps, cpb = ctx.cfg
         dfinal = rest[0] if ctx.return_final_state and rest else None
         b, L, d = x.shape
         N = A.shape[1]
@@ -787,7 +784,8 @@ class SelectiveScanFunction(torch.autograd.Function):
         dD = torch.empty((n_seqs, d), device=dev, dtype=torch.float32)
         dbias = torch.empty((n_seqs, d), device=dev, dtype=torch.float32)
         dh0 = torch.empty((n_seqs, d, N), device=dev, dtype=torch.float32)
-        scratch = torch.empty((n_seqs * n_dblocks, CHUNK, block_d, block_n), device=dev, dtype=torch.float32)
+        scratch_shape = (n_seqs * n_dblocks, ctx.meta["CHUNK"], block_d, block_n)  # the forward's interval
+        scratch = torch.empty(scratch_shape, device=dev, dtype=torch.float32)
         if dfinal is not None:
             dfinal = dfinal.to(torch.float32).contiguous()
         if n_seqs > 0:
@@ -826,16 +824,7 @@ class SelectiveScanFunction(torch.autograd.Function):
                 *B.stride(),
                 *C.stride(),
                 *A.stride(),
-                CPC=cpc,
-                CPB=cpb,
-                BLOCK_D=block_d,
-                BLOCK_N=block_n,
-                CHUNK=CHUNK,
-                HAS_D=D is not None,
-                HAS_Z=z is not None,
-                HAS_BIAS=dt_bias is not None,
-                SOFTPLUS=bool(dt_softplus),
-                IS_VARLEN=cu is not None,
+                **ctx.meta,
                 HAS_DFINAL=dfinal is not None,
                 num_warps=num_warps,
             )
