@@ -73,6 +73,20 @@ def test_distill_gpu_smoke(tmp_path):
     assert type(student).__name__ == "M1HybridForCausalLM" and student.dtype == torch.bfloat16
     assert student.config.attn_layers == [1]
 
+    # --init-student continues from the saved student (its held-out start is where the first run ended, up to
+    # the bf16 save, not a fresh conversion); --profile-steps writes the profiler table.
+    out2 = tmp_path / "out2"
+    script.main(
+        ["--device", "cpu", "--teacher-slice", "2", "--data-dir", str(tmp_path / "data"), "--seq-len", "128",
+         "--batch-rows", "2", "--max-steps", str(script.PROFILE_AFTER + 1), "--eval-docs", "2", "--no-memory",
+         "--init-student", str(save), "--profile-steps", "1", "--out", str(out2)]
+    )  # fmt: skip
+    start = _rows(out2 / "distill_eval.csv")[0]
+    end, fresh = float(evals[-1]["kl"]), float(evals[0]["kl"])
+    assert start["stage"] == "init" and abs(float(start["kl"]) - end) < 0.5 * abs(fresh - end)
+    assert json.loads((out2 / "summary.json").read_text())["attn_layers"] == [1]
+    assert "training steps, top ops" in (out2 / script.PROFILE_FILE).read_text()
+
 
 def test_distill_gpu_trains_only_mamba_when_asked(tmp_path):
     """``--train mamba`` (MambaInLlama's stepwise phase 1): every non-Mamba weight stays as converted."""
