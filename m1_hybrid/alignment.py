@@ -30,6 +30,10 @@ Example::
     ([0], (1,), True)
     >>> align.remove()
 
+:func:`substitution_kl` then scores each aligned mixer by the damage it does alone inside the teacher,
+and :func:`choose_attention_layers` keeps attention where that is largest (``distill_gpu.py
+--attn-layers auto``: align a student converted with no attention layers, then choose).
+
 :func:`alignment_step` is one optimiser step of that loss over the Mamba parameters
 (:func:`mamba_parameters`, :func:`alignment_optimizer`); the Axolotl plugin (``m1_align_steps``,
 :mod:`axolotl_m1.align`) and ``benchmarks/distill_gpu.py`` (``--align-minutes``) loop over it.
@@ -102,18 +106,12 @@ class AttentionAlignment:
         base = getattr(self.teacher, self.teacher.base_model_prefix)
         with torch.no_grad():
             base(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        b, L = input_ids.shape
-        cu = packed_layout(position_ids, None, (b, L)).cu_seqlens if is_packed(position_ids, None) else None
+        cu = _document_starts(position_ids, input_ids.shape)
         weight = None if token_mask is None else token_mask.unsqueeze(-1)
         losses = []
         for i in self.layers:
             u, target = self._captured[i]
-            mixer = self.student.model.layers[i].mamba
-            u = u.to(mixer.in_proj.weight.dtype)
-            if cu is not None:  # packed rows become one row of documents, as in M1DecoderLayer
-                pred = mixer(u.reshape(1, b * L, -1), cu_seqlens=cu).view(b, L, -1)
-            else:
-                pred = mixer(u)
+            pred = _run_mixer(self.student.model.layers[i].mamba, u, cu)
             acc = torch.promote_types(pred.dtype, torch.float32)  # bf16 outputs are compared in fp32
             err = (pred.to(acc) - target.to(acc)).square()
             ref = target.to(acc).square()
@@ -123,6 +121,74 @@ class AttentionAlignment:
         self._captured.clear()
         per_layer = torch.stack(losses)
         return AlignmentOutput(per_layer.mean(), per_layer.detach(), list(self.layers))
+
+
+def _document_starts(position_ids, shape):
+    """``cu_seqlens`` of the documents when ``position_ids`` mark a packed batch, else None."""
+    return packed_layout(position_ids, None, shape).cu_seqlens if is_packed(position_ids, None) else None
+
+
+def _run_mixer(mixer, u, cu_seqlens):
+    """A Mamba mixer on a teacher layer input ``u (b, L, H)``; packed rows run as one row of documents."""
+    u = u.to(mixer.in_proj.weight.dtype)
+    if cu_seqlens is None:
+        return mixer(u)
+    b, L, _ = u.shape  # as in M1DecoderLayer: state resets at every document start
+    return mixer(u.reshape(1, b * L, -1), cu_seqlens=cu_seqlens).view(b, L, -1)
+
+
+@torch.no_grad()
+def substitution_kl(teacher, student, input_ids, position_ids=None, token_mask=None) -> dict[int, float]:
+    """How much each aligned mixer alone costs the teacher: ``{layer: KL(p_swapped || p_teacher)}``.
+
+    For every Mamba layer ``i`` of ``student``, the teacher runs with only its layer-``i`` attention
+    replaced by the student's mixer ``i`` (same input, same residual path, everything else exact),
+    and the reverse KL to the unmodified teacher is averaged over the counted tokens
+    (``token_mask``, default all). Unlike a mixer's relative error, this weighs the error by what
+    it does to the next-token distribution: a layer whose attention output is small next to the
+    residual stream, or that later layers correct, scores low. :func:`choose_attention_layers`
+    keeps attention where the score is highest.
+    """
+    base = getattr(teacher, teacher.base_model_prefix)
+    cu = _document_starts(position_ids, input_ids.shape)
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask.bool()
+
+    def logprobs():  # full-vocabulary logits at the counted tokens only
+        hidden = base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return torch.log_softmax(teacher.get_output_embeddings()(hidden[mask]).float(), dim=-1)
+
+    reference = logprobs()
+    scores = {}
+    for i, layer in enumerate(student.model.layers):
+        if layer.is_attention:
+            continue
+
+        def swap(module, args, kwargs, output, mixer=layer.mamba):
+            u = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            new = _run_mixer(mixer, u, cu).to(u.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        hook = base.layers[i].self_attn.register_forward_hook(swap, with_kwargs=True)
+        try:
+            swapped = logprobs()
+        finally:
+            hook.remove()
+        kl = (swapped.exp() * (swapped - reference)).sum(-1)  # KL(p_swapped || p_teacher) per token
+        scores[i] = float(kl.mean())
+    return scores
+
+
+def choose_attention_layers(scores: dict[int, float], num_attention: int) -> list[int]:
+    """The ``num_attention`` layers whose substitution costs most (:func:`substitution_kl`), sorted.
+
+    Example::
+
+        >>> choose_attention_layers({0: 0.9, 1: 0.1, 2: 0.5, 3: 0.05}, 2)
+        [0, 2]
+    """
+    if not 0 < num_attention <= len(scores):
+        raise ValueError(f"num_attention must be in 1..{len(scores)} (the scored layers), got {num_attention}")
+    return sorted(sorted(scores, key=lambda i: scores[i], reverse=True)[:num_attention])
 
 
 def mamba_parameters(student) -> list[torch.nn.Parameter]:

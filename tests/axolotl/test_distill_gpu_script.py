@@ -6,6 +6,7 @@ import json
 import math
 import sys
 
+import pytest
 import torch
 
 from .conftest import REPO
@@ -111,3 +112,23 @@ def test_distill_gpu_trains_only_mamba_when_asked(tmp_path):
     assert frozen and all(torch.equal(before[n].bfloat16().float(), after[n]) for n in frozen)
     # ... while the step did update something (the mixers): a non-zero gradient was clipped and applied.
     assert float(_rows(tmp_path / "out" / "distill_log.csv")[0]["grad_norm"]) > 0
+
+
+def test_distill_gpu_chooses_attention_layers_after_alignment(tmp_path):
+    """``--attn-layers auto``: every layer is aligned as a mixer, the costliest substitution keeps attention."""
+    script = _script()
+    script.prepare_data(tmp_path / "data")
+    out = tmp_path / "out"
+    summary = script.main(
+        ["--device", "cpu", "--teacher-slice", "3", "--data-dir", str(tmp_path / "data"), "--seq-len", "96",
+         "--batch-rows", "2", "--max-steps", "2", "--eval-docs", "2", "--no-memory", "--attn-layers", "auto",
+         "--align-minutes", "0.05", "--out", str(out)]
+    )  # fmt: skip
+    scores = {int(i): v for i, v in summary["substitution_kl"].items()}
+    assert sorted(scores) == [0, 1, 2] and all(v > 0 for v in scores.values())
+    assert summary["attn_layers"] == [max(scores, key=scores.get)]  # 3 layers -> one attention layer
+    assert [(int(r["step"]), r["stage"]) for r in _rows(out / "distill_eval.csv")] == [(0, "aligned"), (2, "kl")]
+    align = _rows(out / "distill_align.csv")
+    assert align and all(float(r["rel_err"]) > 0 for r in align)
+    with pytest.raises(SystemExit, match="give --align-minutes"):
+        script.main(["--device", "cpu", "--teacher-slice", "3", "--attn-layers", "auto", "--out", str(tmp_path / "x")])

@@ -9,7 +9,9 @@ from transformers import LlamaForCausalLM
 from m1_hybrid.alignment import AttentionAlignment
 from m1_hybrid.alignment import alignment_optimizer
 from m1_hybrid.alignment import alignment_step
+from m1_hybrid.alignment import choose_attention_layers
 from m1_hybrid.alignment import mamba_parameters
+from m1_hybrid.alignment import substitution_kl
 from m1_hybrid.convert import convert_model
 
 
@@ -126,3 +128,34 @@ def test_alignment_step_trains_the_mixers_and_clears_gradients():
         last, _ = alignment_step(align, opt, params, ids, pos)
     assert float(last.loss) < 0.7 * float(first.loss)
     align.remove()
+
+
+def test_substitution_kl_is_the_kl_of_a_hybrid_with_that_one_layer_converted():
+    """Scores of an all-Mamba student on a packed batch == the KL of the M1 model (its own forward,
+    attention included) built with only layer i as Mamba (student's mixer i), over the counted tokens."""
+    teacher, student = _pair(layers=3, attn=())
+    for p in mamba_parameters(student):  # trained-looking mixers: the converted ones are near-zero maps
+        p.data.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 97, (2, 11))
+    pos = torch.cat([torch.arange(4), torch.arange(7)]).repeat(2, 1)  # two documents per row
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, :3] = mask[1, 9:] = False
+    scores = substitution_kl(teacher, student, ids, pos, mask)
+    assert sorted(scores) == [0, 1, 2]
+
+    ref = torch.log_softmax(teacher(input_ids=ids, position_ids=pos, use_cache=False).logits, -1)[mask]
+    for i, score in scores.items():
+        one = convert_model(teacher, attn_layers=[j for j in range(3) if j != i], d_state=4).double()
+        one.model.layers[i].mamba.load_state_dict(student.model.layers[i].mamba.state_dict())
+        with torch.no_grad():
+            lp = torch.log_softmax(one(input_ids=ids, position_ids=pos).logits, -1)[mask]
+        expected = (lp.exp() * (lp - ref)).sum(-1).mean()
+        assert score > 1e-6
+        assert score == pytest.approx(float(expected), rel=1e-4)
+    assert not teacher.model.layers[0].self_attn._forward_hooks
+
+
+def test_choose_attention_layers_keeps_the_costliest():
+    assert choose_attention_layers({3: 0.2, 0: 0.9, 5: 0.4, 1: 0.1}, 2) == [0, 5]
+    with pytest.raises(ValueError, match="num_attention must be in 1..4"):
+        choose_attention_layers({3: 0.2, 0: 0.9, 5: 0.4, 1: 0.1}, 5)
