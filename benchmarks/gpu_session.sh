@@ -6,13 +6,15 @@
 #   stash  carry .gpu_teacher_a            keep the first part of the teacher GGUF
 #   final  carry .gpu_teacher_b .gpu_data  join the teacher; distil SmolLM2-135M into a 25%-attention
 #                                          hybrid (distill_gpu.py; DISTILL_ARGS adds e.g. --align-minutes)
+#   more   carry .gpu_data                 continue distilling the saved student (--init-student) for
+#                                          DISTILL_MINUTES more, saving over it (repeatable; DISTILL_ARGS)
 #   grpo   carry .gpu_data                 GRPO the distilled hybrid with vLLM rollouts (grpo_gpu.py; GRPO_ARGS)
 #
 # The calls must follow each other within the machine's idle window (files live only while it is
 # warm). Results (CSV, PNG, JSON, logs) are written under $HOME and packed into $OUT/results_<stage>.tgz
 # (a call returns at most 8 files).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh smoke|stash|final|grpo}
+stage=${1:?usage: gpu_session.sh smoke|stash|final|more|grpo}
 DEST=${OUT:-runs/gpu_session}
 OUT=$HOME/gpu_session/$stage
 mkdir -p "$OUT" "$DEST"
@@ -62,6 +64,15 @@ PY
     echo "teacher: $teacher"
     python3 benchmarks/distill_gpu.py --teacher "$teacher" --data-dir .gpu_data --minutes "${DISTILL_MINUTES:-3.5}" \
       --eval-every 100 --eval-docs 200 --out "$OUT/distill" --save "$HOME/distilled" ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
+    tail -25 "$OUT/distill.log" ;;
+  more)
+    [ -f "$HOME/distilled/config.json" ] || { echo "no distilled model: run the final stage first" >&2; exit 3; }
+    vllm_env "$HOME/none"
+    export PYTHONPATH="$PYTHONPATH:$HOME/teacher:$HOME/site_gguf"  # the teacher the final stage assembled
+    teacher=$(python3 -c "from m1_hybrid.teacher import smollm2_path; print(smollm2_path())" 2>/dev/null | tail -1)
+    python3 benchmarks/distill_gpu.py --teacher "$teacher" --data-dir .gpu_data --init-student "$HOME/distilled" \
+      --minutes "${DISTILL_MINUTES:-8}" --eval-every 100 --eval-docs 200 --no-memory --out "$OUT/distill" \
+      --save "$HOME/distilled" ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
     tail -25 "$OUT/distill.log" ;;
   grpo)
     vllm_env "$HOME/none"
