@@ -21,8 +21,8 @@ mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 M1_CACHE_DIR=$HOME/m1cache
 quiet() { grep -v -E "register_constant|warnings.warn|UserWarning|FutureWarning" ; }
 vllm_env() {  # vLLM installed by the smoke call; VeRL wheels next to it
-  source "$HOME/gpu_setup.sh" "${1:-.gpu}"
-  export PYTHONPATH="$PWD:$PWD/kernels:$HOME/site_verl:$PYTHONPATH"
+  [ -f "$HOME/gpu_setup.sh" ] && source "$HOME/gpu_setup.sh" "${1:-.gpu}"  # vLLM only after the smoke stage
+  export PYTHONPATH="$PWD:$PWD/kernels:$HOME/site_verl:${PYTHONPATH:-}"
 }
 case $stage in
   smoke)

@@ -1,0 +1,310 @@
+"""vLLM decode-step time at a fixed batch and context, against the HBM-bandwidth ceiling.
+
+``bench_vllm_throughput.py`` times whole generations (prefill, scheduling and the growing context
+included). This script isolates the decode step the bandwidth target speaks of: ``--batch`` greedy
+requests of ``--context`` random prompt tokens go into the engine at once, and the script steps the
+engine itself, timing every step in which all of them decode (after the last prefill chunk, before
+the first finishes). The bytes one such step must move (weights, attention KV at the mean context
+of those steps, SSM/conv states read and written; :func:`step_bytes`) divided by the median step
+time, over the GPU's bandwidth (spec sheet, and a device-to-device copy measured here), is the
+fraction of the ceiling reached.
+
+``--profile-steps N`` also records N of those steps under ``torch.profiler`` (engine in this
+process, CUDA graphs on) and writes the GPU time per step of every kernel:
+``vllm_decode_profile_<model>.csv``.
+
+Usage (GPU; random weights, ``load_format="dummy"``)::
+
+    python benchmarks/vllm_decode_step.py --model m1 --batch 512 --context 2304 --profile-steps 8 --out $OUT
+    python benchmarks/vllm_decode_step.py --model native_hybrid --out $OUT
+    python benchmarks/vllm_decode_step.py --smoke --out runs/decode_step     # tiny shapes, CPU too
+
+Rows go to ``<out>/vllm_decode_step.csv`` and the plot to ``vllm_decode_step.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+from bench_vllm_throughput import count_params
+from bench_vllm_throughput import write_config
+from results_io import append_csv
+from results_io import pyplot
+
+# HBM bandwidth on the spec sheet (bytes/s), by a substring of torch.cuda.get_device_name().
+SPEC_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H200": 4.8e12}
+CSV_STEP = "vllm_decode_step.csv"
+
+
+def step_bytes(cfg, batch: int, context: float, ssm_bytes: int, params: float) -> dict[str, float]:
+    """Bytes one decode step must move at ``batch`` sequences of mean ``context`` tokens.
+
+    Every weight is read once (bf16, the tied embedding once, as the lm_head); each sequence reads its
+    attention KV (K and V, bf16, ``context`` tokens per attention layer) and reads and writes its
+    recurrent states: Mamba-1 (M1) ``d_inner x d_state`` SSM state in ``ssm_bytes`` and
+    ``d_inner x (d_conv - 1)`` bf16 conv state; Mamba-2 (the native hybrid) ``heads x head_dim x
+    d_state`` and a conv state over x, B and C. Activations are not counted (a few MB per layer).
+
+    Example (M1-3B, batch 512, mean context 2304, fp32 SSM states: 6.9 + 29.0 + 4.8 GB)::
+
+        >>> from types import SimpleNamespace as NS
+        >>> m1 = NS(model_type="m1_hybrid", num_hidden_layers=28, attn_layers=[3, 8, 13, 18, 23, 27],
+        ...         num_key_value_heads=8, head_dim=128, d_inner=3072, d_state=16, d_conv=4)
+        >>> b = step_bytes(m1, 512, 2304, 4, 3.45e9)
+        >>> [round(b[k] / 1e9, 1) for k in ("weights", "kv", "states", "total")]
+        [6.9, 29.0, 4.8, 40.7]
+    """
+    model_type = cfg.model_type
+    if model_type == "m1_hybrid":
+        n_attn = len(cfg.attn_layers)
+        n_ssm = cfg.num_hidden_layers - n_attn
+        per_seq = n_ssm * cfg.d_inner * (cfg.d_state * ssm_bytes + (cfg.d_conv - 1) * 2)
+    elif model_type == "granitemoehybrid":
+        n_attn = sum(t in ("attention", "full_attention") for t in cfg.layer_types)
+        n_ssm = cfg.num_hidden_layers - n_attn
+        d_inner = cfg.mamba_n_heads * cfg.mamba_d_head
+        conv_dim = d_inner + 2 * cfg.mamba_n_groups * cfg.mamba_d_state
+        per_seq = n_ssm * (d_inner * cfg.mamba_d_state * ssm_bytes + conv_dim * (cfg.mamba_d_conv - 1) * 2)
+    else:  # a Transformer
+        n_attn, per_seq = cfg.num_hidden_layers, 0
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = n_attn * cfg.num_key_value_heads * head_dim * 2 * 2 * context * batch
+    out = {"weights": 2 * params, "kv": kv, "states": 2 * per_seq * batch}  # states: read + written
+    out["total"] = sum(out.values())
+    return out
+
+
+def copy_bandwidth(gib: float = 2.0, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth (bytes/s, read + write counted) of this GPU."""
+    import torch
+
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    bw = 2 * src.numel() * reps / (time.perf_counter() - t)
+    del src, dst
+    torch.cuda.empty_cache()
+    return bw
+
+
+def kernel_times(prof) -> dict[str, tuple[float, int]]:
+    """GPU kernels of a profile: name -> (total microseconds, count)."""
+    from torch.autograd import DeviceType
+
+    out: dict[str, tuple[float, int]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            us, n = out.get(e.name, (0.0, 0))
+            out[e.name] = (us + e.time_range.elapsed_us(), n + 1)
+    return out
+
+
+def per_step_profile(kernels: dict[str, tuple[float, int]], steps: int) -> list[dict]:
+    """Per-kernel GPU time of one decode step from :func:`kernel_times` over ``steps`` steps, largest first.
+
+    Example::
+
+        >>> rows = per_step_profile({"copy": (12.0, 3), "gemm": (400.0, 40)}, 40)
+        >>> [(r["kernel"], r["us_per_step"], r["calls_per_step"]) for r in rows]
+        [('gemm', 10.0, 1.0), ('copy', 0.3, 0.075)]
+    """
+    rows = [{"kernel": k, "us_per_step": us / steps, "calls_per_step": n / steps} for k, (us, n) in kernels.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def spec_bandwidth(gpu: str) -> float | None:
+    return next((bw for key, bw in SPEC_BANDWIDTH.items() if key in gpu), None)
+
+
+def measure(args) -> dict:
+    """Build the engine for ``args.model`` and time its decode step (this process runs the engine)."""
+    import torch
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine (and its kernels) in this process
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    import vllm
+    from transformers import AutoConfig
+    from vllm import LLM
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    import vllm_m1
+
+    vllm_m1.register()  # idempotent; works where the entry point is not installed (PYTHONPATH checkout)
+    path = write_config(args.model, args.workdir or tempfile.mkdtemp(prefix="m1_decode_step_"), args.smoke)
+    params = count_params(path)
+    bw_copy = copy_bandwidth() if cuda else None
+    kw = dict(
+        model=path,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=args.context + args.steps + 8,
+        max_num_seqs=args.batch,
+        max_num_batched_tokens=max(8192, args.batch),
+        enable_prefix_caching=False,
+        seed=0,
+    )
+    if args.model == "m1" and args.ssm_cache_dtype:
+        kw["mamba_ssm_cache_dtype"] = args.ssm_cache_dtype
+    if cuda:
+        kw.update(dtype="bfloat16", gpu_memory_utilization=args.gpu_mem_util)
+    else:
+        kw.update(dtype="float32", enforce_eager=True)
+    t = time.time()
+    llm = LLM(**kw)
+    print(f"# engine up in {time.time() - t:.1f} s", file=sys.stderr, flush=True)
+    rng = random.Random(0)
+    vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
+
+    def run(tag: str, context: int, n_steps: int, profile_steps: int = 0) -> tuple[list[float], list[dict]]:
+        """Submit the batch, step the engine to the end; return the wall time of every step at full
+        batch (all ``args.batch`` sequences decoding) but the first and the profiled ones, and the
+        per-step kernel table of ``profile_steps`` of them."""
+        engine = llm.llm_engine
+        sp = SamplingParams(max_tokens=n_steps, temperature=0.0, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)  # fmt: skip
+        for i in range(args.batch):
+            ids = [rng.randrange(3, vocab) for _ in range(context)]
+            engine.add_request(f"{tag}{i}", TokensPrompt(prompt_token_ids=ids), sp)
+        times, kernels, prof, finished, full_steps = [], [], None, 0, 0
+        t_prev = time.perf_counter()
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            t_now = time.perf_counter()
+            new = sum(len(o.outputs[0].token_ids) for o in outs if o.outputs)
+            finished += sum(o.finished for o in outs)
+            if new == args.batch and not finished:  # a full-batch decode step (the engine's outputs)
+                full_steps += 1
+                # The first may still carry the last prefill chunk; profiled ones run under CUPTI.
+                if full_steps > 1 and prof is None:
+                    times.append(t_now - t_prev)
+                if prof is not None and full_steps == 2 + profile_steps:
+                    prof.__exit__(None, None, None)
+                    kernels, prof = per_step_profile(kernel_times(prof), profile_steps), None
+                elif full_steps == 2 and profile_steps:  # two steps in: profile the next ones
+                    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    prof.__enter__()
+            t_prev = t_now
+        if prof is not None:  # the run ended first: not enough steps to profile
+            prof.__exit__(None, None, None)
+        return times, kernels
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile
+
+    run("warm", 16, 4)  # warm-up: the batch's shapes and the prefill path compiled and captured
+    times, kernels = run("r", args.context, args.steps, args.profile_steps if cuda else 0)
+    if not times:
+        raise RuntimeError("no full-batch decode step was seen: raise --steps or lower --batch")
+    step = statistics.median(times)
+    if kernels:
+        append_csv(kernels, args.out, f"vllm_decode_profile_{args.model}.csv")
+        print(f"kernel us per decode step ({args.profile_steps} profiled steps):")
+        for r in kernels[:30]:
+            print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:6.2f}  {r['kernel'][:110]}")
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    ssm_bytes = 4 if args.model == "m1" and (args.ssm_cache_dtype or "float32") == "float32" else 2
+    mean_context = args.context + args.steps / 2  # the timed steps run at these contexts
+    moved = step_bytes(cfg, args.batch, mean_context, ssm_bytes, params * 1e9)
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    spec = spec_bandwidth(gpu)
+    row = dict(
+        time=datetime.datetime.now().isoformat(timespec="seconds"),
+        gpu=gpu,
+        vllm=vllm.__version__,
+        torch=torch.__version__,
+        model=args.model if args.model != "m1" else f"m1 (ssm {'fp32' if ssm_bytes == 4 else 'bf16'})",
+        params_b=round(params, 3),
+        batch=args.batch,
+        mean_context=mean_context,
+        ms_per_step=round(1000 * step, 3),
+        tok_per_s=round(args.batch / step, 1),
+        gb_per_step=round(moved["total"] / 1e9, 2),
+        gb_weights=round(moved["weights"] / 1e9, 2),
+        gb_kv=round(moved["kv"] / 1e9, 2),
+        gb_states=round(moved["states"] / 1e9, 2),
+        achieved_tb_s=round(moved["total"] / step / 1e12, 3),
+        spec_tb_s=spec / 1e12 if spec else "",
+        copy_tb_s=round(bw_copy / 1e12, 3) if bw_copy else "",
+        frac_of_spec=round(moved["total"] / step / spec, 3) if spec else "",
+        frac_of_copy=round(moved["total"] / step / bw_copy, 3) if bw_copy else "",
+        steps_timed=len(times),
+        step_ms_min_max=f"{1000 * min(times):.2f} {1000 * max(times):.2f}",
+    )
+    append_csv([row], args.out, CSV_STEP)
+    print("ROW", row, flush=True)
+    plot(os.path.join(args.out, CSV_STEP), os.path.join(args.out, "vllm_decode_step.png"))
+    return row
+
+
+def plot(csv_path: str, png_path: str) -> None:
+    """Achieved bandwidth per model (latest row per model and GPU) against the spec and copy ceilings."""
+    import csv
+
+    plt = pyplot()
+    if plt is None:
+        return
+    with open(csv_path) as f:
+        latest = {(r["gpu"], r["model"]): r for r in csv.DictReader(f) if r["gpu"] != "cpu"}
+    if not latest:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    keys = sorted(latest)
+    xs = range(len(keys))
+    ax.bar(
+        xs, [float(latest[k]["achieved_tb_s"]) for k in keys], color="tab:blue", label="achieved (bytes/step / time)"
+    )
+    for i, k in enumerate(keys):
+        r = latest[k]
+        for field, style in (("spec_tb_s", "r--"), ("copy_tb_s", "k:")):
+            if r[field]:
+                ax.plot([i - 0.4, i + 0.4], [float(r[field])] * 2, style)
+        ax.text(i, float(r["achieved_tb_s"]), f"{r['ms_per_step']} ms\n{r['frac_of_spec']} of spec", ha="center",
+                va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xticks(list(xs), [f"{m}\n{g}\nbs {latest[(g, m)]['batch']}" for g, m in keys], fontsize=7)
+    ax.set_ylabel("TB/s")
+    ax.set_title("vLLM decode step vs HBM ceiling (red: spec sheet, black: measured copy)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="m1", choices=("m1", "llama", "native_hybrid"))
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--context", type=int, default=2304, help="prompt tokens per sequence (the paper's mean: 2304)")
+    p.add_argument("--steps", type=int, default=64, help="decode tokens per sequence after the first few")
+    p.add_argument("--ssm-cache-dtype", choices=("float32", "bfloat16"), help="M1's mamba_ssm_cache_dtype")
+    p.add_argument(
+        "--profile-steps", type=int, default=0, metavar="N",
+        help="profile N full-batch decode steps: per-kernel GPU time per step (CSV)",
+    )  # fmt: skip
+    p.add_argument("--gpu-mem-util", type=float, default=0.9)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (batch 4, context 16, 4 steps): checks the script")
+    p.add_argument("--workdir", default=None, help="where the config is written (default: a temp folder)")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch, args.context, args.steps = 4, 16, 8
+    return measure(args)
+
+
+if __name__ == "__main__":
+    main()
