@@ -28,7 +28,6 @@ import argparse
 import datetime
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -171,47 +170,57 @@ def measure(args) -> dict:
     rng = random.Random(0)
     vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
 
-    def run(tag: str, context: int, n_steps: int, profile_steps: int = 0) -> tuple[list[float], list[dict]]:
-        """Submit the batch, step the engine to the end; return the wall time of every step at full
-        batch (all ``args.batch`` sequences decoding) but the first and the profiled ones, and the
-        per-step kernel table of ``profile_steps`` of them."""
+    def run(tag: str, context: int, n_steps: int, profile_steps: int = 0) -> tuple[float, int, list[dict]]:
+        """Submit the batch and step the engine to the end. Once every request has its first token (all
+        prefills done) each engine step decodes the whole batch; returns the mean time of such a
+        step over the window after the profiled ones, the steps timed, and the kernel table.
+
+        Steps are counted in tokens (``batch`` tokens = one step), so the figure holds however the
+        engine groups its outputs per ``step()`` call (async scheduling may deliver two at once)."""
         engine = llm.llm_engine
         sp = SamplingParams(max_tokens=n_steps, temperature=0.0, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)  # fmt: skip
         for i in range(args.batch):
             ids = [rng.randrange(3, vocab) for _ in range(context)]
             engine.add_request(f"{tag}{i}", TokensPrompt(prompt_token_ids=ids), sp)
-        times, kernels, prof, finished, full_steps = [], [], None, 0, 0
-        t_prev = time.perf_counter()
+        started, kernels, prof = set(), [], None
+        window_start, window_tokens, profile_tokens = None, 0, 0
         while engine.has_unfinished_requests():
             outs = engine.step()
-            t_now = time.perf_counter()
+            now = time.perf_counter()
             new = sum(len(o.outputs[0].token_ids) for o in outs if o.outputs)
-            finished += sum(o.finished for o in outs)
-            if new == args.batch and not finished:  # a full-batch decode step (the engine's outputs)
-                full_steps += 1
-                # The first may still carry the last prefill chunk; profiled ones run under CUPTI.
-                if full_steps > 1 and prof is None:
-                    times.append(t_now - t_prev)
-                if prof is not None and full_steps == 2 + profile_steps:
+            if len(started) < args.batch:  # prefill phase: wait for every request's first token
+                started.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
+                if len(started) == args.batch:
+                    if profile_steps:
+                        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                        prof.__enter__()
+                    else:
+                        window_start = now
+            elif prof is not None:  # profiled steps (CUPTI slows them: not timed)
+                profile_tokens += new
+                if profile_tokens >= profile_steps * args.batch:
                     prof.__exit__(None, None, None)
-                    kernels, prof = per_step_profile(kernel_times(prof), profile_steps), None
-                elif full_steps == 2 and profile_steps:  # two steps in: profile the next ones
-                    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-                    prof.__enter__()
-            t_prev = t_now
+                    kernels, prof = per_step_profile(kernel_times(prof), profile_tokens / args.batch), None
+                    window_start = time.perf_counter()
+            elif window_start is not None:
+                window_tokens += new
+                window_end = now
         if prof is not None:  # the run ended first: not enough steps to profile
             prof.__exit__(None, None, None)
-        return times, kernels
+        steps = window_tokens / args.batch
+        if not steps:
+            raise RuntimeError(
+                f"no decode step was timed ({len(started)}/{args.batch} requests started, {profile_tokens} tokens "
+                "profiled): raise --steps"
+            )
+        return (window_end - window_start) / steps, round(steps, 1), kernels
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile
 
     run("warm", 16, 4)  # warm-up: the batch's shapes and the prefill path compiled and captured
-    times, kernels = run("r", args.context, args.steps, args.profile_steps if cuda else 0)
-    if not times:
-        raise RuntimeError("no full-batch decode step was seen: raise --steps or lower --batch")
-    step = statistics.median(times)
+    step, steps_timed, kernels = run("r", args.context, args.steps, args.profile_steps if cuda else 0)
     if kernels:
         append_csv(kernels, args.out, f"vllm_decode_profile_{args.model}.csv")
         print(f"kernel us per decode step ({args.profile_steps} profiled steps):")
@@ -244,8 +253,7 @@ def measure(args) -> dict:
         copy_tb_s=round(bw_copy / 1e12, 3) if bw_copy else "",
         frac_of_spec=round(moved["total"] / step / spec, 3) if spec else "",
         frac_of_copy=round(moved["total"] / step / bw_copy, 3) if bw_copy else "",
-        steps_timed=len(times),
-        step_ms_min_max=f"{1000 * min(times):.2f} {1000 * max(times):.2f}",
+        steps_timed=steps_timed,
     )
     append_csv([row], args.out, CSV_STEP)
     print("ROW", row, flush=True)
