@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import random
 import sys
@@ -123,6 +124,18 @@ def per_step_profile(kernels: dict[str, tuple[float, int]], steps: int) -> list[
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
+def admission_steps(batch: int, context: int, max_batched_tokens: int) -> int:
+    """Engine steps until the last of ``batch`` prompts of ``context`` tokens is prefilled (+2 of slack),
+    when each step's ``max_batched_tokens`` go first to the running sequences' decode tokens.
+
+    Example::
+
+        >>> admission_steps(512, 2304, 32768)
+        39
+    """
+    return math.ceil(batch * context / max(max_batched_tokens - batch, 1)) + 2
+
+
 def spec_bandwidth(gpu: str) -> float | None:
     return next((bw for key, bw in SPEC_BANDWIDTH.items() if key in gpu), None)
 
@@ -154,7 +167,7 @@ def measure(args) -> dict:
         skip_tokenizer_init=True,
         max_model_len=args.context + args.steps + 8,
         max_num_seqs=args.batch,
-        max_num_batched_tokens=max(8192, args.batch),
+        max_num_batched_tokens=args.max_batched_tokens,
         enable_prefix_caching=False,
         seed=0,
     )
@@ -178,16 +191,21 @@ def measure(args) -> dict:
         Steps are counted in tokens (``batch`` tokens = one step), so the figure holds however the
         engine groups its outputs per ``step()`` call (async scheduling may deliver two at once)."""
         engine = llm.llm_engine
-        sp = SamplingParams(max_tokens=n_steps, temperature=0.0, ignore_eos=True,
+        # The scheduler admits prompts only as fast as its token budget allows (the running sequences'
+        # decode tokens come first): the first requests decode for ~admission steps before the last one
+        # starts. Generate long enough that the whole batch then still decodes for n_steps + profile_steps.
+        first = admission_steps(args.batch, context, args.max_batched_tokens) + profile_steps
+        sp = SamplingParams(max_tokens=first + n_steps, temperature=0.0, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)  # fmt: skip
         for i in range(args.batch):
-            ids = [rng.randrange(3, vocab) for _ in range(context)]
+            ids = [rng.randrange(3, vocab) for _ in range(context)]  # random ids: no prefix is shared
             engine.add_request(f"{tag}{i}", TokensPrompt(prompt_token_ids=ids), sp)
-        started, kernels, prof = set(), [], None
+        started, kernels, prof, finished = set(), [], None, False
         window_start, window_tokens, profile_tokens = None, 0, 0
         while engine.has_unfinished_requests():
             outs = engine.step()
             now = time.perf_counter()
+            finished = finished or any(o.finished for o in outs)  # the batch shrinks from here on
             new = sum(len(o.outputs[0].token_ids) for o in outs if o.outputs)
             if len(started) < args.batch:  # prefill phase: wait for every request's first token
                 started.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
@@ -203,7 +221,7 @@ def measure(args) -> dict:
                     prof.__exit__(None, None, None)
                     kernels, prof = per_step_profile(kernel_times(prof), profile_tokens / args.batch), None
                     window_start = time.perf_counter()
-            elif window_start is not None:
+            elif window_start is not None and not finished:
                 window_tokens += new
                 window_end = now
         if prof is not None:  # the run ended first: not enough steps to profile
@@ -229,7 +247,9 @@ def measure(args) -> dict:
 
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
     ssm_bytes = 4 if args.model == "m1" and (args.ssm_cache_dtype or "float32") == "float32" else 2
-    mean_context = args.context + args.steps / 2  # the timed steps run at these contexts
+    # the timed steps run at contexts after the admission and profiled steps
+    mean_context = args.context + admission_steps(args.batch, args.context, args.max_batched_tokens)
+    mean_context += args.profile_steps + args.steps / 2
     moved = step_bytes(cfg, args.batch, mean_context, ssm_bytes, params * 1e9)
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     spec = spec_bandwidth(gpu)
@@ -298,7 +318,11 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="m1", choices=("m1", "llama", "native_hybrid"))
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--context", type=int, default=2304, help="prompt tokens per sequence (the paper's mean: 2304)")
-    p.add_argument("--steps", type=int, default=64, help="decode tokens per sequence after the first few")
+    p.add_argument("--steps", type=int, default=64, help="decode steps to time with the whole batch running")
+    p.add_argument(
+        "--max-batched-tokens", type=int, default=32768,
+        help="the engine's per-step token budget (prompts are admitted this fast)",
+    )  # fmt: skip
     p.add_argument("--ssm-cache-dtype", choices=("float32", "bfloat16"), help="M1's mamba_ssm_cache_dtype")
     p.add_argument(
         "--profile-steps", type=int, default=0, metavar="N",
