@@ -132,3 +132,24 @@ def test_distill_gpu_chooses_attention_layers_after_alignment(tmp_path):
     assert align and all(float(r["rel_err"]) > 0 for r in align)
     with pytest.raises(SystemExit, match="give --align-minutes"):
         script.main(["--device", "cpu", "--teacher-slice", "3", "--attn-layers", "auto", "--out", str(tmp_path / "x")])
+
+
+def test_plot_distill_runs_chains_continued_stages(tmp_path):
+    """A continued run's curve goes on where its first stage ended; the unaligned start and the repeated
+    step-0 evaluation of the continuation are not plotted."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    plot = importlib.import_module("plot_distill_runs")
+
+    def stage(name, seconds, steps, rows):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"train_seconds": seconds, "steps": steps}))
+        (d / "distill_eval.csv").write_text("step,stage,top1\n" + "".join(f"{s},{k},{t}\n" for s, k, t in rows))
+        return d
+
+    a = stage("a", 120, 100, [(0, "init", 0.001), (0, "aligned", 0.5), (50, "kl", 0.7), (100, "kl", 0.8)])
+    b = stage("b", 60, 10, [(0, "init", 0.8), (10, "kl", 0.85)])
+    assert plot.chain_points([a, b]) == [(0.0, 0.5), (1.0, 0.7), (2.0, 0.8), (3.0, 0.85)]
+    out = tmp_path / "runs.png"
+    plot.main(["--run", f"x={a},{b}", "--out", str(out)])
+    assert out.stat().st_size > 0
