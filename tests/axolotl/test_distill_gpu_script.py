@@ -38,7 +38,7 @@ def test_distill_gpu_smoke(tmp_path):
     script = _script()
     out, save = tmp_path / "out", tmp_path / "student"
     data = script.prepare_data(tmp_path / "data")
-    assert set(data) == {"train.jsonl", "test.jsonl"}
+    assert set(data) == {"train.jsonl", "test.jsonl", script.EXTRA_FILE}
     summary = script.main(
         ["--device", "cpu", "--teacher-slice", "2", "--data-dir", str(tmp_path / "data"), "--seq-len", "128",
          "--batch-rows", "2", "--max-steps", "2", "--eval-docs", "2", "--align-minutes", "0.02", "--out", str(out),
@@ -153,3 +153,15 @@ def test_plot_distill_runs_chains_continued_stages(tmp_path):
     out = tmp_path / "runs.png"
     plot.main(["--run", f"x={a},{b}", "--out", str(out)])
     assert out.stat().st_size > 0
+
+
+def test_extra_data_never_holds_a_held_out_problem(tmp_path):
+    """``--extra-data``: MATH test minus the 500 held-out MATH500 problems, plus GSM8K train as boxed solutions."""
+    script = _script()
+    script.prepare_data(tmp_path)
+    held_out = {r["problem"].strip() for r in script.read_jsonl(tmp_path / "test.jsonl")}
+    extra = script.read_jsonl(tmp_path / script.EXTRA_FILE)
+    assert len(held_out) == 500 and len(extra) == 4500 + 7473
+    assert not held_out & {r["problem"].strip() for r in extra}
+    gsm = extra[-1]["solution"]
+    assert gsm.endswith("The answer is $\\boxed{50}$.") and "<<" not in gsm and "####" not in gsm
