@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_atomically
+from .configuration_m1 import ATTENTION
+from .configuration_m1 import MAMBA
 from .configuration_m1 import M1HybridConfig
 from .modeling_m1 import M1HybridForCausalLM
 
@@ -113,38 +115,87 @@ def student_state_dict(teacher_sd: dict, student: M1HybridForCausalLM) -> dict:
     """Map teacher tensors onto the student's names (Algorithm 1); fresh tensors stay the student's."""
     cfg = student.config
     out = {k: v.clone() for k, v in student.state_dict().items()}
-    d_in, d_xb = cfg.d_inner, cfg.d_xb
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         if name in teacher_sd:
             out[name] = teacher_sd[name]
     for i, kind in enumerate(cfg.layers_block_type):
-        t, s = f"model.layers.{i}.", f"model.layers.{i}."
-        for part in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            for p in ("weight", "bias"):
-                if t + f"{part}.{p}" in teacher_sd:
-                    out[s + f"{part}.{p}"] = teacher_sd[t + f"{part}.{p}"]
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[s + f"{norm}.weight"] = teacher_sd[t + f"{norm}.weight"]
-        q, k, v, o = (teacher_sd[t + f"self_attn.{p}_proj.weight"] for p in "qkvo")
-        biases = [teacher_sd.get(t + f"self_attn.{p}_proj.bias") for p in "qkv"]
-        if kind == "attention":
-            out[s + "mha.in_proj.weight"] = torch.cat([q, k, v], dim=0)
-            if cfg.attention_bias:
-                out[s + "mha.in_proj.bias"] = torch.cat(biases, dim=0)
-            out[s + "mha.out_proj.weight"] = o
-        else:
-            w = out[s + "mamba.in_proj.weight"]
-            # Rows [z | x | B | C | dt]: x <- v, B <- k, C <- q (z and dt keep their fresh init).
-            w[d_in : d_in + d_xb] = v
-            w[d_in + d_xb : d_in + 2 * d_xb] = k
-            w[d_in + 2 * d_xb : 2 * d_in + 2 * d_xb] = q
-            if cfg.mamba_in_proj_bias:
-                bias = torch.zeros_like(out[s + "mamba.in_proj.bias"])
-                bias[d_in : d_in + d_xb], bias[d_in + d_xb : d_in + 2 * d_xb] = biases[2], biases[1]
-                bias[d_in + 2 * d_xb : 2 * d_in + 2 * d_xb] = biases[0]
-                out[s + "mamba.in_proj.bias"] = bias
-            out[s + "mamba.out_proj.weight"] = o
+        _map_layer(teacher_sd, cfg, i, kind, out)
     return out
+
+
+def _map_layer(teacher_sd: dict, cfg, i: int, kind: str, out: dict) -> None:
+    """Write layer ``i``'s teacher tensors into ``out`` under the student's names (``kind``: its block type)."""
+    d_in, d_xb = cfg.d_inner, cfg.d_xb
+    t = s = f"model.layers.{i}."
+    for part in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for p in ("weight", "bias"):
+            if t + f"{part}.{p}" in teacher_sd:
+                out[s + f"{part}.{p}"] = teacher_sd[t + f"{part}.{p}"]
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[s + f"{norm}.weight"] = teacher_sd[t + f"{norm}.weight"]
+    q, k, v, o = (teacher_sd[t + f"self_attn.{p}_proj.weight"] for p in "qkvo")
+    biases = [teacher_sd.get(t + f"self_attn.{p}_proj.bias") for p in "qkv"]
+    if kind == ATTENTION:
+        out[s + "mha.in_proj.weight"] = torch.cat([q, k, v], dim=0)
+        if cfg.attention_bias:
+            out[s + "mha.in_proj.bias"] = torch.cat(biases, dim=0)
+        out[s + "mha.out_proj.weight"] = o
+        return
+    w = out[s + "mamba.in_proj.weight"]
+    # Rows [z | x | B | C | dt]: x <- v, B <- k, C <- q (z and dt keep their fresh init).
+    w[d_in : d_in + d_xb] = v
+    w[d_in + d_xb : d_in + 2 * d_xb] = k
+    w[d_in + 2 * d_xb : 2 * d_in + 2 * d_xb] = q
+    if cfg.mamba_in_proj_bias:
+        bias = torch.zeros_like(out[s + "mamba.in_proj.bias"])
+        bias[d_in : d_in + d_xb], bias[d_in + d_xb : d_in + 2 * d_xb] = biases[2], biases[1]
+        bias[d_in + 2 * d_xb : 2 * d_in + 2 * d_xb] = biases[0]
+        out[s + "mamba.in_proj.bias"] = bias
+    out[s + "mamba.out_proj.weight"] = o
+
+
+def restore_attention(student: M1HybridForCausalLM, teacher, layers) -> None:
+    """Give the student's Mamba layers ``layers`` their teacher attention back, in place (Algorithm 1's copy).
+
+    For choosing the attention layers after alignment: a student converted with no attention layers
+    is aligned and scored (:func:`m1_hybrid.alignment.substitution_kl`), then the chosen layers are
+    rebuilt as attention layers holding the teacher's q/k/v/o, MLP and norms; every other layer,
+    the aligned mixers included, is untouched. ``student.config.attn_layers`` (and the derived
+    ``layers_block_type``) follow. New layers take the device, dtype and gradient-checkpointing
+    setting of the layers they replace.
+
+    Example::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> teacher = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        ...     intermediate_size=128, num_hidden_layers=3, vocab_size=100))
+        >>> student = convert_model(teacher, attn_layers=[])
+        >>> restore_attention(student, teacher, [2])
+        >>> student.config.layers_block_type
+        ['mamba', 'mamba', 'attention']
+    """
+    from .modeling_m1 import M1DecoderLayer
+
+    cfg = student.config
+    layers = sorted({int(i) for i in layers} - set(cfg.attn_layers))
+    bad = [i for i in layers if not 0 <= i < cfg.num_hidden_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a {cfg.num_hidden_layers}-layer student")
+    cfg.attn_layers = sorted(set(cfg.attn_layers) | set(layers))
+    cfg.layers_block_type = [ATTENTION if i in cfg.attn_layers else MAMBA for i in range(cfg.num_hidden_layers)]
+    teacher_sd = teacher.state_dict()
+    for i in layers:
+        old = student.model.layers[i]
+        ref = old.mlp.gate_proj.weight  # not A_log, which may stay fp32 in a bf16 model
+        new = M1DecoderLayer(cfg, i)
+        prefix = f"model.layers.{i}."
+        tensors = {prefix + k: v for k, v in new.state_dict().items()}
+        _map_layer(teacher_sd, cfg, i, ATTENTION, tensors)
+        new.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()})
+        new.to(device=ref.device, dtype=ref.dtype).train(old.training)
+        if hasattr(old, "gradient_checkpointing"):
+            new.gradient_checkpointing = old.gradient_checkpointing
+        student.model.layers[i] = new
 
 
 def convert_model(teacher, attn_layers=None, d_state: int = 16, seed: int = 0) -> M1HybridForCausalLM:

@@ -126,3 +126,38 @@ def test_teacher_attention_out_of_range():
     teacher_cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
     with pytest.raises(ValueError, match="fix attn_layers / --attn-layers"):
         student_config(teacher_cfg, attn_layers=[5])
+
+
+def test_restore_attention_equals_converting_with_those_layers(teacher):
+    """An all-Mamba student with layers 0 and 2 restored == converted with attn [0, 2], except that the other
+    mixers keep what they learned; bf16 students stay bf16 (and A_log fp32) around the new layers."""
+    from m1_hybrid.convert import restore_attention
+
+    n = teacher.config.num_hidden_layers
+    student = convert_model(teacher, attn_layers=[], d_state=4)
+    for p in student.model.layers[1].mamba.parameters():  # stand-in for alignment
+        p.data.add_(0.01)
+    learned = {k: v.clone() for k, v in student.model.layers[1].state_dict().items()}
+    restore_attention(student, teacher, [2, 0])
+    assert student.config.attn_layers == [0, 2] and student.config.layers_block_type[:3] == [
+        "attention", "mamba", "attention"]  # fmt: skip
+    expected = convert_model(teacher, attn_layers=[0, 2], d_state=4).state_dict()
+    got = student.state_dict()
+    assert set(got) == set(expected)
+    for k, v in got.items():
+        if k.startswith("model.layers.1."):
+            torch.testing.assert_close(v, learned[k[len("model.layers.1.") :]], rtol=0, atol=0)
+        elif k.startswith(("model.layers.0.", "model.layers.2.")):
+            torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
+    # The rebuilt model runs as one built with that config from the start (same weights).
+    ids = torch.randint(0, teacher.config.vocab_size, (1, 7))
+    restored = convert_model(teacher, attn_layers=[0, 2], d_state=4)
+    restored.load_state_dict(got)
+    torch.testing.assert_close(student(ids).logits, restored(ids).logits, rtol=0, atol=0)
+
+    half = convert_model(teacher, attn_layers=[], d_state=4).to(torch.bfloat16)
+    half.model.layers[0].mamba.A_log.data = half.model.layers[0].mamba.A_log.float()
+    restore_attention(half, teacher, [0])
+    assert {p.dtype for p in half.model.layers[0].parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match=f"out of range for a {n}-layer student"):
+        restore_attention(half, teacher, [n])
