@@ -101,3 +101,53 @@ def align_student(trainer, steps: int, lr: float = 1e-3) -> dict[str, float]:
         *(metrics[k] for k in metrics),
     )
     return metrics
+
+
+SCORE_BATCHES = 2  # train batches that score the aligned mixers for m1_attn_layers: auto
+
+
+def choose_attention(trainer, num_attention: int | None = None) -> dict[str, object]:
+    """``m1_attn_layers: auto``: after :func:`align_student` on a student with no attention layers, score
+    each aligned mixer (:func:`m1_hybrid.alignment.substitution_kl` over the assistant tokens of
+    ``SCORE_BATCHES`` train batches), keep attention at the ``num_attention`` costliest layers (default
+    ~25%, :func:`m1_hybrid.convert.default_attn_layers`) and give them the teacher's attention back
+    (:func:`m1_hybrid.convert.restore_attention`). Returns the chosen layers for the log.
+    """
+    from m1_hybrid.alignment import choose_attention_layers
+    from m1_hybrid.alignment import substitution_kl
+    from m1_hybrid.convert import default_attn_layers
+    from m1_hybrid.convert import restore_attention
+
+    student, teacher = trainer.accelerator.unwrap_model(trainer.model), trainer.m1_teacher
+    if student.config.attn_layers:
+        raise ValueError(
+            f"m1_attn_layers: auto needs a student converted with no attention layers, this one has "
+            f"{list(student.config.attn_layers)}: delete its m1_student_init_dir so the plugin converts it again"
+        )
+    n = student.config.num_hidden_layers
+    num_attention = num_attention or len(default_attn_layers(n))
+    device = next(teacher.parameters()).device
+    batches, totals, count = _batches(trainer), {}, 0
+    was_training = student.training
+    student.eval()
+    for _ in range(SCORE_BATCHES):
+        batch = next(batches)
+        counted = (batch["labels"] != -100).to(device)
+        pos = batch.get("position_ids")
+        with trainer.accelerator.autocast():
+            scores = substitution_kl(
+                teacher, student, batch["input_ids"].to(device), None if pos is None else pos.to(device), counted
+            )
+        weight = int(counted.sum())
+        for i, v in scores.items():
+            totals[i] = totals.get(i, 0.0) + v * weight
+        count += weight
+    student.train(was_training)
+    if not count:
+        raise ValueError("m1_attn_layers: auto found no assistant tokens in the first train batches to score on")
+    scores = {i: v / count for i, v in totals.items()}
+    chosen = choose_attention_layers(scores, num_attention)
+    restore_attention(student, teacher, chosen)
+    LOG.info("m1 attention layers chosen: %s (substitution KL per layer: %s)", chosen,
+             {i: round(v, 4) for i, v in scores.items()})  # fmt: skip
+    return {"m1_attn_layers": chosen, "m1_substitution_kl": scores}

@@ -18,9 +18,17 @@ from pydantic import model_validator
 class M1Args(BaseModel):
     """Input args of :class:`axolotl_m1.M1Plugin` (flat, top-level YAML keys)."""
 
-    m1_attn_layers: list[int] | None = Field(
+    m1_attn_layers: list[int] | Literal["auto"] | None = Field(
         default=None,
-        json_schema_extra={"description": "Attention layers of a student built on the fly from base_model"},
+        json_schema_extra={
+            "description": "Attention layers of a student built on the fly from base_model, or 'auto': convert every "
+            "layer, align all mixers (m1_align_steps), keep attention where the aligned mixer costs the teacher most"
+        },
+    )
+    m1_num_attn_layers: int | None = Field(
+        default=None,
+        ge=1,
+        json_schema_extra={"description": "How many attention layers m1_attn_layers: auto keeps (default ~25%)"},
     )
     m1_d_state: int | None = Field(default=None, json_schema_extra={"description": "SSM state size (default 16)"})
     m1_student_init_dir: str | None = Field(
@@ -53,12 +61,21 @@ class M1Args(BaseModel):
     @field_validator("m1_attn_layers")
     @classmethod
     def _layers_sorted_unique(cls, value):
-        if value is not None and len(set(value)) != len(value):
+        if value is None or value == "auto":
+            return value
+        if len(set(value)) != len(value):
             raise ValueError(f"m1_attn_layers has duplicates: {value}")
-        return sorted(value) if value is not None else None
+        return sorted(value)
 
     @model_validator(mode="after")
     def _check_distill(self):
+        if self.m1_attn_layers == "auto" and not (self.m1_distill and self.m1_align_steps):
+            raise ValueError(
+                "m1_attn_layers: auto chooses the attention layers from aligned mixers: set m1_distill: true and "
+                "m1_align_steps > 0 (e.g. 200), or list the layers (m1_attn_layers: [3, 8, ...])"
+            )
+        if self.m1_num_attn_layers is not None and self.m1_attn_layers != "auto":
+            raise ValueError("m1_num_attn_layers only applies to m1_attn_layers: auto; drop it or set auto")
         if self.m1_distill:
             if not self.m1_teacher_model:
                 raise ValueError(

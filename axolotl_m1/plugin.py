@@ -189,6 +189,11 @@ def prepare_student(cfg) -> None:
     layers = cfg.get("m1_attn_layers")
     kind, config = _hf_model_type(base, bool(cfg.get("trust_remote_code")))
     if kind == M1_MODEL_TYPE:
+        if layers == "auto":
+            raise ValueError(
+                f"base_model {base} is already an M1 hybrid (attention layers {list(config.attn_layers)}): "
+                "m1_attn_layers: auto only applies when base_model is a teacher to convert; drop it"
+            )
         if layers is not None and sorted(layers) != list(config.attn_layers):
             raise ValueError(
                 f"base_model {base} is already an M1 hybrid with attention layers {list(config.attn_layers)}, "
@@ -203,7 +208,9 @@ def prepare_student(cfg) -> None:
         )
     out_dir = cfg.get("m1_student_init_dir") or str(Path(cfg.get("output_dir") or "./model-out") / "m1_student_init")
     dtype = "bf16" if cfg.get("bf16") is True else "fp32"
-    student = build_student(base, out_dir, sorted(layers), int(cfg.get("m1_d_state") or 16), dtype)
+    # auto: every layer converted; M1DistillTrainer gives the chosen ones their attention back after alignment
+    attn = [] if layers == "auto" else sorted(layers)
+    student = build_student(base, out_dir, attn, int(cfg.get("m1_d_state") or 16), dtype)
     if cfg.get("m1_distill") and not cfg.get("m1_teacher_model"):
         cfg["m1_teacher_model"] = base
     for key in ("base_model_config", "tokenizer_config"):

@@ -10,6 +10,7 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from .align import align_student
+from .align import choose_attention
 from .loss import IGNORE_INDEX
 from .loss import DistillBatch
 from .loss import M1DistillOutput
@@ -102,6 +103,8 @@ class M1DistillTrainer(M1Trainer):
         self.m1_teacher = None
         self.m1_settings = DistillSettings()
         self.m1_align_steps, self.m1_align_lr = 0, 1e-3
+        self.m1_attn_auto, self.m1_num_attn_layers = False, None
+        self.m1_chosen: dict[str, object] = {}
         self._m1_pending_logs: dict[str, float] = {}
 
     def setup_distillation(self, cfg, teacher=None, teacher_tokenizer=None) -> None:
@@ -115,6 +118,8 @@ class M1DistillTrainer(M1Trainer):
         self.m1_settings = resolve_settings(cfg)
         self.m1_align_steps = int(_get(cfg, "m1_align_steps", 0))
         self.m1_align_lr = float(_get(cfg, "m1_align_lr", 1e-3))
+        self.m1_attn_auto = _get(cfg, "m1_attn_layers", None) == "auto"
+        self.m1_num_attn_layers = _get(cfg, "m1_num_attn_layers", None)
         student = self.accelerator.unwrap_model(self.model)
         install_distill_forward(student)
         name = (cfg.get("m1_teacher_model") if hasattr(cfg, "get") else None) or "<teacher>"
@@ -134,12 +139,36 @@ class M1DistillTrainer(M1Trainer):
         self.m1_teacher = teacher.eval().requires_grad_(False)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """Align the Mamba mixers first (``m1_align_steps``, fresh runs only), then train as usual."""
+        """Align the Mamba mixers first (``m1_align_steps``, fresh runs only), with ``m1_attn_layers: auto``
+        choose the attention layers then, and train as usual (the optimiser is built after both)."""
         if self.m1_align_steps > 0 and not resume_from_checkpoint:
             if self.m1_teacher is None:
                 raise RuntimeError("M1DistillTrainer.setup_distillation was not called (M1Plugin does it)")
             self._m1_pending_logs = align_student(self, self.m1_align_steps, self.m1_align_lr)
+            if self.m1_attn_auto:
+                self.m1_chosen = choose_attention(self, self.m1_num_attn_layers)
+        elif resume_from_checkpoint and self.m1_attn_auto:
+            self._restore_checkpoint_layers(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _restore_checkpoint_layers(self, resume_from_checkpoint) -> None:
+        """Resuming an ``auto`` run: the model was loaded with no attention layers; give it the checkpoint's
+        (their weights then come from the checkpoint like every other tensor)."""
+        import json
+        from pathlib import Path
+
+        from transformers.trainer_utils import get_last_checkpoint
+
+        from m1_hybrid.convert import restore_attention
+
+        path = resume_from_checkpoint
+        if not isinstance(path, str):
+            path = get_last_checkpoint(self.args.output_dir)
+        config = Path(path or "") / "config.json"
+        if not config.exists():
+            raise FileNotFoundError(f"no checkpoint config at {config}: cannot tell which layers it chose")
+        layers = json.loads(config.read_text())["attn_layers"]
+        restore_attention(self.accelerator.unwrap_model(self.model), self.m1_teacher, layers)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Axolotl's log; the alignment metrics join the first training log (kept in ``log_history``)."""

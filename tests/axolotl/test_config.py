@@ -55,6 +55,15 @@ def test_args_validation():
     with pytest.raises(ValidationError):
         M1Args(m1_kl_direction="sideways")
     assert M1Args(m1_attn_layers=[5, 2]).m1_attn_layers == [2, 5]
+    # auto: only with distillation and alignment (the choice is made from aligned mixers)
+    with pytest.raises(ValidationError, match="auto chooses .* m1_align_steps > 0"):
+        M1Args(m1_attn_layers="auto", m1_distill=True, m1_teacher_model="t")
+    with pytest.raises(ValidationError, match="m1_num_attn_layers only applies to m1_attn_layers: auto"):
+        M1Args(m1_attn_layers=[1], m1_num_attn_layers=2)
+    with pytest.raises(ValidationError):
+        M1Args(m1_attn_layers="all")
+    ok = M1Args(m1_attn_layers="auto", m1_num_attn_layers=3, m1_distill=True, m1_teacher_model="t", m1_align_steps=5)
+    assert ok.m1_attn_layers == "auto" and ok.m1_num_attn_layers == 3
 
 
 @pytest.fixture(scope="module")

@@ -157,3 +157,39 @@ def test_sft_on_the_distilled_checkpoint(distill_run):
     assert len(losses) == 6 and all(0 < v < 50 for v in losses)
     assert "kl" not in h[1]
     assert min(losses[-2:]) < losses[0], losses
+
+
+def test_auto_attention_layers_are_chosen_after_alignment_and_resume(tmp_path, teacher_dir, tiny_data):
+    """``m1_attn_layers: auto``: the all-Mamba student is aligned, two layers get attention back before the
+    first step, checkpoints carry them, and a resumed run rebuilds them and continues the same run."""
+    from transformers import AutoModelForCausalLM
+
+    common = dict(
+        base_model=str(teacher_dir),
+        m1_teacher_model=str(teacher_dir),
+        m1_student_init_dir=str(tmp_path / "student_init"),
+        datasets=chat_datasets(tiny_data),
+        dataset_prepared_path=str(tmp_path / "prepared"),
+        max_steps=4,
+        save_steps=2,
+        m1_attn_layers="auto",
+        m1_num_attn_layers=2,
+        m1_align_steps=2,
+    )
+    axolotl_train(tiny_yaml(tmp_path / "a.yml", "tiny_cpu_distill.yml", output_dir=str(tmp_path / "a"), **common),
+                  tmp_path / "a.log")  # fmt: skip
+    assert "m1 attention layers chosen" in (tmp_path / "a.log").read_text()
+    init = json.loads((tmp_path / "student_init" / "config.json").read_text())
+    assert init["attn_layers"] == []  # converted with every layer a mixer
+    chosen = json.loads((tmp_path / "a" / "checkpoint-2" / "config.json").read_text())["attn_layers"]
+    assert len(chosen) == 2
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "checkpoint-4", trust_remote_code=True)
+    assert [i for i, layer in enumerate(model.model.layers) if layer.is_attention] == chosen
+
+    cfg_b = tiny_yaml(tmp_path / "b.yml", "tiny_cpu_distill.yml", output_dir=str(tmp_path / "b"),
+                      resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"), **common)  # fmt: skip
+    axolotl_train(cfg_b, tmp_path / "b.log")
+    a, b = history(tmp_path / "a" / "checkpoint-4"), history(tmp_path / "b" / "checkpoint-4")
+    assert "m1 align" not in (tmp_path / "b.log").read_text()
+    for step in (3, 4):
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-3 * max(1.0, abs(a[step]["loss"])), (step, a[step], b[step])
