@@ -153,6 +153,20 @@ def count_params(path: str) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e9
 
 
+def start_engine(kw: dict, cuda: bool, gpu_mem_util: float):
+    """``vllm.LLM(**kw)`` in bf16 with ``gpu_mem_util`` on CUDA, fp32 eager on CPU; prints its start-up time."""
+    from vllm import LLM
+
+    if cuda:
+        kw = dict(kw, dtype="bfloat16", gpu_memory_utilization=gpu_mem_util)
+    else:
+        kw = dict(kw, dtype="float32", enforce_eager=True)
+    t = time.time()
+    llm = LLM(**kw)
+    print(f"# engine up in {time.time() - t:.1f} s", file=sys.stderr, flush=True)
+    return llm
+
+
 def worker(args) -> None:
     """Child process: one model, all batches/lengths; prints one JSON row per measurement."""
     import random
@@ -164,7 +178,6 @@ def worker(args) -> None:
     if not cuda:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     import vllm
-    from vllm import LLM
 
     import vllm_m1
 
@@ -186,13 +199,7 @@ def worker(args) -> None:
         seed=0,
         tensor_parallel_size=args.tp,
     )
-    if cuda:
-        kw.update(dtype="bfloat16", gpu_memory_utilization=args.gpu_mem_util)
-    else:
-        kw.update(dtype="float32", enforce_eager=True)
-    t = time.time()
-    llm = LLM(**kw)
-    print(f"# engine up in {time.time() - t:.1f} s", file=sys.stderr, flush=True)
+    llm = start_engine(kw, cuda, args.gpu_mem_util)
     kv_tokens = ""
     try:
         kv_tokens = (

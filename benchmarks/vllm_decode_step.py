@@ -29,11 +29,11 @@ import datetime
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 
 from bench_vllm_throughput import count_params
+from bench_vllm_throughput import start_engine
 from bench_vllm_throughput import write_config
 from results_io import append_csv
 from results_io import pyplot
@@ -150,7 +150,6 @@ def measure(args) -> dict:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     import vllm
     from transformers import AutoConfig
-    from vllm import LLM
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -173,13 +172,7 @@ def measure(args) -> dict:
     )
     if args.model == "m1" and args.ssm_cache_dtype:
         kw["mamba_ssm_cache_dtype"] = args.ssm_cache_dtype
-    if cuda:
-        kw.update(dtype="bfloat16", gpu_memory_utilization=args.gpu_mem_util)
-    else:
-        kw.update(dtype="float32", enforce_eager=True)
-    t = time.time()
-    llm = LLM(**kw)
-    print(f"# engine up in {time.time() - t:.1f} s", file=sys.stderr, flush=True)
+    llm = start_engine(kw, cuda, args.gpu_mem_util)
     rng = random.Random(0)
     vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
 

@@ -33,15 +33,25 @@ def history(ckpt: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
-@pytest.fixture(scope="module")
-def distill_run(tmp_path_factory, teacher_dir, tiny_data):
-    root = tmp_path_factory.mktemp("e2e")
-    common = dict(
+def distill_keys(root: Path, teacher_dir, tiny_data, **more) -> dict:
+    """The YAML keys every distillation run here shares (teacher = base_model, files under ``root``), plus ``more``."""
+    return dict(
         base_model=str(teacher_dir),
         m1_teacher_model=str(teacher_dir),
         m1_student_init_dir=str(root / "student_init"),
         datasets=chat_datasets(tiny_data),
         dataset_prepared_path=str(root / "prepared"),
+        **more,
+    )
+
+
+@pytest.fixture(scope="module")
+def distill_run(tmp_path_factory, teacher_dir, tiny_data):
+    root = tmp_path_factory.mktemp("e2e")
+    common = distill_keys(
+        root,
+        teacher_dir,
+        tiny_data,
         max_steps=STEPS,
         save_steps=SAVE,
         m1_align_steps=ALIGN_STEPS,
@@ -164,12 +174,10 @@ def test_auto_attention_layers_are_chosen_after_alignment_and_resume(tmp_path, t
     first step, checkpoints carry them, and a resumed run rebuilds them and continues the same run."""
     from transformers import AutoModelForCausalLM
 
-    common = dict(
-        base_model=str(teacher_dir),
-        m1_teacher_model=str(teacher_dir),
-        m1_student_init_dir=str(tmp_path / "student_init"),
-        datasets=chat_datasets(tiny_data),
-        dataset_prepared_path=str(tmp_path / "prepared"),
+    common = distill_keys(
+        tmp_path,
+        teacher_dir,
+        tiny_data,
         max_steps=4,
         save_steps=2,
         m1_attn_layers="auto",
