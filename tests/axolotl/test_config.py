@@ -108,6 +108,12 @@ def test_student_built_on_the_fly_and_reused(llama_dir, tmp_path):
     assert ckpt["base_model"] == cfg["base_model"]
     with pytest.raises(ValueError, match="already an M1 hybrid"):
         prepare_student({"base_model": cfg["base_model"], "m1_attn_layers": [0]})
+    with pytest.raises(ValueError, match="auto only applies when base_model is a teacher"):
+        prepare_student({"base_model": cfg["base_model"], "m1_attn_layers": "auto"})
+    # auto converts every layer into a mixer (the trainer gives the chosen ones attention back after alignment)
+    auto = {"base_model": str(llama_dir), "m1_attn_layers": "auto", "output_dir": str(tmp_path / "auto")}
+    prepare_student(auto)
+    assert M1HybridForCausalLM.from_pretrained(auto["base_model"]).config.attn_layers == []
 
 
 def test_align_steps_need_distillation(axolotl_setup, tmp_path):
