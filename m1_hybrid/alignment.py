@@ -178,6 +178,30 @@ def substitution_kl(teacher, student, input_ids, position_ids=None, token_mask=N
     return scores
 
 
+def mean_substitution_kl(teacher, student, batches, autocast=contextlib.nullcontext) -> dict[int, float]:
+    """:func:`substitution_kl` over ``batches`` of ``(input_ids, position_ids, token_mask)``, weighted by
+    their counted tokens (batches with none are skipped), with the student in eval mode meanwhile."""
+    was_training = student.training
+    student.eval()
+    totals: dict[int, float] = {}
+    count = 0
+    try:
+        for input_ids, position_ids, token_mask in batches:
+            weight = int(token_mask.sum())
+            if weight == 0:
+                continue
+            with autocast():
+                scores = substitution_kl(teacher, student, input_ids, position_ids, token_mask)
+            for i, v in scores.items():
+                totals[i] = totals.get(i, 0.0) + v * weight
+            count += weight
+    finally:
+        student.train(was_training)
+    if not count:
+        raise ValueError("no counted tokens in the scoring batches: score on batches with assistant tokens")
+    return {i: v / count for i, v in totals.items()}
+
+
 def choose_attention_layers(scores: dict[int, float], num_attention: int) -> list[int]:
     """The ``num_attention`` layers whose substitution costs most (:func:`substitution_kl`), sorted.
 

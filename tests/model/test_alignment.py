@@ -11,6 +11,7 @@ from m1_hybrid.alignment import alignment_optimizer
 from m1_hybrid.alignment import alignment_step
 from m1_hybrid.alignment import choose_attention_layers
 from m1_hybrid.alignment import mamba_parameters
+from m1_hybrid.alignment import mean_substitution_kl
 from m1_hybrid.alignment import substitution_kl
 from m1_hybrid.convert import convert_model
 
@@ -159,3 +160,25 @@ def test_choose_attention_layers_keeps_the_costliest():
     assert choose_attention_layers({3: 0.2, 0: 0.9, 5: 0.4, 1: 0.1}, 2) == [0, 5]
     with pytest.raises(ValueError, match="num_attention must be in 1..4"):
         choose_attention_layers({3: 0.2, 0: 0.9, 5: 0.4, 1: 0.1}, 5)
+
+
+def test_mean_substitution_kl_weights_batches_by_their_counted_tokens():
+    """Two batches averaged == the two as one batch (per-token KLs); a batch with nothing counted is skipped."""
+    teacher, student = _pair(layers=3, attn=())
+    for p in mamba_parameters(student):
+        p.data.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 97, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, :6] = False  # 3 counted tokens in the first batch, 18 in the second
+    whole = substitution_kl(teacher, student, ids, None, mask)
+    none = torch.zeros(1, 9, dtype=torch.bool)
+    student.train()
+    parts = mean_substitution_kl(
+        teacher, student, [(ids[:1], None, mask[:1]), (ids[1:], None, mask[1:]), (ids[:1], None, none)]
+    )
+    assert student.training  # restored after scoring in eval mode
+    assert parts.keys() == whole.keys()
+    for i in whole:
+        assert parts[i] == pytest.approx(whole[i], rel=1e-6)
+    with pytest.raises(ValueError, match="no counted tokens"):
+        mean_substitution_kl(teacher, student, [(ids[:1], None, none)])
