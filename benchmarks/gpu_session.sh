@@ -31,18 +31,13 @@ case $stage in
     vllm_env .gpu
     gunzip -kf .gpu_tok/tokenizer.json.gz
     python3 - <<'PY'
-import json, pathlib, torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import json, pathlib, sys
 import tests.vllm.conftest as c
 c.smollm2_dir = lambda n: pathlib.Path(".gpu_tok")
 c.build_tiny("/tmp/m1_tiny")
-torch.manual_seed(0)  # a tiny random GQA Llama teacher with SmolLM2's tokenizer
-cfg = LlamaConfig(vocab_size=49152, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=3,
-                  num_key_value_heads=1, head_dim=64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-LlamaForCausalLM(cfg).save_pretrained("/tmp/llama_tiny")
-for f in pathlib.Path(".gpu_tok").glob("*"):
-    if not f.name.endswith(".gz"):
-        (pathlib.Path("/tmp/llama_tiny") / f.name).write_bytes(f.read_bytes())
+sys.path.insert(0, "benchmarks")
+from gpu_fsdp_prepare import build_teacher  # a tiny random GQA Llama teacher with SmolLM2's tokenizer
+build_teacher(pathlib.Path("/tmp/llama_tiny"))
 d = pathlib.Path("/tmp/tiny_data"); d.mkdir(exist_ok=True)
 rows = [("What is 2+3?", "We add: $2+3=5$. So the answer is $\\boxed{5}$.", "5"),
         ("What is 7*6?", "Multiply: $7\\cdot 6=42$, so $\\boxed{42}$.", "42"),
