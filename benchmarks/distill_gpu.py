@@ -559,7 +559,7 @@ def main(argv=None) -> dict:
         return to_batch([next(rows) for _ in range(args.batch_rows)], device)
 
     align_log, layer_scores = [], {}
-    if not attn_layers:  # --attn-layers auto: align all mixers, score them, keep attention where they cost most
+    if args.attn_layers == "auto" and not args.init_student:  # align all mixers, keep attention where they cost most
         align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir)
         scoring = [next_batch() for _ in range(SCORE_BATCHES)]
         scoring = [(b["input_ids"], b["position_ids"], b["labels"] != IGNORE_INDEX) for b in scoring]
