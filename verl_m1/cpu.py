@@ -122,17 +122,25 @@ def use_cpu_platform():
     return current
 
 
-def init_single_process_group(port: int = 29533, backend: str = "gloo") -> None:
+def init_single_process_group(port: int | None = None, backend: str = "gloo") -> None:
     """A one-process group (rank 0 of 1), as VeRL's workers expect ``torch.distributed``.
 
-    ``backend``: ``gloo`` on CPU; ``nccl`` for CUDA tensors (FSDP2 collectives on GPU)."""
+    ``port``: the rendezvous port when ``MASTER_PORT`` is unset (default: a free one, so two runs on one
+    machine do not collide); ``backend``: ``gloo`` on CPU; ``nccl`` for CUDA tensors (FSDP2 on GPU)."""
+    import socket
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(port))
+    if "MASTER_PORT" not in os.environ:
+        if port is None:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+        os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group(backend, rank=0, world_size=1)
 
 
