@@ -9,13 +9,17 @@ of those steps, SSM/conv states read and written; :func:`step_bytes`) divided by
 time, over the GPU's bandwidth (spec sheet, and a device-to-device copy measured here), is the
 fraction of the ceiling reached.
 
-``--profile-steps N`` also records N of those steps under ``torch.profiler`` (engine in this
-process, CUDA graphs on) and writes the GPU time per step of every kernel:
-``vllm_decode_profile_<model>.csv``.
+The engine core runs in its own process by default (``--engine process``, as under ``vllm serve``:
+the scheduler and the output handling of one step overlap the GPU work of the next);
+``--engine inproc`` runs it in this process, one step after the other. ``--profile-steps N`` (in
+process) also records N of those steps under ``torch.profiler`` (CUDA graphs on) and writes the GPU
+time per step of every kernel, ``vllm_decode_profile_<model>.csv``; their sum is the row's
+``gpu_ms_per_step``, the step as the GPU alone sees it.
 
 Usage (GPU; random weights, ``load_format="dummy"``)::
 
-    python benchmarks/vllm_decode_step.py --model m1 --batch 512 --context 2304 --profile-steps 8 --out $OUT
+    python benchmarks/vllm_decode_step.py --model m1 --batch 512 --context 2304 --out $OUT
+    python benchmarks/vllm_decode_step.py --model m1 --engine inproc --profile-steps 6 --out $OUT
     python benchmarks/vllm_decode_step.py --model native_hybrid --out $OUT
     python benchmarks/vllm_decode_step.py --smoke --out runs/decode_step     # tiny shapes, CPU too
 
@@ -41,6 +45,7 @@ from results_io import pyplot
 # HBM bandwidth on the spec sheet (bytes/s), by a substring of torch.cuda.get_device_name().
 SPEC_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H200": 4.8e12}
 CSV_STEP = "vllm_decode_step.csv"
+DEFAULT_BATCHED_TOKENS = 32768  # prompts admitted fast enough that the whole batch soon decodes
 
 
 def step_bytes(cfg, batch: int, context: float, ssm_bytes: int, params: float) -> dict[str, float]:
@@ -136,15 +141,29 @@ def admission_steps(batch: int, context: int, max_batched_tokens: int) -> int:
     return math.ceil(batch * context / max(max_batched_tokens - batch, 1)) + 2
 
 
+def max_new_tokens(batch: int, context: int, max_batched_tokens: int, steps: int, profile_steps: int) -> int:
+    """Tokens each request may generate: the first admitted ones decode through the whole admission
+    (estimated by :func:`admission_steps`, given twice its length: chunked prefill is not always that
+    dense) and then through the profiled and timed steps.
+
+    Example::
+
+        >>> max_new_tokens(512, 2304, 32768, 64, 6)
+        148
+    """
+    return 2 * admission_steps(batch, context, max_batched_tokens) + profile_steps + steps
+
+
 def spec_bandwidth(gpu: str) -> float | None:
     return next((bw for key, bw in SPEC_BANDWIDTH.items() if key in gpu), None)
 
 
 def measure(args) -> dict:
-    """Build the engine for ``args.model`` and time its decode step (this process runs the engine)."""
+    """Build the engine for ``args.model`` (its core in this process or its own) and time its decode step."""
     import torch
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine (and its kernels) in this process
+    # in process: the profiler sees the engine's kernels; in its own process: serving's overlap of CPU and GPU
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if args.engine == "inproc" else "1"
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -164,7 +183,9 @@ def measure(args) -> dict:
         model=path,
         load_format="dummy",
         skip_tokenizer_init=True,
-        max_model_len=args.context + args.steps + 8,
+        max_model_len=args.context
+        + max_new_tokens(args.batch, args.context, args.max_batched_tokens, args.steps, args.profile_steps)
+        + 8,
         max_num_seqs=args.batch,
         max_num_batched_tokens=args.max_batched_tokens,
         enable_prefix_caching=False,
@@ -176,30 +197,32 @@ def measure(args) -> dict:
     rng = random.Random(0)
     vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
 
-    def run(tag: str, context: int, n_steps: int, profile_steps: int = 0) -> tuple[float, int, list[dict]]:
-        """Submit the batch and step the engine to the end. Once every request has its first token (all
-        prefills done) each engine step decodes the whole batch; returns the mean time of such a
-        step over the window after the profiled ones, the steps timed, and the kernel table.
+    def run(tag: str, context: int, n_steps: int, profile_steps: int = 0) -> tuple[float, float, list[dict], float]:
+        """Submit the batch and step the engine. Once every request has its first token (all prefills
+        done) each engine step decodes the whole batch; returns the mean time of such a step over the
+        ``n_steps`` after the profiled ones, the steps timed, the kernel table and the mean context over
+        the timed steps (prompt + tokens generated so far). The rest of the batch is then aborted.
 
         Steps are counted in tokens (``batch`` tokens = one step), so the figure holds however the
         engine groups its outputs per ``step()`` call (async scheduling may deliver two at once)."""
         engine = llm.llm_engine
         # The scheduler admits prompts only as fast as its token budget allows (the running sequences'
-        # decode tokens come first): the first requests decode for ~admission steps before the last one
-        # starts. Generate long enough that the whole batch then still decodes for n_steps + profile_steps.
-        first = admission_steps(args.batch, context, args.max_batched_tokens) + profile_steps
-        sp = SamplingParams(max_tokens=first + n_steps, temperature=0.0, ignore_eos=True,
-                            output_kind=RequestOutputKind.DELTA)  # fmt: skip
-        for i in range(args.batch):
+        # decode tokens come first), so the first requests decode while later ones are prefilled; they
+        # may generate up to max_new_tokens, more than any window needs, and are aborted after it.
+        limit = max_new_tokens(args.batch, context, args.max_batched_tokens, n_steps, profile_steps)
+        sp = SamplingParams(max_tokens=limit, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+        ids_of = [f"{tag}{i}" for i in range(args.batch)]
+        for rid in ids_of:
             ids = [rng.randrange(3, vocab) for _ in range(context)]  # random ids: no prefix is shared
-            engine.add_request(f"{tag}{i}", TokensPrompt(prompt_token_ids=ids), sp)
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), sp)
         started, kernels, prof, finished = set(), [], None, False
-        window_start, window_tokens, profile_tokens = None, 0, 0
+        window_start, window_tokens, profile_tokens, generated, gen_at_start = None, 0, 0, 0, 0
         while engine.has_unfinished_requests():
             outs = engine.step()
             now = time.perf_counter()
             finished = finished or any(o.finished for o in outs)  # the batch shrinks from here on
             new = sum(len(o.outputs[0].token_ids) for o in outs if o.outputs)
+            generated += new
             if len(started) < args.batch:  # prefill phase: wait for every request's first token
                 started.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
                 if len(started) == args.batch:
@@ -214,24 +237,32 @@ def measure(args) -> dict:
                     prof.__exit__(None, None, None)
                     kernels, prof = per_step_profile(kernel_times(prof), profile_tokens / args.batch), None
                     window_start = time.perf_counter()
+                    gen_at_start = generated
             elif window_start is not None and not finished:
                 window_tokens += new
                 window_end = now
+                if window_tokens >= n_steps * args.batch:
+                    break
         if prof is not None:  # the run ended first: not enough steps to profile
             prof.__exit__(None, None, None)
+        engine.abort_request(ids_of)  # the window is over: free the batch's slots for the next run
+        while engine.has_unfinished_requests():
+            engine.step()
         steps = window_tokens / args.batch
         if not steps:
             raise RuntimeError(
                 f"no decode step was timed ({len(started)}/{args.batch} requests started, {profile_tokens} tokens "
-                "profiled): raise --steps"
+                f"profiled, {limit} tokens per request): raise the token budget (--max-batched-tokens)"
             )
-        return (window_end - window_start) / steps, round(steps, 1), kernels
+        # mean context of the timed steps: prompt + mean tokens generated, halfway through the window
+        mean_context = context + (gen_at_start + generated) / 2 / args.batch
+        return (window_end - window_start) / steps, round(steps, 1), kernels, mean_context
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile
 
     run("warm", 16, 4)  # warm-up: the batch's shapes and the prefill path compiled and captured
-    step, steps_timed, kernels = run("r", args.context, args.steps, args.profile_steps if cuda else 0)
+    step, steps_timed, kernels, mean_context = run("r", args.context, args.steps, args.profile_steps if cuda else 0)
     if kernels:
         append_csv(kernels, args.out, f"vllm_decode_profile_{args.model}.csv")
         print(f"kernel us per decode step ({args.profile_steps} profiled steps):")
@@ -240,9 +271,7 @@ def measure(args) -> dict:
 
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
     ssm_bytes = 4 if args.model == "m1" and (args.ssm_cache_dtype or "float32") == "float32" else 2
-    # the timed steps run at contexts after the admission and profiled steps
-    mean_context = args.context + admission_steps(args.batch, args.context, args.max_batched_tokens)
-    mean_context += args.profile_steps + args.steps / 2
+    gpu_step = sum(r["us_per_step"] for r in kernels) / 1e6 if kernels else None  # the kernels alone
     moved = step_bytes(cfg, args.batch, mean_context, ssm_bytes, params * 1e9)
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     spec = spec_bandwidth(gpu)
@@ -254,7 +283,8 @@ def measure(args) -> dict:
         model=args.model if args.model != "m1" else f"m1 (ssm {'fp32' if ssm_bytes == 4 else 'bf16'})",
         params_b=round(params, 3),
         batch=args.batch,
-        mean_context=mean_context,
+        engine=args.engine,
+        mean_context=round(mean_context, 1),
         ms_per_step=round(1000 * step, 3),
         tok_per_s=round(args.batch / step, 1),
         gb_per_step=round(moved["total"] / 1e9, 2),
@@ -267,6 +297,8 @@ def measure(args) -> dict:
         frac_of_spec=round(moved["total"] / step / spec, 3) if spec else "",
         frac_of_copy=round(moved["total"] / step / bw_copy, 3) if bw_copy else "",
         steps_timed=steps_timed,
+        gpu_ms_per_step=round(1000 * gpu_step, 3) if gpu_step else "",
+        gpu_frac_of_spec=round(moved["total"] / gpu_step / spec, 3) if gpu_step and spec else "",
     )
     append_csv([row], args.out, CSV_STEP)
     print("ROW", row, flush=True)
@@ -313,7 +345,7 @@ def main(argv=None) -> dict:
     p.add_argument("--context", type=int, default=2304, help="prompt tokens per sequence (the paper's mean: 2304)")
     p.add_argument("--steps", type=int, default=64, help="decode steps to time with the whole batch running")
     p.add_argument(
-        "--max-batched-tokens", type=int, default=32768,
+        "--max-batched-tokens", type=int, default=DEFAULT_BATCHED_TOKENS,
         help="the engine's per-step token budget (prompts are admitted this fast)",
     )  # fmt: skip
     p.add_argument("--ssm-cache-dtype", choices=("float32", "bfloat16"), help="M1's mamba_ssm_cache_dtype")
@@ -321,11 +353,17 @@ def main(argv=None) -> dict:
         "--profile-steps", type=int, default=0, metavar="N",
         help="profile N full-batch decode steps: per-kernel GPU time per step (CSV)",
     )  # fmt: skip
+    p.add_argument(
+        "--engine", choices=("process", "inproc"), default="process",
+        help="engine core in its own process (as vllm serve runs it) or in this one (needed by --profile-steps)",
+    )  # fmt: skip
     p.add_argument("--gpu-mem-util", type=float, default=0.9)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes (batch 4, context 16, 4 steps): checks the script")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (batch 4, context 16, 8 steps): checks the script")
     p.add_argument("--workdir", default=None, help="where the config is written (default: a temp folder)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    if args.profile_steps and args.engine != "inproc":
+        p.error("--profile-steps needs the engine in this process: add --engine inproc")
     if args.smoke:
         args.batch, args.context, args.steps = 4, 16, 8
     return measure(args)
