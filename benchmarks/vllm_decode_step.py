@@ -9,17 +9,18 @@ of those steps, SSM/conv states read and written; :func:`step_bytes`) divided by
 time, over the GPU's bandwidth (spec sheet, and a device-to-device copy measured here), is the
 fraction of the ceiling reached.
 
-The engine core runs in its own process by default (``--engine process``, as under ``vllm serve``:
-the scheduler and the output handling of one step overlap the GPU work of the next);
-``--engine inproc`` runs it in this process, one step after the other. ``--profile-steps N`` (in
-process) also records N of those steps under ``torch.profiler`` (CUDA graphs on) and writes the GPU
-time per step of every kernel, ``vllm_decode_profile_<model>.csv``; their sum is the row's
-``gpu_ms_per_step``, the step as the GPU alone sees it.
+The engine core runs in this process by default (``--engine inproc``; async scheduling overlaps one
+step's host work with the GPU work of the next); ``--engine process`` runs it in its own process as
+``vllm serve`` does (outputs then cross a socket each step: slower here, see vllm_m1/README.md; the
+plugin must be pip-installed so that process finds it). ``--profile-steps N`` (in process) also
+records N of those steps under ``torch.profiler`` (CUDA graphs on) and writes the GPU time per step
+of every kernel, ``vllm_decode_profile_<model>.csv``; their sum is the row's ``gpu_ms_per_step``,
+the step as the GPU alone sees it.
 
 Usage (GPU; random weights, ``load_format="dummy"``)::
 
     python benchmarks/vllm_decode_step.py --model m1 --batch 512 --context 2304 --out $OUT
-    python benchmarks/vllm_decode_step.py --model m1 --engine inproc --profile-steps 6 --out $OUT
+    python benchmarks/vllm_decode_step.py --model m1 --profile-steps 6 --out $OUT
     python benchmarks/vllm_decode_step.py --model native_hybrid --out $OUT
     python benchmarks/vllm_decode_step.py --smoke --out runs/decode_step     # tiny shapes, CPU too
 
@@ -354,8 +355,8 @@ def main(argv=None) -> dict:
         help="profile N full-batch decode steps: per-kernel GPU time per step (CSV)",
     )  # fmt: skip
     p.add_argument(
-        "--engine", choices=("process", "inproc"), default="process",
-        help="engine core in its own process (as vllm serve runs it) or in this one (needed by --profile-steps)",
+        "--engine", choices=("inproc", "process"), default="inproc",
+        help="engine core in this process (needed by --profile-steps) or in its own, as vllm serve runs it",
     )  # fmt: skip
     p.add_argument("--gpu-mem-util", type=float, default=0.9)
     p.add_argument("--smoke", action="store_true", help="tiny shapes (batch 4, context 16, 8 steps): checks the script")
