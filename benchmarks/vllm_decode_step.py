@@ -34,6 +34,7 @@ import datetime
 import math
 import os
 import random
+import statistics
 import tempfile
 import time
 
@@ -198,11 +199,12 @@ def measure(args) -> dict:
     rng = random.Random(0)
     vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
 
-    def run(tag: str, context: int, n_steps: int, profile_steps: int = 0) -> tuple[float, float, list[dict], float]:
+    def run(tag: str, context: int, n_steps: int, profile_steps: int = 0) -> dict:
         """Submit the batch and step the engine. Once every request has its first token (all prefills
-        done) each engine step decodes the whole batch; returns the mean time of such a step over the
-        ``n_steps`` after the profiled ones, the steps timed, the kernel table and the mean context over
-        the timed steps (prompt + tokens generated so far). The rest of the batch is then aborted.
+        done) each engine step decodes the whole batch; returns, over the ``n_steps`` such steps after
+        the profiled ones: their mean time (``step``), the median and the slowest of the per-call step
+        times (``median``, ``slowest``: stalls show here), the steps timed, the kernel table and the
+        mean context (prompt + tokens generated so far). The rest of the batch is then aborted.
 
         Steps are counted in tokens (``batch`` tokens = one step), so the figure holds however the
         engine groups its outputs per ``step()`` call (async scheduling may deliver two at once)."""
@@ -216,8 +218,9 @@ def measure(args) -> dict:
         for rid in ids_of:
             ids = [rng.randrange(3, vocab) for _ in range(context)]  # random ids: no prefix is shared
             engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), sp)
-        started, kernels, prof, finished = set(), [], None, False
+        started, kernels, prof, finished, window_end = set(), [], None, False, 0.0
         window_start, window_tokens, profile_tokens, generated, gen_at_start = None, 0, 0, 0, 0
+        per_call = []  # seconds per step of each step() call in the window that returned tokens
         while engine.has_unfinished_requests():
             outs = engine.step()
             now = time.perf_counter()
@@ -231,7 +234,7 @@ def measure(args) -> dict:
                         prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                         prof.__enter__()
                     else:
-                        window_start = now
+                        window_start, gen_at_start = now, generated
             elif prof is not None:  # profiled steps (CUPTI slows them: not timed)
                 profile_tokens += new
                 if profile_tokens >= profile_steps * args.batch:
@@ -240,6 +243,8 @@ def measure(args) -> dict:
                     window_start = time.perf_counter()
                     gen_at_start = generated
             elif window_start is not None and not finished:
+                if new:
+                    per_call.append((now - max(window_end, window_start)) / (new / args.batch))
                 window_tokens += new
                 window_end = now
                 if window_tokens >= n_steps * args.batch:
@@ -257,13 +262,15 @@ def measure(args) -> dict:
             )
         # mean context of the timed steps: prompt + mean tokens generated, halfway through the window
         mean_context = context + (gen_at_start + generated) / 2 / args.batch
-        return (window_end - window_start) / steps, round(steps, 1), kernels, mean_context
+        return dict(step=(window_end - window_start) / steps, median=statistics.median(per_call), slowest=max(per_call),
+                    steps=round(steps, 1), kernels=kernels, mean_context=mean_context)  # fmt: skip
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile
 
     run("warm", 16, 4)  # warm-up: the batch's shapes and the prefill path compiled and captured
-    step, steps_timed, kernels, mean_context = run("r", args.context, args.steps, args.profile_steps if cuda else 0)
+    timed = run("r", args.context, args.steps, args.profile_steps if cuda else 0)
+    step, kernels, mean_context = timed["step"], timed["kernels"], timed["mean_context"]
     if kernels:
         append_csv(kernels, args.out, f"vllm_decode_profile_{args.model}.csv")
         print(f"kernel us per decode step ({args.profile_steps} profiled steps):")
@@ -297,7 +304,10 @@ def measure(args) -> dict:
         copy_tb_s=round(bw_copy / 1e12, 3) if bw_copy else "",
         frac_of_spec=round(moved["total"] / step / spec, 3) if spec else "",
         frac_of_copy=round(moved["total"] / step / bw_copy, 3) if bw_copy else "",
-        steps_timed=steps_timed,
+        steps_timed=timed["steps"],
+        median_ms_per_step=round(1000 * timed["median"], 3),
+        slowest_ms_per_step=round(1000 * timed["slowest"], 3),
+        median_frac_of_spec=round(moved["total"] / timed["median"] / spec, 3) if spec else "",
         gpu_ms_per_step=round(1000 * gpu_step, 3) if gpu_step else "",
         gpu_frac_of_spec=round(moved["total"] / gpu_step / spec, 3) if gpu_step and spec else "",
     )
