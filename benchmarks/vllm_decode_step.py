@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import math
 import os
 import random
@@ -218,6 +219,13 @@ def measure(args) -> dict:
         for rid in ids_of:
             ids = [rng.randrange(3, vocab) for _ in range(context)]  # random ids: no prefix is shared
             engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), sp)
+        # Python's cyclic GC runs in this process between steps: "freeze" moves everything alive now (the
+        # engine, the batch's requests) out of its reach, "off" stops it for the run
+        if args.gc == "freeze":
+            gc.collect()
+            gc.freeze()
+        elif args.gc == "off":
+            gc.disable()
         started, kernels, prof, finished, window_end = set(), [], None, False, 0.0
         window_start, window_tokens, profile_tokens, generated, gen_at_start = None, 0, 0, 0, 0
         per_call = []  # seconds per step of each step() call in the window that returned tokens
@@ -251,6 +259,8 @@ def measure(args) -> dict:
                     break
         if prof is not None:  # the run ended first: not enough steps to profile
             prof.__exit__(None, None, None)
+        gc.enable()
+        gc.unfreeze()
         engine.abort_request(ids_of)  # the window is over: free the batch's slots for the next run
         while engine.has_unfinished_requests():
             engine.step()
@@ -292,6 +302,7 @@ def measure(args) -> dict:
         params_b=round(params, 3),
         batch=args.batch,
         engine=args.engine,
+        gc=args.gc,
         mean_context=round(mean_context, 1),
         ms_per_step=round(1000 * step, 3),
         tok_per_s=round(args.batch / step, 1),
@@ -367,6 +378,10 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--engine", choices=("inproc", "process"), default="inproc",
         help="engine core in this process (needed by --profile-steps) or in its own, as vllm serve runs it",
+    )  # fmt: skip
+    p.add_argument(
+        "--gc", choices=("on", "freeze", "off"), default="on",
+        help="Python's cyclic GC during a run: on, objects alive at submission frozen, or off (its cost per step)",
     )  # fmt: skip
     p.add_argument("--gpu-mem-util", type=float, default=0.9)
     p.add_argument("--smoke", action="store_true", help="tiny shapes (batch 4, context 16, 8 steps): checks the script")
