@@ -329,33 +329,39 @@ def measure(args) -> dict:
 
 
 def plot(csv_path: str, png_path: str) -> None:
-    """Achieved bandwidth per model (latest row per model and GPU) against the spec and copy ceilings."""
+    """Achieved bandwidth of every GPU run (in time order: run-to-run spread shows) against the spec
+    and copy ceilings; where a run was profiled, the bandwidth of its GPU kernel time as a dot."""
     import csv
 
     plt = pyplot()
     if plt is None:
         return
     with open(csv_path) as f:
-        latest = {(r["gpu"], r["model"]): r for r in csv.DictReader(f) if r["gpu"] != "cpu"}
-    if not latest:
+        rows = [r for r in csv.DictReader(f) if r["gpu"] != "cpu"]
+    if not rows:
         return
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    keys = sorted(latest)
-    xs = range(len(keys))
-    ax.bar(
-        xs, [float(latest[k]["achieved_tb_s"]) for k in keys], color="tab:blue", label="achieved (bytes/step / time)"
-    )
-    for i, k in enumerate(keys):
-        r = latest[k]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 4.8))
+    xs = range(len(rows))
+    ax.bar(xs, [float(r["achieved_tb_s"]) for r in rows], color="tab:blue", label="achieved (bytes/step / mean step)")
+    for i, r in enumerate(rows):
         for field, style in (("spec_tb_s", "r--"), ("copy_tb_s", "k:")):
             if r[field]:
                 ax.plot([i - 0.4, i + 0.4], [float(r[field])] * 2, style)
-        ax.text(i, float(r["achieved_tb_s"]), f"{r['ms_per_step']} ms\n{r['frac_of_spec']} of spec", ha="center",
-                va="bottom", fontsize=8)  # fmt: skip
-    ax.set_xticks(list(xs), [f"{m}\n{g}\nbs {latest[(g, m)]['batch']}" for g, m in keys], fontsize=7)
+        if r.get("gpu_ms_per_step"):
+            gb = float(r["gb_per_step"])
+            ax.plot(i, gb / float(r["gpu_ms_per_step"]), "o", color="tab:green",
+                    label="GPU kernel time only" if i == min(j for j, q in enumerate(rows) if q.get("gpu_ms_per_step"))
+                    else None)  # fmt: skip
+        ax.text(i, float(r["achieved_tb_s"]), f"{r['ms_per_step']} ms\n{r['frac_of_spec']}", ha="center",
+                va="bottom", fontsize=7)  # fmt: skip
+    labels = [
+        f"{r['model']}\n{r.get('engine') or 'inproc'}, gc {r.get('gc') or 'on'}\n{r['time'][11:16]}" for r in rows
+    ]
+    ax.set_xticks(list(xs), labels, fontsize=6)
     ax.set_ylabel("TB/s")
-    ax.set_title("vLLM decode step vs HBM ceiling (red: spec sheet, black: measured copy)")
-    ax.legend(fontsize=8)
+    ax.set_title(f"vLLM decode step, batch {rows[-1]['batch']}, {rows[-1]['gpu']} (red: spec sheet, black: copy)",
+                 fontsize=9)  # fmt: skip
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
 
