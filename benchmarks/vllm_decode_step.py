@@ -3,11 +3,11 @@
 ``bench_vllm_throughput.py`` times whole generations (prefill, scheduling and the growing context
 included). This script isolates the decode step the bandwidth target speaks of: ``--batch`` greedy
 requests of ``--context`` random prompt tokens go into the engine at once, and the script steps the
-engine itself, timing every step in which all of them decode (after the last prefill chunk, before
-the first finishes). The bytes one such step must move (weights, attention KV at the mean context
-of those steps, SSM/conv states read and written; :func:`step_bytes`) divided by the median step
-time, over the GPU's bandwidth (spec sheet, and a device-to-device copy measured here), is the
-fraction of the ceiling reached.
+engine itself, timing ``--steps`` steps in which all of them decode (after the last prefill chunk;
+the batch is then aborted). The bytes one such step must move (weights, attention KV at the
+measured mean context of those steps, SSM/conv states read and written; :func:`step_bytes`) divided
+by the mean (and the median) step time, over the GPU's bandwidth (spec sheet, and a device-to-device
+copy measured here), is the fraction of the ceiling reached.
 
 The engine core runs in this process by default (``--engine inproc``; async scheduling overlaps one
 step's host work with the GPU work of the next); ``--engine process`` runs it in its own process as
@@ -30,6 +30,7 @@ Rows go to ``<out>/vllm_decode_step.csv`` and the plot to ``vllm_decode_step.png
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import math
@@ -157,6 +158,32 @@ def max_new_tokens(batch: int, context: int, max_batched_tokens: int, steps: int
     return 2 * admission_steps(batch, context, max_batched_tokens) + profile_steps + steps
 
 
+@contextlib.contextmanager
+def gc_mode(mode: str):
+    """Python's cyclic GC for a timed run, given back as found. ``freeze``: everything alive now (the
+    engine, the submitted requests) is moved out of the collector's reach; ``off``: no collection.
+
+    Example::
+
+        >>> with gc_mode("off"):
+        ...     gc.isenabled()
+        False
+    """
+    was_enabled = gc.isenabled()
+    if mode == "freeze":
+        gc.collect()
+        gc.freeze()
+    elif mode == "off":
+        gc.disable()
+    try:
+        yield
+    finally:
+        if mode == "freeze":
+            gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
 def spec_bandwidth(gpu: str) -> float | None:
     return next((bw for key, bw in SPEC_BANDWIDTH.items() if key in gpu), None)
 
@@ -165,7 +192,7 @@ def measure(args) -> dict:
     """Build the engine for ``args.model`` (its core in this process or its own) and time its decode step."""
     import torch
 
-    # in process: the profiler sees the engine's kernels; in its own process: serving's overlap of CPU and GPU
+    # in process: the profiler sees the engine's kernels; in its own process: the layout vllm serve uses
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if args.engine == "inproc" else "1"
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -219,13 +246,21 @@ def measure(args) -> dict:
         for rid in ids_of:
             ids = [rng.randrange(3, vocab) for _ in range(context)]  # random ids: no prefix is shared
             engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), sp)
-        # Python's cyclic GC runs in this process between steps: "freeze" moves everything alive now (the
-        # engine, the batch's requests) out of its reach, "off" stops it for the run
-        if args.gc == "freeze":
-            gc.collect()
-            gc.freeze()
-        elif args.gc == "off":
-            gc.disable()
+        with gc_mode(args.gc):
+            timed = step_window(engine, ids_of, n_steps, profile_steps)
+        engine.abort_request(ids_of)  # the window is over: free the batch's slots for the next run
+        while engine.has_unfinished_requests():
+            engine.step()
+        if not timed["steps"]:
+            raise RuntimeError(
+                f"no decode step was timed ({timed['started']}/{args.batch} requests started, {timed['profiled']} "
+                f"tokens profiled, {limit} tokens per request): raise the token budget (--max-batched-tokens)"
+            )
+        return dict(timed, mean_context=context + timed["mean_generated"])
+
+    def step_window(engine, ids_of: list[str], n_steps: int, profile_steps: int) -> dict:
+        """Step the engine until ``n_steps`` full-batch steps (after ``profile_steps`` profiled ones) are
+        timed; the figures :func:`run` returns, with the mean tokens generated in place of the context."""
         started, kernels, prof, finished, window_end = set(), [], None, False, 0.0
         window_start, window_tokens, profile_tokens, generated, gen_at_start = None, 0, 0, 0, 0
         per_call = []  # seconds per step of each step() call in the window that returned tokens
@@ -259,21 +294,13 @@ def measure(args) -> dict:
                     break
         if prof is not None:  # the run ended first: not enough steps to profile
             prof.__exit__(None, None, None)
-        gc.enable()
-        gc.unfreeze()
-        engine.abort_request(ids_of)  # the window is over: free the batch's slots for the next run
-        while engine.has_unfinished_requests():
-            engine.step()
         steps = window_tokens / args.batch
         if not steps:
-            raise RuntimeError(
-                f"no decode step was timed ({len(started)}/{args.batch} requests started, {profile_tokens} tokens "
-                f"profiled, {limit} tokens per request): raise the token budget (--max-batched-tokens)"
-            )
-        # mean context of the timed steps: prompt + mean tokens generated, halfway through the window
-        mean_context = context + (gen_at_start + generated) / 2 / args.batch
+            return dict(steps=0, started=len(started), profiled=profile_tokens)
+        # mean tokens generated over the timed steps (halfway through the window), to add to the prompt
+        mean_generated = (gen_at_start + generated) / 2 / args.batch
         return dict(step=(window_end - window_start) / steps, median=statistics.median(per_call), slowest=max(per_call),
-                    steps=round(steps, 1), kernels=kernels, mean_context=mean_context)  # fmt: skip
+                    steps=round(steps, 1), kernels=kernels, mean_generated=mean_generated)  # fmt: skip
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile
@@ -343,15 +370,15 @@ def plot(csv_path: str, png_path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 4.8))
     xs = range(len(rows))
     ax.bar(xs, [float(r["achieved_tb_s"]) for r in rows], color="tab:blue", label="achieved (bytes/step / mean step)")
+    dot_label = "GPU kernel time only"
     for i, r in enumerate(rows):
         for field, style in (("spec_tb_s", "r--"), ("copy_tb_s", "k:")):
             if r[field]:
                 ax.plot([i - 0.4, i + 0.4], [float(r[field])] * 2, style)
         if r.get("gpu_ms_per_step"):
             gb = float(r["gb_per_step"])
-            ax.plot(i, gb / float(r["gpu_ms_per_step"]), "o", color="tab:green",
-                    label="GPU kernel time only" if i == min(j for j, q in enumerate(rows) if q.get("gpu_ms_per_step"))
-                    else None)  # fmt: skip
+            ax.plot(i, gb / float(r["gpu_ms_per_step"]), "o", color="tab:green", label=dot_label)
+            dot_label = None  # one legend entry
         ax.text(i, float(r["achieved_tb_s"]), f"{r['ms_per_step']} ms\n{r['frac_of_spec']}", ha="center",
                 va="bottom", fontsize=7)  # fmt: skip
     labels = [

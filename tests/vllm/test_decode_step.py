@@ -48,6 +48,15 @@ def test_new_tokens_outlast_admission_and_window():
     assert script.max_new_tokens(4, 16, 20, steps=8, profile_steps=2) == 2 * (2 + 4) + 2 + 8
 
 
+@pytest.mark.parametrize("mode", ["freeze", "off"])
+def test_gc_mode_gives_the_collector_back_even_after_a_failure(mode):
+    script = _script()
+    with pytest.raises(RuntimeError), script.gc_mode(mode):
+        assert gc.get_freeze_count() if mode == "freeze" else not gc.isenabled()
+        raise RuntimeError("the timed run failed")
+    assert gc.isenabled() and not gc.get_freeze_count()
+
+
 def test_profiling_needs_the_engine_in_process():
     with pytest.raises(SystemExit):
         _script().main(["--smoke", "--profile-steps", "2", "--engine", "process"])
