@@ -307,6 +307,49 @@ def test_triton_backward_over_real_chunks(triton_scan, monkeypatch, device, b, L
 
 
 @pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize(
+    "dtype, b, L, d, G_C, G_B, lengths, full",
+    [
+        # Documents cut into 2-4 pieces, the last one short, next to empty and 1-token documents.
+        pytest.param(torch.float32, 1, 120, 32, 2, 1, [1, 50, 0, 33, 1, 35], True, id="fp32-packed-T120-docs6"),
+        pytest.param(torch.bfloat16, 1, 72, 32, 2, 1, [40, 32], True, id="bf16-packed-T72"),
+        # Padded rows run as one packed row; a program spans two C groups (cpc 8).
+        pytest.param(torch.float32, 3, 40, 32, 4, 2, None, True, id="fp32-padded-b3-T40-cpc8"),
+        # No D / z / dt_bias / initial state.
+        pytest.param(torch.float32, 1, 64, 32, 2, 1, [17, 47], False, id="fp32-packed-T64-no-optionals"),
+    ],
+)
+def test_triton_split_documents(triton_scan, monkeypatch, device, dtype, b, L, d, G_C, G_B, lengths, full):
+    """Documents cut into pieces run side by side (time_split): states and adjoints carried across the cuts give the
+    reference's outputs, final states and every gradient, initial states included."""
+    monkeypatch.setattr(triton_scan, "SPLIT_TARGET_PROGRAMS", 1 << 20)
+    monkeypatch.setattr(triton_scan, "SPLIT_MIN_TOKENS", 16)
+    n_docs = len(lengths) if lengths else b
+    assert triton_scan.split_length(b * L, n_docs, 2) == 16  # the pieces really are shorter than the documents
+    cu = random_cu_seqlens(lengths, device) if lengths else None
+    inputs = make_inputs(b, L, d, 16, G_C, G_B, dtype, device, n_states=n_docs, full=full)
+    ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
+    got = run_and_grad(triton_scan.selective_scan_triton, leaves(inputs), cu)
+    _compare(ref, got, dtype)
+
+
+def test_piece_offsets_cover_documents_in_order():
+    """Piece k of document i sits at index cu[i] // split + i + k; other indices are empty pieces."""
+    from m1_kernels.selective_scan.time_split import piece_offsets
+
+    cu = torch.tensor([0, 1, 17, 17, 50, 51, 63])
+    offs = piece_offsets(cu, 63, 16).tolist()
+    assert offs == [0, 1, 17, 17, 17, 33, 49, 50, 51, 63]
+    pieces = [(a, b) for a, b in zip(offs[:-1], offs[1:]) if b > a]
+    docs = [(a, b) for a, b in zip(cu.tolist()[:-1], cu.tolist()[1:]) if b > a]
+    # Real pieces tile each document, none longer than the split, none crossing a document boundary.
+    assert [p for p in pieces if p[1] - p[0] > 16] == []
+    assert sorted({a for a, _ in pieces} | {b for _, b in pieces}) == sorted(
+        {t for a, b in docs for t in range(a, b + 1, 16)} | {b for _, b in docs}
+    )
+
+
+@pytest.mark.parametrize("device", _triton_devices())
 def test_triton_strided_views_without_optionals(triton_scan, device):
     """Token-major slices of one fused projection output (as in the model), N=12 (masked state tile), no D/z/bias
     and no softplus (dt used as is), no initial state, padded."""

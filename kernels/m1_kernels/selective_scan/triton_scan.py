@@ -51,6 +51,11 @@ CHUNKED_FWD_MAX_STATE = 256
 FWD_TILE_T = 16  # tokens per step of the chunked forward (divides CHUNK); 16 beat 32 and 64 on the H100
 # Warps of the sequential forward and of the backward; 0 = by state-tile size (see _launch_config).
 SEQ_NUM_WARPS = 0
+# Time-parallel split (time_split.py, README "Splitting long documents"): below SPLIT_TARGET_PROGRAMS (document,
+# channel block) programs, documents are cut into pieces of a power-of-two length >= SPLIT_MIN_TOKENS so that there
+# are about that many programs. 0 turns splitting off.
+SPLIT_TARGET_PROGRAMS = 4096
+SPLIT_MIN_TOKENS = 256
 
 
 @triton.jit
@@ -687,8 +692,47 @@ def _strides3(t, like):
     return t.stride() if t is not None else like.stride()
 
 
+def split_length(n_tokens: int, n_docs: int, n_dblocks: int) -> int:
+    """Piece length for :mod:`time_split` (0: do not split), from shapes only (no host sync).
+
+    Splits when the (document, channel block) programs are fewer than ``SPLIT_TARGET_PROGRAMS`` and the documents
+    are on average longer than a piece: the piece is the power of two (at least ``SPLIT_MIN_TOKENS`` and ``CHUNK``)
+    that brings the programs to about the target.
+    """
+    if n_docs == 0 or n_docs * n_dblocks >= SPLIT_TARGET_PROGRAMS:
+        return 0
+    per_program = triton.cdiv(n_tokens * n_dblocks, SPLIT_TARGET_PROGRAMS)
+    split = max(SPLIT_MIN_TOKENS, CHUNK, triton.next_power_of_2(per_program))
+    return split if split < n_tokens / n_docs else 0
+
+
+def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, out, final, ckpt, n_seqs, n_ckpt_per_row, meta, num_warps,
+                save_ckpt):  # fmt: skip
+    """The forward kernel over ``n_seqs`` sequences (rows, or ``cu``'s documents): sequential or chunked."""
+    b, L, d = x.shape
+    N = A.shape[1]
+    grid = (n_seqs, triton.cdiv(d, meta["BLOCK_D"]))
+    if n_seqs * grid[1] < SEQUENTIAL_FWD_MIN_PROGRAMS and meta["BLOCK_D"] * meta["BLOCK_N"] <= CHUNKED_FWD_MAX_STATE:
+        kernel = _scan_fwd_chunked_kernel
+        tile_t = min(FWD_TILE_T, meta["CHUNK"])
+        extra = dict(TILE_T=tile_t, num_warps=max(4, min(16, tile_t * meta["BLOCK_D"] * meta["BLOCK_N"] // 1024)))
+    else:
+        kernel = _scan_fwd_kernel
+        extra = dict(num_warps=num_warps)
+    kernel[grid](
+        x, dt, A, B, C, D, z, dt_bias, h0, cu, out, final, ckpt, L, d, N, n_ckpt_per_row, *x.stride(), *dt.stride(),
+        *_strides3(z, x), *out.stride(), *B.stride(), *C.stride(), *A.stride(),
+        *(h0.stride() if h0 is not None else (0, 0, 0)), **meta, HAS_H0=h0 is not None, SAVE_CKPT=save_ckpt, **extra,
+    )  # fmt: skip
+
+
 class SelectiveScanFunction(torch.autograd.Function):
-    """Autograd wrapper: Triton forward (saving chunk checkpoints) and Triton backward."""
+    """Autograd wrapper: Triton forward (saving chunk checkpoints) and Triton backward.
+
+    Long packed documents on a GPU with idle room are cut into pieces that run side by side
+    (:func:`split_length`, :mod:`m1_kernels.selective_scan.time_split`); the main kernels then see the pieces as
+    their sequences, with initial states and final-state gradients carried across the cuts.
+    """
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, return_final_state):
@@ -697,68 +741,40 @@ class SelectiveScanFunction(torch.autograd.Function):
         G_C, G_B = C.shape[2], B.shape[2]
         cpc, cpb = d // G_C, G_C // G_B
         block_d, block_n, num_warps = _launch_config(cpc, N)
-        if cu_seqlens is not None:
-            cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
-            n_seqs = cu.numel() - 1
-            n_slots = L // CHUNK + n_seqs + 1
-            n_ckpt_per_row = 0
-        else:
-            cu = None
-            n_seqs = b
-            n_ckpt_per_row = triton.cdiv(L, CHUNK)
-            n_slots = b * n_ckpt_per_row
-        save_ckpt = any(ctx.needs_input_grad)
-        out = torch.empty((b, L, d), device=x.device, dtype=x.dtype)
-        final = torch.empty((n_seqs, d, N), device=x.device, dtype=torch.float32)
-        ckpt = torch.empty((max(n_slots, 1) if save_ckpt else 1, d, N), device=x.device, dtype=torch.float32)
-        h0 = initial_state
-        grid = (n_seqs, triton.cdiv(d, block_d))
         # Compile-time layout and options, shared by the forward and backward kernels (the checkpoint interval
         # is read once here, so both see the same one).
         meta = dict(CPC=cpc, CPB=cpb, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHUNK, HAS_D=D is not None,
                     HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-                    IS_VARLEN=cu is not None)  # fmt: skip
-        if n_seqs > 0:
-            if n_seqs * grid[1] < SEQUENTIAL_FWD_MIN_PROGRAMS and block_d * block_n <= CHUNKED_FWD_MAX_STATE:
-                kernel = _scan_fwd_chunked_kernel
-                tile_t = min(FWD_TILE_T, CHUNK)
-                extra = dict(TILE_T=tile_t, num_warps=max(4, min(16, tile_t * block_d * block_n // 1024)))
-            else:
-                kernel = _scan_fwd_kernel
-                extra = dict(num_warps=num_warps)
-            kernel[grid](
-                x,
-                dt,
-                A,
-                B,
-                C,
-                D,
-                z,
-                dt_bias,
-                h0,
-                cu,
-                out,
-                final,
-                ckpt,
-                L,
-                d,
-                N,
-                n_ckpt_per_row,
-                *x.stride(),
-                *dt.stride(),
-                *_strides3(z, x),
-                *out.stride(),
-                *B.stride(),
-                *C.stride(),
-                *A.stride(),
-                *(h0.stride() if h0 is not None else (0, 0, 0)),
-                **meta,
-                HAS_H0=h0 is not None,
-                SAVE_CKPT=save_ckpt,
-                **extra,
+                    IS_VARLEN=cu_seqlens is not None)  # fmt: skip
+        save_ckpt = any(ctx.needs_input_grad)
+        cu, pieces, dsum, split = None, None, None, 0
+        n_ckpt_per_row = 0
+        if cu_seqlens is not None:
+            cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
+            n_seqs = cu.numel() - 1
+            split = split_length(L, n_seqs, triton.cdiv(d, block_d))
+        else:
+            n_seqs = b
+            n_ckpt_per_row = triton.cdiv(L, CHUNK)
+        final = torch.empty((n_seqs, d, N), device=x.device, dtype=torch.float32)
+        run_cu, run_seqs, run_h0, run_final = cu, n_seqs, initial_state, final
+        if split:
+            from m1_kernels.selective_scan import time_split  # (imports this module's kernel helpers)
+
+            pieces = time_split.piece_offsets(cu, L, split)
+            run_h0, final, dsum = time_split.piece_initial_states(
+                x, dt, A, B, dt_bias, dt_softplus, cu, pieces, initial_state, split, meta, num_warps
             )
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt)
-        ctx.cfg = (n_seqs, n_ckpt_per_row, block_d, block_n, num_warps, cpb)
+            run_cu, run_seqs = pieces, pieces.numel() - 1
+            run_final = torch.empty((run_seqs, d, N), device=x.device, dtype=torch.float32)
+        n_slots = L // CHUNK + run_seqs + 1 if cu is not None else b * n_ckpt_per_row
+        out = torch.empty((b, L, d), device=x.device, dtype=x.dtype)
+        ckpt = torch.empty((max(n_slots, 1) if save_ckpt else 1, d, N), device=x.device, dtype=torch.float32)
+        if run_seqs > 0:
+            _launch_fwd(x, dt, A, B, C, D, z, dt_bias, run_h0, run_cu, out, run_final, ckpt, run_seqs, n_ckpt_per_row,
+                        meta, num_warps, save_ckpt)  # fmt: skip
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt, pieces, dsum)
+        ctx.cfg = (n_seqs, n_ckpt_per_row, num_warps, cpb, split)
         ctx.meta = meta
         ctx.return_final_state = return_final_state
         if return_final_state:
@@ -767,70 +783,48 @@ class SelectiveScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *rest):
-        x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt = ctx.saved_tensors
-        n_seqs, n_ckpt_per_row, block_d, block_n, num_warps, cpb = ctx.cfg
+        x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt, pieces, dsum = ctx.saved_tensors
+        n_seqs, n_ckpt_per_row, num_warps, cpb, split = ctx.cfg
+        meta = ctx.meta
         dfinal = rest[0] if ctx.return_final_state and rest else None
         b, L, d = x.shape
         N = A.shape[1]
         G_C, G_B = C.shape[2], B.shape[2]
         dev = x.device
-        n_dblocks = triton.cdiv(d, block_d)
+        if dfinal is not None:
+            dfinal = dfinal.to(torch.float32).contiguous()
+        run_cu, run_seqs, run_dfinal = cu, n_seqs, dfinal
+        if split:
+            from m1_kernels.selective_scan import time_split
+
+            run_dfinal, dh0_docs = time_split.piece_final_grads(
+                dt, A, C, z, dt_bias, meta["SOFTPLUS"], dout, cu, pieces, dsum, dfinal, split, meta, num_warps
+            )
+            run_cu, run_seqs = pieces, pieces.numel() - 1
+        n_dblocks = triton.cdiv(d, meta["BLOCK_D"])
         dx = torch.empty((b, L, d), device=dev, dtype=x.dtype)
         ddt = torch.empty((b, L, d), device=dev, dtype=dt.dtype)
         dz = torch.empty((b, L, d), device=dev, dtype=z.dtype) if z is not None else None
         dBp = torch.empty((b, L, G_C, N), device=dev, dtype=torch.float32)
         dC = torch.empty((b, L, G_C, N), device=dev, dtype=torch.float32)
-        dA = torch.empty((n_seqs, d, N), device=dev, dtype=torch.float32)
-        dD = torch.empty((n_seqs, d), device=dev, dtype=torch.float32)
-        dbias = torch.empty((n_seqs, d), device=dev, dtype=torch.float32)
-        dh0 = torch.empty((n_seqs, d, N), device=dev, dtype=torch.float32)
-        scratch_shape = (n_seqs * n_dblocks, ctx.meta["CHUNK"], block_d, block_n)  # the forward's interval
+        dA = torch.empty((run_seqs, d, N), device=dev, dtype=torch.float32)
+        dD = torch.empty((run_seqs, d), device=dev, dtype=torch.float32)
+        dbias = torch.empty((run_seqs, d), device=dev, dtype=torch.float32)
+        dh0 = torch.empty((run_seqs, d, N), device=dev, dtype=torch.float32)
+        scratch_shape = (run_seqs * n_dblocks, meta["CHUNK"], meta["BLOCK_D"], meta["BLOCK_N"])  # the fwd's interval
         scratch = torch.empty(scratch_shape, device=dev, dtype=torch.float32)
-        if dfinal is not None:
-            dfinal = dfinal.to(torch.float32).contiguous()
-        if n_seqs > 0:
-            _scan_bwd_kernel[(n_seqs, n_dblocks)](
-                x,
-                dt,
-                A,
-                B,
-                C,
-                D,
-                z,
-                dt_bias,
-                cu,
-                dout,
-                dfinal,
-                ckpt,
-                scratch,
-                dx,
-                ddt,
-                dz,
-                dBp,
-                dC,
-                dA,
-                dD,
-                dbias,
-                dh0,
-                L,
-                d,
-                N,
-                G_C,
-                n_ckpt_per_row,
-                *x.stride(),
-                *dt.stride(),
-                *_strides3(z, x),
-                *dout.stride(),
-                *B.stride(),
-                *C.stride(),
-                *A.stride(),
-                **ctx.meta,
-                HAS_DFINAL=dfinal is not None,
+        if run_seqs > 0:
+            _scan_bwd_kernel[(run_seqs, n_dblocks)](
+                x, dt, A, B, C, D, z, dt_bias, run_cu, dout, run_dfinal, ckpt, scratch, dx, ddt, dz, dBp, dC, dA, dD,
+                dbias, dh0, L, d, N, G_C, n_ckpt_per_row, *x.stride(), *dt.stride(), *_strides3(z, x),
+                *dout.stride(), *B.stride(), *C.stride(), *A.stride(), **meta, HAS_DFINAL=run_dfinal is not None,
                 num_warps=num_warps,
-            )
+            )  # fmt: skip
         else:  # no sequences: nothing flows anywhere
             for t in (dA, dD, dbias):
                 t.zero_()
+        if split:
+            dh0 = dh0_docs
         dB = dBp.view(b, L, G_B, cpb, N).sum(3).to(B.dtype)
         return (
             dx,
@@ -886,6 +880,16 @@ def selective_scan_triton(
     n_seqs = b if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (n_seqs, d, N):
         raise ValueError(f"initial_state must be {(n_seqs, d, N)}, got {tuple(initial_state.shape)}")
+    if cu_seqlens is None and b > 1 and split_length(b * L, b, triton.cdiv(d, _launch_config(d // C.shape[2], N)[0])):
+        # Long padded rows are split like packed documents: run them as one packed row (a view when the rows are
+        # evenly strided, as slices of a projection output are).
+        rows = torch.arange(b + 1, device=x.device, dtype=torch.int32) * L
+        flat = [t.reshape(1, b * L, *t.shape[2:]) if t is not None else None for t in (x, dt, B, C, z)]
+        y, final = SelectiveScanFunction.apply(
+            flat[0], flat[1], A, flat[2], flat[3], D, flat[4], dt_bias, initial_state, rows, dt_softplus, True
+        )
+        y = y.view(b, L, d)
+        return (y, final) if return_final_state else y
     return SelectiveScanFunction.apply(
         x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, return_final_state
     )
