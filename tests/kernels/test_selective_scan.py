@@ -276,10 +276,12 @@ def test_triton_matches_reference(triton_scan, device, dtype, b, L, d, N, G_C, G
 
 
 @pytest.mark.parametrize("device", _triton_devices())
-@pytest.mark.parametrize("fwd", ["chunked", "sequential"])
+@pytest.mark.parametrize("fwd", ["chunked", "sequential", "one-channel-per-thread"])
 def test_triton_forward_paths(triton_scan, monkeypatch, device, fwd):
-    """Both forward kernels (time-parallel chunks / token by token, picked by program count), packed, bf16."""
-    monkeypatch.setattr(triton_scan, "SEQUENTIAL_FWD_MIN_PROGRAMS", 0 if fwd == "sequential" else 1 << 30)
+    """Every forward kernel (time-parallel chunks / (channels, states) tile token by token / one channel per thread
+    token by token, picked by program count and state size), packed, bf16."""
+    monkeypatch.setattr(triton_scan, "SEQUENTIAL_FWD_MIN_PROGRAMS", 1 << 30 if fwd == "chunked" else 0)
+    monkeypatch.setattr(triton_scan, "CPT_MAX_STATE", 16 if fwd == "one-channel-per-thread" else 0)
     lengths = [1, 17, 22]
     cu = random_cu_seqlens(lengths, device)
     inputs = make_inputs(1, 40, 32, 16, 2, 1, torch.bfloat16, device, n_states=len(lengths))
@@ -297,8 +299,10 @@ def test_triton_forward_paths(triton_scan, monkeypatch, device, fwd):
     ],
 )
 def test_triton_backward_over_real_chunks(triton_scan, monkeypatch, device, b, L, lengths):
-    """The backward at the real CHUNK = 64 (checkpoint every 64 tokens), over documents / rows of several chunks."""
+    """The backward at the real CHUNK = 64 (checkpoint every 64 tokens), over documents / rows of several chunks; on
+    CUDA with its register cap (a cap that spills must not change a result)."""
     monkeypatch.setattr(triton_scan, "CHUNK", 64)
+    monkeypatch.setattr(triton_scan, "BWD_CAP_MIN_PROGRAMS", 0)
     cu = random_cu_seqlens(lengths, device) if lengths else None
     inputs = make_inputs(b, L, 32, 16, 2, 1, torch.float32, device, n_states=len(lengths) if lengths else b)
     ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
@@ -322,6 +326,7 @@ def test_triton_backward_over_real_chunks(triton_scan, monkeypatch, device, b, L
 def test_triton_split_documents(triton_scan, monkeypatch, device, dtype, b, L, d, G_C, G_B, lengths, full):
     """Documents cut into pieces run side by side (time_split): states and adjoints carried across the cuts give the
     reference's outputs, final states and every gradient, initial states included."""
+    monkeypatch.setattr(triton_scan, "SPLIT_BELOW_PROGRAMS", 1 << 20)
     monkeypatch.setattr(triton_scan, "SPLIT_TARGET_PROGRAMS", 1 << 20)
     monkeypatch.setattr(triton_scan, "SPLIT_MIN_TOKENS", 16)
     n_docs = len(lengths) if lengths else b

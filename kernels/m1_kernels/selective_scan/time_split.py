@@ -7,8 +7,9 @@ The token-by-token kernels of :mod:`triton_scan` run one program per (sequence, 
 latency-bound: a few long documents leave most of the GPU idle. The recurrence ``h_t = a_t h_{t-1} + b_t``
 is linear, so a document can be cut into pieces whose boundary states are cheap to find:
 
-* forward: each piece j runs from a zero state (``local_states``), giving its end state ``hloc_j`` and
-  ``S_j = sum of delta`` over the piece; the piece's decay is ``P_j = exp(A S_j)`` (per channel and state).
+* forward: each piece j runs from a zero state (the forward kernel's ``STATE_ONLY`` pass), giving its end state
+  ``hloc_j`` and ``S_j = sum of delta`` over the piece; the piece's decay is ``P_j = exp(A S_j)`` (per channel
+  and state).
   Then ``h_in_{j+1} = P_j h_in_j + hloc_j`` from the document's initial state (``carry_states``), a short
   loop over the pieces of a document; the last value is the document's final state. The full forward then
   runs every piece from its ``h_in_j``.
@@ -29,7 +30,6 @@ import triton.language as tl
 
 from m1_kernels.selective_scan.triton_scan import _and_lt
 from m1_kernels.selective_scan.triton_scan import _bc_rows
-from m1_kernels.selective_scan.triton_scan import _recurrence_loads
 from m1_kernels.selective_scan.triton_scan import _seq_bounds
 from m1_kernels.selective_scan.triton_scan import _softplus
 
@@ -68,47 +68,6 @@ def _pieces_of_doc(cu_ptr, pid_doc, SPLIT: tl.constexpr):
     start = tl.load(cu_ptr + pid_doc).to(tl.int64)
     end = tl.load(cu_ptr + pid_doc + 1).to(tl.int64)
     return start // SPLIT + pid_doc, tl.cdiv(end - start, SPLIT)
-
-
-@triton.jit
-def _local_states_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, cu_ptr, hloc_ptr, dsum_ptr, d_inner, N,
-    s_x_l, s_x_d, s_dt_l, s_dt_d, s_B_l, s_B_g, s_B_n, s_A_d, s_A_n,
-    CPC: tl.constexpr, CPB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-):  # fmt: skip
-    """Per (piece, channel block): the piece's end state from a zero state, and its sum of delta."""
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    start, end, row, _ = _seq_bounds(cu_ptr, pid_s, 0, 0, True, 1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    x_ptr += offs_d * s_x_d
-    dt_ptr += offs_d * s_dt_d
-    B_ptr, _, mask_bc = _bc_rows(B_ptr, B_ptr, row, pid_d, offs_d, offs_n, mask_dn, 0, s_B_g, s_B_n,
-                                 0, s_B_g, s_B_n, N, CPC, CPB, BLOCK_D)  # fmt: skip
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    # One-token software pipeline, as in the sequential forward.
-    xn, dn, Bn = _recurrence_loads(x_ptr, dt_ptr, B_ptr, start, s_x_l, s_dt_l, s_B_l,
-                                   _and_lt(mask_d, start, end), _and_lt(mask_bc, start, end))  # fmt: skip
-    for t in range(start, end):
-        xt, delta, Bt = xn, dn, Bn
-        xn, dn, Bn = _recurrence_loads(x_ptr, dt_ptr, B_ptr, t + 1, s_x_l, s_dt_l, s_B_l,
-                                       _and_lt(mask_d, t + 1, end), _and_lt(mask_bc, t + 1, end))  # fmt: skip
-        if HAS_BIAS:
-            delta += bias
-        if SOFTPLUS:
-            delta = _softplus(delta)
-        dsum += delta
-        h = tl.exp(delta[:, None] * A) * h + (delta * xt)[:, None] * Bt
-    tl.store(hloc_ptr + pid_s * d_inner * N + offs_d[:, None] * N + offs_n[None, :], h, mask=mask_dn)
-    tl.store(dsum_ptr + pid_s * d_inner + offs_d, dsum, mask=mask_d)
 
 
 @triton.jit
@@ -218,19 +177,11 @@ def _carry(cu, A, dsum, local, edge, n_pieces, split, block_d, block_n, reverse)
     return carry, doc_out
 
 
-def piece_initial_states(x, dt, A, B, dt_bias, dt_softplus, cu, pieces, h0, split, meta, num_warps):
-    """``(h_in (pieces, d, N), final (docs, d, N), dsum (pieces, d))``: every piece's initial state, each document's
-    final state, and each piece's sum of delta (kept for the backward)."""
-    n_pieces, (d, N) = pieces.numel() - 1, A.shape
-    hloc = torch.empty((n_pieces, d, N), device=x.device, dtype=torch.float32)
-    dsum = torch.empty((n_pieces, d), device=x.device, dtype=torch.float32)
-    _local_states_kernel[(n_pieces, triton.cdiv(d, meta["BLOCK_D"]))](
-        x, dt, A, B, dt_bias, pieces, hloc, dsum, d, N, *x.stride()[1:], *dt.stride()[1:], *B.stride()[1:],
-        *A.stride(), CPC=meta["CPC"], CPB=meta["CPB"], BLOCK_D=meta["BLOCK_D"], BLOCK_N=meta["BLOCK_N"],
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), num_warps=num_warps,
-    )  # fmt: skip
-    h_in, final = _carry(cu, A, dsum, hloc, h0, n_pieces, split, meta["BLOCK_D"], meta["BLOCK_N"], reverse=False)
-    return h_in, final, dsum
+def carry_states(cu, A, dsum, hloc, h0, split, block_d, block_n):
+    """``(h_in (pieces, d, N), final (docs, d, N))`` from the pieces' end states from zero (``hloc``) and sums of
+    delta (``dsum``), both from the forward kernel's local pass: every piece's initial state and each document's
+    final state."""
+    return _carry(cu, A, dsum, hloc, h0, hloc.shape[0], split, block_d, block_n, reverse=False)
 
 
 def piece_final_grads(dt, A, C, z, dt_bias, dt_softplus, dout, cu, pieces, dsum, dfinal, split, meta, num_warps):

@@ -51,11 +51,22 @@ CHUNKED_FWD_MAX_STATE = 256
 FWD_TILE_T = 16  # tokens per step of the chunked forward (divides CHUNK); 16 beat 32 and 64 on the H100
 # Warps of the sequential forward and of the backward; 0 = by state-tile size (see _launch_config).
 SEQ_NUM_WARPS = 0
-# Time-parallel split (time_split.py, README "Splitting long documents"): below SPLIT_TARGET_PROGRAMS (document,
+# Time-parallel split (time_split.py, README "Splitting long documents"): below SPLIT_BELOW_PROGRAMS (document,
 # channel block) programs, documents are cut into pieces of a power-of-two length >= SPLIT_MIN_TOKENS so that there
-# are about that many programs. 0 turns splitting off.
+# are about SPLIT_TARGET_PROGRAMS programs. 0 turns splitting off.
+SPLIT_BELOW_PROGRAMS = 512
 SPLIT_TARGET_PROGRAMS = 4096
 SPLIT_MIN_TOKENS = 256
+# One-channel-per-thread forward (_scan_fwd_cpt_kernel) for states up to this many entries per channel (its
+# registers grow with N: h, A, B and C rows are N each per thread), with this many warps (32 channels each).
+CPT_MAX_STATE = 16
+CPT_WARPS = 1
+# Register cap of the backward kernel on CUDA from BWD_CAP_MIN_PROGRAMS (sequence, channel block) programs on
+# (0: never). Its 228 registers let an SM hold 8 one-warp programs; capped at 168 it holds 12 (some spills). That pays
+# once the grid has more programs than the GPU holds (H100, M1-3B, 32k tokens, 3072 programs: fwd+bwd 21.3 -> 18.2
+# ms) and costs a little below (8k tokens, 768 programs: 7.07 -> 7.29 ms).
+BWD_MAXNREG = 168
+BWD_CAP_MIN_PROGRAMS = 2048
 
 
 @triton.jit
@@ -470,6 +481,123 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _load_f32(ptr, mask, EVEN: tl.constexpr):
+    """fp32 load; unmasked when ``EVEN`` (the caller then passes ``mask=None``)."""
+    if EVEN:
+        return tl.load(ptr).to(tl.float32)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _cpt_loads(x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, t, s_x_l, s_dt_l, s_B_l, s_C_l, s_z_l, b_offs, c_offs, mask_d,
+               mask_nd, EVEN: tl.constexpr, LOAD_Z: tl.constexpr, LOAD_C: tl.constexpr):  # fmt: skip
+    """fp32 inputs of token ``t`` in the one-channel-per-thread layout: x, dt, z (BLOCK_D,), B and C (BLOCK_N,
+    BLOCK_D) (C and z zeros unless asked for)."""
+    xt = _load_f32(x_ptr + t * s_x_l, mask_d, EVEN)
+    dtt = _load_f32(dt_ptr + t * s_dt_l, mask_d, EVEN)
+    Bt = _load_f32(B_ptr + t * s_B_l + b_offs, mask_nd, EVEN)
+    Ct = Bt * 0.0
+    zt = xt * 0.0
+    if LOAD_C:
+        Ct = _load_f32(C_ptr + t * s_C_l + c_offs, mask_nd, EVEN)
+    if LOAD_Z:
+        zt = _load_f32(z_ptr + t * s_z_l, mask_d, EVEN)
+    return xt, dtt, Bt, Ct, zt
+
+
+@triton.jit(do_not_specialize=["s_B_n", "s_C_n", "s_A_n"])
+def _scan_fwd_cpt_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, cu_ptr, out_ptr, final_ptr, ckpt_ptr,
+    dsum_ptr, L, d_inner, N, n_ckpt_per_row, s_x_b, s_x_l, s_x_d, s_dt_b, s_dt_l, s_dt_d, s_z_b, s_z_l, s_z_d, s_o_b,
+    s_o_l, s_o_d, s_B_b, s_B_l, s_B_g, s_B_n, s_C_b, s_C_l, s_C_g, s_C_n, s_A_d, s_A_n, s_h0_s, s_h0_d, s_h0_n,
+    CPC: tl.constexpr, CPB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, SAVE_CKPT: tl.constexpr, EVEN: tl.constexpr,
+    STATE_ONLY: tl.constexpr,
+):  # fmt: skip
+    """Sequential forward, one channel per thread: the state is a (BLOCK_N, BLOCK_D) tile whose BLOCK_N states of a
+    channel sit in one thread's registers, so y's sum over states is in-thread adds (no shuffles).
+
+    The strides along N are not specialised (``do_not_specialize``): were the compiler to see B/C/A contiguous
+    along N it would spread N over the threads (to vectorise those loads) and every sum over states would become
+    warp shuffles. Each thread gathers its group's B and C rows (the lanes of a group read the same bytes).
+    ``EVEN``: every channel and state of every block is real, so no masks. ``STATE_ONLY``: no outputs, only the
+    final state and each channel's sum of delta (``dsum``), for the pieces of :mod:`time_split`.
+    """
+    pid_s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    if EVEN:
+        mask_d = None
+        mask_nd = None
+    else:
+        mask_d = offs_d < d_inner
+        mask_nd = (offs_n[:, None] < N) & mask_d[None, :]
+    state_offs = offs_d[None, :] * N + offs_n[:, None]
+    # exp(delta A) = exp2(delta (A log2 e)): fold the constant into A once.
+    A2 = _load_f32(A_ptr + offs_d[None, :] * s_A_d + offs_n[:, None] * s_A_n, mask_nd, EVEN)
+    A2 = A2 * 1.4426950408889634
+    if HAS_BIAS:
+        bias = _load_f32(bias_ptr + offs_d, mask_d, EVEN)
+    if HAS_D:
+        Dv = _load_f32(D_ptr + offs_d, mask_d, EVEN)
+    if HAS_H0:
+        h0_offs = offs_d[None, :] * s_h0_d + offs_n[:, None] * s_h0_n
+        h = _load_f32(h0_ptr + pid_s * s_h0_s + h0_offs, mask_nd, EVEN)
+    else:
+        h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    c_grp = offs_d // CPC
+    # Loop-invariant int32 offsets; per token only the row base moves.
+    b_offs = (c_grp // CPB)[None, :] * s_B_g + offs_n[:, None] * s_B_n
+    c_offs = c_grp[None, :] * s_C_g + offs_n[:, None] * s_C_n
+    x_ptr += row * s_x_b + offs_d * s_x_d
+    dt_ptr += row * s_dt_b + offs_d * s_dt_d
+    if HAS_Z:
+        z_ptr += row * s_z_b + offs_d * s_z_d
+    out_ptr += row * s_o_b + offs_d * s_o_d
+    B_ptr += row * s_B_b
+    C_ptr += row * s_C_b
+    dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # One-token software pipeline: token t+1's loads are issued before token t's maths (the loop is latency-bound
+    # otherwise). Prefetch indices are clamped into the sequence (and to token 0 for an empty one; the caller never
+    # launches on an empty input), so no load reads out of bounds and none needs a time mask.
+    t0 = tl.maximum(tl.minimum(start, end - 1), 0)
+    xn, dn, Bn, Cn, zn = _cpt_loads(x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, t0, s_x_l, s_dt_l, s_B_l, s_C_l, s_z_l,
+                                    b_offs, c_offs, mask_d, mask_nd, EVEN, HAS_Z and not STATE_ONLY,
+                                    not STATE_ONLY)  # fmt: skip
+    for t in range(start, end):
+        xt, delta, Bt, Ct, zt = xn, dn, Bn, Cn, zn
+        tn = tl.minimum(t + 1, end - 1)
+        xn, dn, Bn, Cn, zn = _cpt_loads(x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, tn, s_x_l, s_dt_l, s_B_l, s_C_l, s_z_l,
+                                        b_offs, c_offs, mask_d, mask_nd, EVEN, HAS_Z and not STATE_ONLY,
+                                        not STATE_ONLY)  # fmt: skip
+        if SAVE_CKPT and not STATE_ONLY:
+            rel = t - start
+            if rel % CHUNK == 0:  # state entering checkpoint interval rel // CHUNK
+                tl.store(ckpt_ptr + (slot0 + rel // CHUNK) * d_inner * N + state_offs, h, mask=mask_nd)
+        if HAS_BIAS:
+            delta += bias
+        if SOFTPLUS:
+            delta = _softplus(delta)
+        h = tl.exp2(delta[None, :] * A2) * h + (delta * xt)[None, :] * Bt
+        if STATE_ONLY:
+            dsum += delta
+        else:
+            y = tl.sum(h * Ct, axis=0)
+            if HAS_D:
+                y += Dv * xt
+            if HAS_Z:
+                y = y * zt * tl.sigmoid(zt)
+            tl.store(out_ptr + t * s_o_l, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(final_ptr + pid_s * d_inner * N + state_offs, h, mask=mask_nd)
+    if STATE_ONLY:
+        tl.store(dsum_ptr + pid_s * d_inner + offs_d, dsum, mask=mask_d)
+
+
+@triton.jit
 def _scan_bwd_kernel(
     x_ptr,
     dt_ptr,
@@ -695,11 +823,11 @@ def _strides3(t, like):
 def split_length(n_tokens: int, n_docs: int, n_dblocks: int) -> int:
     """Piece length for :mod:`time_split` (0: do not split), from shapes only (no host sync).
 
-    Splits when the (document, channel block) programs are fewer than ``SPLIT_TARGET_PROGRAMS`` and the documents
+    Splits when the (document, channel block) programs are fewer than ``SPLIT_BELOW_PROGRAMS`` and the documents
     are on average longer than a piece: the piece is the power of two (at least ``SPLIT_MIN_TOKENS`` and ``CHUNK``)
-    that brings the programs to about the target.
+    that brings the programs to about ``SPLIT_TARGET_PROGRAMS``.
     """
-    if n_docs == 0 or n_docs * n_dblocks >= SPLIT_TARGET_PROGRAMS:
+    if n_docs == 0 or n_docs * n_dblocks >= min(SPLIT_BELOW_PROGRAMS, SPLIT_TARGET_PROGRAMS):
         return 0
     per_program = triton.cdiv(n_tokens * n_dblocks, SPLIT_TARGET_PROGRAMS)
     split = max(SPLIT_MIN_TOKENS, CHUNK, triton.next_power_of_2(per_program))
@@ -707,23 +835,31 @@ def split_length(n_tokens: int, n_docs: int, n_dblocks: int) -> int:
 
 
 def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, out, final, ckpt, n_seqs, n_ckpt_per_row, meta, num_warps,
-                save_ckpt):  # fmt: skip
-    """The forward kernel over ``n_seqs`` sequences (rows, or ``cu``'s documents): sequential or chunked."""
+                save_ckpt, dsum=None):  # fmt: skip
+    """The forward kernel over ``n_seqs`` sequences (rows, or ``cu``'s documents); with ``dsum`` given, only the final
+    states and sums of delta (the local pass of :mod:`time_split`)."""
     b, L, d = x.shape
     N = A.shape[1]
+    args = [x, dt, A, B, C, D, z, dt_bias, h0, cu, out, final, ckpt]
+    strides = [L, d, N, n_ckpt_per_row, *x.stride(), *dt.stride(), *_strides3(z, x), *out.stride(), *B.stride(),
+               *C.stride(), *A.stride(), *(h0.stride() if h0 is not None else (0, 0, 0))]  # fmt: skip
+    flags = dict(HAS_H0=h0 is not None, SAVE_CKPT=save_ckpt)
     grid = (n_seqs, triton.cdiv(d, meta["BLOCK_D"]))
-    if n_seqs * grid[1] < SEQUENTIAL_FWD_MIN_PROGRAMS and meta["BLOCK_D"] * meta["BLOCK_N"] <= CHUNKED_FWD_MAX_STATE:
-        kernel = _scan_fwd_chunked_kernel
+    few_programs = n_seqs * grid[1] < SEQUENTIAL_FWD_MIN_PROGRAMS
+    if dsum is None and few_programs and meta["BLOCK_D"] * meta["BLOCK_N"] <= CHUNKED_FWD_MAX_STATE:
         tile_t = min(FWD_TILE_T, meta["CHUNK"])
-        extra = dict(TILE_T=tile_t, num_warps=max(4, min(16, tile_t * meta["BLOCK_D"] * meta["BLOCK_N"] // 1024)))
+        num_warps = max(4, min(16, tile_t * meta["BLOCK_D"] * meta["BLOCK_N"] // 1024))
+        _scan_fwd_chunked_kernel[grid](*args, *strides, **meta, **flags, TILE_T=tile_t, num_warps=num_warps)
+    elif meta["BLOCK_N"] <= CPT_MAX_STATE:
+        block_d = 32 * CPT_WARPS
+        even = d % block_d == 0 and N == meta["BLOCK_N"]
+        _scan_fwd_cpt_kernel[(n_seqs, triton.cdiv(d, block_d))](
+            *args, dsum, *strides, **{**meta, "BLOCK_D": block_d}, **flags, EVEN=even, STATE_ONLY=dsum is not None,
+            num_warps=CPT_WARPS,
+        )  # fmt: skip
     else:
-        kernel = _scan_fwd_kernel
-        extra = dict(num_warps=num_warps)
-    kernel[grid](
-        x, dt, A, B, C, D, z, dt_bias, h0, cu, out, final, ckpt, L, d, N, n_ckpt_per_row, *x.stride(), *dt.stride(),
-        *_strides3(z, x), *out.stride(), *B.stride(), *C.stride(), *A.stride(),
-        *(h0.stride() if h0 is not None else (0, 0, 0)), **meta, HAS_H0=h0 is not None, SAVE_CKPT=save_ckpt, **extra,
-    )  # fmt: skip
+        assert dsum is None, "the local pass of time_split needs the one-channel-per-thread forward"
+        _scan_fwd_kernel[grid](*args, *strides, **meta, **flags, num_warps=num_warps)
 
 
 class SelectiveScanFunction(torch.autograd.Function):
@@ -752,27 +888,30 @@ class SelectiveScanFunction(torch.autograd.Function):
         if cu_seqlens is not None:
             cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
             n_seqs = cu.numel() - 1
-            split = split_length(L, n_seqs, triton.cdiv(d, block_d))
+            split = split_length(L, n_seqs, triton.cdiv(d, block_d)) if block_n <= CPT_MAX_STATE else 0
         else:
             n_seqs = b
             n_ckpt_per_row = triton.cdiv(L, CHUNK)
         final = torch.empty((n_seqs, d, N), device=x.device, dtype=torch.float32)
+        out = torch.empty((b, L, d), device=x.device, dtype=x.dtype)
         run_cu, run_seqs, run_h0, run_final = cu, n_seqs, initial_state, final
         if split:
             from m1_kernels.selective_scan import time_split  # (imports this module's kernel helpers)
 
             pieces = time_split.piece_offsets(cu, L, split)
-            run_h0, final, dsum = time_split.piece_initial_states(
-                x, dt, A, B, dt_bias, dt_softplus, cu, pieces, initial_state, split, meta, num_warps
-            )
             run_cu, run_seqs = pieces, pieces.numel() - 1
-            run_final = torch.empty((run_seqs, d, N), device=x.device, dtype=torch.float32)
+            run_final = torch.empty((run_seqs, d, N), device=x.device, dtype=torch.float32)  # end states from zero
+            dsum = torch.empty((run_seqs, d), device=x.device, dtype=torch.float32)
+            _launch_fwd(x, dt, A, B, C, D, z, dt_bias, None, pieces, out, run_final, run_final, run_seqs, 0, meta,
+                        num_warps, False, dsum=dsum)  # fmt: skip
+            run_h0, final = time_split.carry_states(cu, A, dsum, run_final, initial_state, split, block_d, block_n)
         n_slots = L // CHUNK + run_seqs + 1 if cu is not None else b * n_ckpt_per_row
-        out = torch.empty((b, L, d), device=x.device, dtype=x.dtype)
         ckpt = torch.empty((max(n_slots, 1) if save_ckpt else 1, d, N), device=x.device, dtype=torch.float32)
-        if run_seqs > 0:
+        if run_seqs > 0 and L > 0:
             _launch_fwd(x, dt, A, B, C, D, z, dt_bias, run_h0, run_cu, out, run_final, ckpt, run_seqs, n_ckpt_per_row,
                         meta, num_warps, save_ckpt)  # fmt: skip
+        elif L == 0:  # no tokens: every final state is the initial one
+            final.copy_(initial_state) if initial_state is not None else final.zero_()
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt, pieces, dsum)
         ctx.cfg = (n_seqs, n_ckpt_per_row, num_warps, cpb, split)
         ctx.meta = meta
@@ -814,11 +953,12 @@ class SelectiveScanFunction(torch.autograd.Function):
         scratch_shape = (run_seqs * n_dblocks, meta["CHUNK"], meta["BLOCK_D"], meta["BLOCK_N"])  # the fwd's interval
         scratch = torch.empty(scratch_shape, device=dev, dtype=torch.float32)
         if run_seqs > 0:
+            capped = dev.type == "cuda" and BWD_MAXNREG and run_seqs * n_dblocks >= BWD_CAP_MIN_PROGRAMS
             _scan_bwd_kernel[(run_seqs, n_dblocks)](
                 x, dt, A, B, C, D, z, dt_bias, run_cu, dout, run_dfinal, ckpt, scratch, dx, ddt, dz, dBp, dC, dA, dD,
                 dbias, dh0, L, d, N, G_C, n_ckpt_per_row, *x.stride(), *dt.stride(), *_strides3(z, x),
                 *dout.stride(), *B.stride(), *C.stride(), *A.stride(), **meta, HAS_DFINAL=run_dfinal is not None,
-                num_warps=num_warps,
+                num_warps=num_warps, **(dict(maxnreg=BWD_MAXNREG) if capped else {}),
             )  # fmt: skip
         else:  # no sequences: nothing flows anywhere
             for t in (dA, dD, dbias):
@@ -880,7 +1020,9 @@ def selective_scan_triton(
     n_seqs = b if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (n_seqs, d, N):
         raise ValueError(f"initial_state must be {(n_seqs, d, N)}, got {tuple(initial_state.shape)}")
-    if cu_seqlens is None and b > 1 and split_length(b * L, b, triton.cdiv(d, _launch_config(d // C.shape[2], N)[0])):
+    block_d, block_n, _ = _launch_config(d // C.shape[2], N)
+    splits = block_n <= CPT_MAX_STATE and split_length(b * L, b, triton.cdiv(d, block_d))
+    if cu_seqlens is None and b > 1 and splits:
         # Long padded rows are split like packed documents: run them as one packed row (a view when the rows are
         # evenly strided, as slices of a projection output are).
         rows = torch.arange(b + 1, device=x.device, dtype=torch.int32) * L
