@@ -277,14 +277,18 @@ def test_triton_matches_reference(triton_scan, device, dtype, b, L, d, N, G_C, G
 
 @pytest.mark.parametrize("device", _triton_devices())
 @pytest.mark.parametrize("fwd", ["chunked", "sequential", "one-channel-per-thread"])
-def test_triton_forward_paths(triton_scan, monkeypatch, device, fwd):
+@pytest.mark.parametrize("N", [16, 12])
+def test_triton_forward_paths(triton_scan, monkeypatch, device, fwd, N):
     """Every forward kernel (time-parallel chunks / (channels, states) tile token by token / one channel per thread
-    token by token, picked by program count and state size), packed, bf16."""
+    token by token, picked by program count and state size), packed, bf16; N 12 leaves part of the state tile
+    masked (and the 48 channels part of a 32-channel block)."""
     monkeypatch.setattr(triton_scan, "SEQUENTIAL_FWD_MIN_PROGRAMS", 1 << 30 if fwd == "chunked" else 0)
     monkeypatch.setattr(triton_scan, "CPT_MAX_STATE", 16 if fwd == "one-channel-per-thread" else 0)
+    monkeypatch.setattr(triton_scan, "CPT_MIN_PROGRAMS", 0)
     lengths = [1, 17, 22]
     cu = random_cu_seqlens(lengths, device)
-    inputs = make_inputs(1, 40, 32, 16, 2, 1, torch.bfloat16, device, n_states=len(lengths))
+    d = 32 if N == 16 else 48
+    inputs = make_inputs(1, 40, d, N, d // 16, 1, torch.bfloat16, device, n_states=len(lengths))
     ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
     got = run_and_grad(triton_scan.selective_scan_triton, leaves(inputs), cu)
     _compare(ref, got, torch.bfloat16)
@@ -326,6 +330,7 @@ def test_triton_backward_over_real_chunks(triton_scan, monkeypatch, device, b, L
 def test_triton_split_documents(triton_scan, monkeypatch, device, dtype, b, L, d, G_C, G_B, lengths, full):
     """Documents cut into pieces run side by side (time_split): states and adjoints carried across the cuts give the
     reference's outputs, final states and every gradient, initial states included."""
+    monkeypatch.setattr(triton_scan, "CHUNK", 16)  # pieces of 16 tokens: the checkpoint interval must fit in one
     monkeypatch.setattr(triton_scan, "SPLIT_BELOW_PROGRAMS", 1 << 20)
     monkeypatch.setattr(triton_scan, "SPLIT_TARGET_PROGRAMS", 1 << 20)
     monkeypatch.setattr(triton_scan, "SPLIT_MIN_TOKENS", 16)

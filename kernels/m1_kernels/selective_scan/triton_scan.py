@@ -58,9 +58,12 @@ SPLIT_BELOW_PROGRAMS = 512
 SPLIT_TARGET_PROGRAMS = 4096
 SPLIT_MIN_TOKENS = 256
 # One-channel-per-thread forward (_scan_fwd_cpt_kernel) for states up to this many entries per channel (its
-# registers grow with N: h, A, B and C rows are N each per thread), with this many warps (32 channels each).
+# registers grow with N: h, A, B and C rows are N each per thread), with this many warps (32 channels each), from
+# CPT_MIN_PROGRAMS programs of it on. It runs ~2x fewer instructions per token than the (channels, states) tile but
+# is latency-bound below that (H100, M1-3B: 384 programs at 8k tokens 1.42 vs 1.30 ms; 1536 at 32k 1.79 vs 2.82 ms).
 CPT_MAX_STATE = 16
 CPT_WARPS = 1
+CPT_MIN_PROGRAMS = 512
 # Register cap of the backward kernel on CUDA from BWD_CAP_MIN_PROGRAMS (sequence, channel block) programs on
 # (0: never). Its 228 registers let an SM hold 8 one-warp programs; capped at 168 it holds 12 (some spills). That pays
 # once the grid has more programs than the GPU holds (H100, M1-3B, 32k tokens, 3072 programs: fwd+bwd 21.3 -> 18.2
@@ -846,11 +849,12 @@ def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, out, final, ckpt, n_seqs,
     flags = dict(HAS_H0=h0 is not None, SAVE_CKPT=save_ckpt)
     grid = (n_seqs, triton.cdiv(d, meta["BLOCK_D"]))
     few_programs = n_seqs * grid[1] < SEQUENTIAL_FWD_MIN_PROGRAMS
+    cpt_blocks = triton.cdiv(d, 32 * CPT_WARPS)
     if dsum is None and few_programs and meta["BLOCK_D"] * meta["BLOCK_N"] <= CHUNKED_FWD_MAX_STATE:
         tile_t = min(FWD_TILE_T, meta["CHUNK"])
         num_warps = max(4, min(16, tile_t * meta["BLOCK_D"] * meta["BLOCK_N"] // 1024))
         _scan_fwd_chunked_kernel[grid](*args, *strides, **meta, **flags, TILE_T=tile_t, num_warps=num_warps)
-    elif meta["BLOCK_N"] <= CPT_MAX_STATE:
+    elif meta["BLOCK_N"] <= CPT_MAX_STATE and (dsum is not None or n_seqs * cpt_blocks >= CPT_MIN_PROGRAMS):
         block_d = 32 * CPT_WARPS
         even = d % block_d == 0 and N == meta["BLOCK_N"]
         _scan_fwd_cpt_kernel[(n_seqs, triton.cdiv(d, block_d))](
