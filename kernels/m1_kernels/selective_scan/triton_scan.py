@@ -4,9 +4,11 @@
 """Triton selective scan, forward and backward, padded or packed (``cu_seqlens``).
 
 Parallelisation: one program per (sequence, block of ``BLOCK_D`` channels); a sequence is a batch row
-(padded) or a document (packed). The ``(BLOCK_D, N)`` fp32 state lives in registers. The program walks the
-sequence token by token (sequential forward, backward), or ``TILE_T`` tokens at a time with a parallel scan
-over each tile (chunked forward, used below ``SEQUENTIAL_FWD_MIN_PROGRAMS`` programs, see README).
+(padded), a document (packed) or a piece of one (:mod:`time_split`). The ``(BLOCK_D, N)`` fp32 state lives in
+registers. The program walks the sequence token by token (sequential forward, backward), or ``TILE_T`` tokens at a
+time with a parallel scan over each tile (chunked forward, used below ``SEQUENTIAL_FWD_MIN_PROGRAMS`` programs).
+With many programs and N <= 16 the forward holds the state as ``(N, 32)``, one channel per thread
+(``_scan_fwd_cpt_kernel``). README.md says which runs when, and why.
 The GQA repeat is folded into the B/C address computation
 (channel ``d`` reads C group ``d // CPC`` and B group ``d // CPC // CPB``), so no repeated B/C is ever
 materialised.
