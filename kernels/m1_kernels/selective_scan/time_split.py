@@ -30,6 +30,7 @@ import triton.language as tl
 
 from m1_kernels.selective_scan.triton_scan import _and_lt
 from m1_kernels.selective_scan.triton_scan import _bc_rows
+from m1_kernels.selective_scan.triton_scan import _channel_block
 from m1_kernels.selective_scan.triton_scan import _seq_bounds
 from m1_kernels.selective_scan.triton_scan import _softplus
 
@@ -84,13 +85,8 @@ def _local_adjoints_kernel(
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     start, end, row, _ = _seq_bounds(cu_ptr, pid_s, 0, 0, True, 1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_d, offs_n, mask_d, mask_dn, A, bias = _channel_block(pid_d, d_inner, N, A_ptr, s_A_d, s_A_n, bias_ptr,
+                                                              HAS_BIAS, BLOCK_D, BLOCK_N)  # fmt: skip
     dt_ptr += offs_d * s_dt_d
     dout_ptr += offs_d * s_do_d
     if HAS_Z:

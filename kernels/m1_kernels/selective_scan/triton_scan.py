@@ -143,6 +143,32 @@ def _group_sum(v, GPB: tl.constexpr, CPC: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _channel_block(pid_d, d_inner, N, A_ptr, s_A_d, s_A_n, bias_ptr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr):  # fmt: skip
+    """Channel / state offsets and masks of channel block ``pid_d`` in the (BLOCK_D, BLOCK_N) layout, its fp32 A
+    tile and dt bias (zeros without a bias)."""
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return offs_d, offs_n, mask_d, mask_dn, A, bias
+
+
+@triton.jit
+def _skip_and_gate(y, xt, zt, Dv, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """``(y + D x) * silu(z)``, each term only when present."""
+    if HAS_D:
+        y += Dv * xt
+    if HAS_Z:
+        y = y * zt * tl.sigmoid(zt)
+    return y
+
+
+@triton.jit
 def _recurrence_loads(x_ptr, dt_ptr, B_ptr, t, s_x_l, s_dt_l, s_B_l, mask_d, mask_bc):
     """fp32 x_t, dt_t (BLOCK_D,) and B_t of one token: what the state update needs. The pointers already point at
     the program's channels; B's are those of :func:`_bc_rows` (B_t is then (1, BLOCK_N) or (BLOCK_D, BLOCK_N))."""
@@ -428,14 +454,8 @@ def _scan_fwd_kernel(
     pid_s = tl.program_id(0)
     pid_d = tl.program_id(1)
     start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
-
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_d, offs_n, mask_d, mask_dn, A, bias = _channel_block(pid_d, d_inner, N, A_ptr, s_A_d, s_A_n, bias_ptr,
+                                                              HAS_BIAS, BLOCK_D, BLOCK_N)  # fmt: skip
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_H0:
@@ -475,11 +495,7 @@ def _scan_fwd_kernel(
         if SOFTPLUS:
             delta = _softplus(delta)
         h = tl.exp(delta[:, None] * A) * h + (delta * xt)[:, None] * Bt
-        y = tl.sum(h * Ct, axis=1)
-        if HAS_D:
-            y += Dv * xt
-        if HAS_Z:
-            y = y * zt * tl.sigmoid(zt)
+        y = _skip_and_gate(tl.sum(h * Ct, axis=1), xt, zt, Dv, HAS_D, HAS_Z)
         tl.store(out_ptr + t * s_o_l, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
     tl.store(final_ptr + pid_s * d_inner * N + offs_d[:, None] * N + offs_n[None, :], h, mask=mask_dn)
@@ -591,11 +607,7 @@ def _scan_fwd_cpt_kernel(
         if STATE_ONLY:
             dsum += delta
         else:
-            y = tl.sum(h * Ct, axis=0)
-            if HAS_D:
-                y += Dv * xt
-            if HAS_Z:
-                y = y * zt * tl.sigmoid(zt)
+            y = _skip_and_gate(tl.sum(h * Ct, axis=0), xt, zt, Dv, HAS_D, HAS_Z)
             tl.store(out_ptr + t * s_o_l, y.to(out_ptr.dtype.element_ty), mask=mask_d)
     tl.store(final_ptr + pid_s * d_inner * N + state_offs, h, mask=mask_nd)
     if STATE_ONLY:
@@ -669,16 +681,10 @@ def _scan_bwd_kernel(
     pid_d = tl.program_id(1)
     start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
     GPB: tl.constexpr = BLOCK_D // CPC  # C groups per channel block
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < d_inner
-    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+    offs_d, offs_n, mask_d, mask_dn, A, bias = _channel_block(pid_d, d_inner, N, A_ptr, s_A_d, s_A_n, bias_ptr,
+                                                              HAS_BIAS, BLOCK_D, BLOCK_N)  # fmt: skip
     offs_g = pid_d * GPB + tl.arange(0, GPB)
     mask_gn = (offs_g[:, None] < G_C) & (offs_n[None, :] < N)
-
-    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     state_offs = offs_d[:, None] * N + offs_n[None, :]
