@@ -343,6 +343,22 @@ def test_triton_split_documents(triton_scan, monkeypatch, device, dtype, b, L, d
     _compare(ref, got, dtype)
 
 
+@pytest.mark.parametrize("device", _triton_devices())
+@pytest.mark.parametrize(
+    "b, lengths", [pytest.param(1, [0, 0], id="packed-2-empty-docs"), pytest.param(2, None, id="padded-b2")]
+)
+def test_triton_no_tokens(triton_scan, device, b, lengths):
+    """An input with no tokens launches no forward kernel: final states are the initial ones, and the gradient of
+    the initial states is that of the final ones."""
+    cu = random_cu_seqlens(lengths, device) if lengths else None
+    inputs = make_inputs(b, 0, 32, 16, 2, 1, device=device, n_states=len(lengths) if lengths else b)
+    ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
+    got = run_and_grad(triton_scan.selective_scan_triton, leaves(inputs), cu)
+    assert_close("final", inputs["initial_state"], got["final"], atol=0, rtol=0)
+    assert_close("dinitial_state", ref["dinitial_state"], got["dinitial_state"], atol=1e-6, rtol=1e-6)
+    assert got["y"].shape == (b, 0, 32) and not got["dA"].abs().any()
+
+
 def test_piece_offsets_cover_documents_in_order():
     """Piece k of document i sits at index cu[i] // split + i + k; other indices are empty pieces."""
     from m1_kernels.selective_scan.time_split import piece_offsets

@@ -110,7 +110,12 @@ def selective_scan_ref(
             h = dA_t * h + dBx_t
             ys.append((h * C_t).sum(-1))
         finals.append(h)
-    y = torch.stack(ys, dim=1) if cu_seqlens is None else torch.cat(ys, dim=0).unsqueeze(0) if ys else xs * 0
+    if not ys:  # no tokens at all
+        y = xs * 0
+    elif cu_seqlens is None:
+        y = torch.stack(ys, dim=1)
+    else:
+        y = torch.cat(ys, dim=0).unsqueeze(0)
     if D is not None:
         y = y + xs * D.to(ct)
     if z is not None:
