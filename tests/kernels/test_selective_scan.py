@@ -335,7 +335,7 @@ def test_triton_split_documents(triton_scan, monkeypatch, device, dtype, b, L, d
     monkeypatch.setattr(triton_scan, "SPLIT_TARGET_PROGRAMS", 1 << 20)
     monkeypatch.setattr(triton_scan, "SPLIT_MIN_TOKENS", 16)
     n_docs = len(lengths) if lengths else b
-    assert triton_scan.split_length(b * L, n_docs, 2) == 16  # the pieces really are shorter than the documents
+    assert triton_scan.split_length(b * L, n_docs, 2, 16) == 16  # the pieces really are shorter than the documents
     cu = random_cu_seqlens(lengths, device) if lengths else None
     inputs = make_inputs(b, L, d, 16, G_C, G_B, dtype, device, n_states=n_docs, full=full)
     ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)

@@ -831,14 +831,15 @@ def _strides3(t, like):
     return t.stride() if t is not None else like.stride()
 
 
-def split_length(n_tokens: int, n_docs: int, n_dblocks: int) -> int:
+def split_length(n_tokens: int, n_docs: int, n_dblocks: int, block_n: int) -> int:
     """Piece length for :mod:`time_split` (0: do not split), from shapes only (no host sync).
 
     Splits when the (document, channel block) programs are fewer than ``SPLIT_BELOW_PROGRAMS`` and the documents
     are on average longer than a piece: the piece is the power of two (at least ``SPLIT_MIN_TOKENS`` and ``CHUNK``)
-    that brings the programs to about ``SPLIT_TARGET_PROGRAMS``.
+    that brings the programs to about ``SPLIT_TARGET_PROGRAMS``. The pieces' local pass is the one-channel-per-thread
+    forward, so states above ``CPT_MAX_STATE`` are never split.
     """
-    if n_docs == 0 or n_docs * n_dblocks >= min(SPLIT_BELOW_PROGRAMS, SPLIT_TARGET_PROGRAMS):
+    if n_docs == 0 or block_n > CPT_MAX_STATE or n_docs * n_dblocks >= min(SPLIT_BELOW_PROGRAMS, SPLIT_TARGET_PROGRAMS):
         return 0
     per_program = triton.cdiv(n_tokens * n_dblocks, SPLIT_TARGET_PROGRAMS)
     split = max(SPLIT_MIN_TOKENS, CHUNK, triton.next_power_of_2(per_program))
@@ -900,7 +901,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         if cu_seqlens is not None:
             cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
             n_seqs = cu.numel() - 1
-            split = split_length(L, n_seqs, triton.cdiv(d, block_d)) if block_n <= CPT_MAX_STATE else 0
+            split = split_length(L, n_seqs, triton.cdiv(d, block_d), block_n)
         else:
             n_seqs = b
             n_ckpt_per_row = triton.cdiv(L, CHUNK)
@@ -922,8 +923,10 @@ class SelectiveScanFunction(torch.autograd.Function):
         if run_seqs > 0 and L > 0:
             _launch_fwd(x, dt, A, B, C, D, z, dt_bias, run_h0, run_cu, out, run_final, ckpt, run_seqs, n_ckpt_per_row,
                         meta, num_warps, save_ckpt)  # fmt: skip
-        elif L == 0:  # no tokens: every final state is the initial one
-            final.copy_(initial_state) if initial_state is not None else final.zero_()
+        elif L == 0 and initial_state is not None:  # no tokens: every final state is the initial one
+            final.copy_(initial_state)
+        elif L == 0:
+            final.zero_()
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt, pieces, dsum)
         ctx.cfg = (n_seqs, n_ckpt_per_row, num_warps, cpb, split)
         ctx.meta = meta
@@ -1033,8 +1036,7 @@ def selective_scan_triton(
     if initial_state is not None and tuple(initial_state.shape) != (n_seqs, d, N):
         raise ValueError(f"initial_state must be {(n_seqs, d, N)}, got {tuple(initial_state.shape)}")
     block_d, block_n, _ = _launch_config(d // C.shape[2], N)
-    splits = block_n <= CPT_MAX_STATE and split_length(b * L, b, triton.cdiv(d, block_d))
-    if cu_seqlens is None and b > 1 and splits:
+    if cu_seqlens is None and b > 1 and split_length(b * L, b, triton.cdiv(d, block_d), block_n):
         # Long padded rows are split like packed documents: run them as one packed row (a view when the rows are
         # evenly strided, as slices of a projection output are).
         rows = torch.arange(b + 1, device=x.device, dtype=torch.int32) * L
