@@ -60,7 +60,7 @@ def parse_args(argv=None):
         "--variants",
         nargs="+",
         default=DEFAULT_VARIANTS,
-        help="Triton variants: LABEL[:NAME=INT,...] setting triton_scan constants (default: %(default)s)",
+        help="Triton variants: LABEL[:NAME=INT,...] setting triton_scan / channel_major constants (default: %(default)s)",
     )
     args = p.parse_args(argv)
     try:
@@ -87,18 +87,19 @@ def variant_settings(values):
     """Set triton_scan module constants for the duration of the block (the op reads them at each call)."""
     import importlib
 
-    scan = importlib.import_module("m1_kernels.selective_scan.triton_scan")
-    unknown = [name for name in values if not name.isupper() or not hasattr(scan, name)]
+    modules = [importlib.import_module(f"m1_kernels.selective_scan.{m}") for m in ("triton_scan", "channel_major")]
+    owner = {name: next((m for m in modules if hasattr(m, name)), None) for name in values}
+    unknown = [name for name, m in owner.items() if not name.isupper() or m is None]
     if unknown:
-        raise SystemExit(f"--variants: {unknown} are not module constants of triton_scan")
-    saved = {name: getattr(scan, name) for name in values}
+        raise SystemExit(f"--variants: {unknown} are not module constants of triton_scan or channel_major")
+    saved = {name: getattr(owner[name], name) for name in values}
     for name, value in values.items():
-        setattr(scan, name, type(saved[name])(value))
+        setattr(owner[name], name, type(saved[name])(value))
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(scan, name, value)
+            setattr(owner[name], name, value)
 
 
 def make_inputs(T, doc_len, d, N, gc, gb, dtype, device):
