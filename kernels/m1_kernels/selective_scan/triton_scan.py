@@ -71,8 +71,6 @@ CPT_MIN_PROGRAMS = 512
 # once the grid has more programs than the GPU holds (H100, M1-3B, 32k tokens, 3072 programs: fwd+bwd 21.3 -> 18.2
 # ms) and costs a little below (8k tokens, 768 programs: 7.07 -> 7.29 ms).
 BWD_MAXNREG = 168
-# Time-parallel kernels on channel-major copies (channel_major.py) instead of the token-by-token ones.
-CHANNEL_MAJOR = 0
 BWD_CAP_MIN_PROGRAMS = 2048
 
 
@@ -1037,12 +1035,6 @@ def selective_scan_triton(
     n_seqs = b if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (n_seqs, d, N):
         raise ValueError(f"initial_state must be {(n_seqs, d, N)}, got {tuple(initial_state.shape)}")
-    if CHANNEL_MAJOR:
-        from m1_kernels.selective_scan.channel_major import selective_scan_channel_major
-
-        return selective_scan_channel_major(
-            x, dt, A, B, C, D, z, dt_bias, dt_softplus, cu_seqlens, initial_state, return_final_state
-        )
     block_d, block_n, _ = _launch_config(d // C.shape[2], N)
     if cu_seqlens is None and b > 1 and split_length(b * L, b, triton.cdiv(d, block_d), block_n):
         # Long padded rows are split like packed documents: run them as one packed row (a view when the rows are
