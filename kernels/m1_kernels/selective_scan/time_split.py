@@ -32,7 +32,9 @@ from m1_kernels.selective_scan.triton_scan import _and_lt
 from m1_kernels.selective_scan.triton_scan import _bc_rows
 from m1_kernels.selective_scan.triton_scan import _channel_block
 from m1_kernels.selective_scan.triton_scan import _seq_bounds
-from m1_kernels.selective_scan.triton_scan import _softplus
+from m1_kernels.triton_math import exp
+from m1_kernels.triton_math import sigmoid
+from m1_kernels.triton_math import softplus
 
 
 def piece_offsets(cu_seqlens: torch.Tensor, n_tokens: int, split: int) -> torch.Tensor:
@@ -111,14 +113,14 @@ def _local_adjoints_kernel(
         Cn = tl.load(C_ptr + (t - 1) * s_C_l, mask=m_c, other=0.0).to(tl.float32)
         if HAS_Z:
             zn = tl.load(z_ptr + (t - 1) * s_z_l, mask=m_d, other=0.0).to(tl.float32)
-            g = do * zt * tl.sigmoid(zt)
+            g = do * zt * sigmoid(zt)
         else:
             g = do
         if HAS_BIAS:
             delta += bias
         if SOFTPLUS:
-            delta = _softplus(delta)
-        dh = tl.exp(delta[:, None] * A) * (dh + g[:, None] * Ct)
+            delta = softplus(delta)
+        dh = exp(delta[:, None] * A) * (dh + g[:, None] * Ct)
     tl.store(ldh_ptr + pid_s * d_inner * N + offs_d[:, None] * N + offs_n[None, :], dh, mask=mask_dn)
 
 
@@ -157,7 +159,7 @@ def _carry_kernel(
         tl.store(carry_ptr + j * d_inner * N + state_offs, c, mask=mask_dn)
         dsum = tl.load(dsum_ptr + j * d_inner + offs_d, mask=mask_d, other=0.0)
         local = tl.load(local_ptr + j * d_inner * N + state_offs, mask=mask_dn, other=0.0)
-        c = tl.exp(dsum[:, None] * A) * c + local
+        c = exp(dsum[:, None] * A) * c + local
     tl.store(doc_out_ptr + pid_doc * d_inner * N + state_offs, c, mask=mask_dn)
 
 

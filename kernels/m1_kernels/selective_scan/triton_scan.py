@@ -36,6 +36,10 @@ import triton.language as tl
 from m1_kernels.selective_scan.naive import check_cu_seqlens
 from m1_kernels.selective_scan.naive import group_index
 from m1_kernels.selective_scan.naive import selective_scan_ref
+from m1_kernels.triton_math import exp
+from m1_kernels.triton_math import exp2
+from m1_kernels.triton_math import sigmoid
+from m1_kernels.triton_math import softplus
 
 # Tokens between two saved states. Memory: checkpoints L*d*N*4/CHUNK bytes, backward scratch
 # n_programs*CHUNK*BLOCK_D*N*4 = seqs*d*N*4*CHUNK bytes; 64 balances the two for 2048-token documents.
@@ -72,12 +76,6 @@ CPT_MIN_PROGRAMS = 512
 # ms) and costs a little below (8k tokens, 768 programs: 7.07 -> 7.29 ms).
 BWD_MAXNREG = 168
 BWD_CAP_MIN_PROGRAMS = 2048
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)), identity above 20 like torch.nn.functional.softplus (threshold 20).
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
 
 
 @triton.jit
@@ -164,7 +162,7 @@ def _skip_and_gate(y, xt, zt, Dv, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
     if HAS_D:
         y += Dv * xt
     if HAS_Z:
-        y = y * zt * tl.sigmoid(zt)
+        y = y * zt * sigmoid(zt)
     return y
 
 
@@ -258,12 +256,12 @@ def _chunk_states(
     if HAS_BIAS:
         dt_raw += bias[None, :]
     if SOFTPLUS:
-        delta = _softplus(dt_raw)
+        delta = softplus(dt_raw)
     else:
         delta = dt_raw
     delta = tl.where(mask_td, delta, 0.0)
     Bt = _load_group_tile(B_ptr, t, b_grp, offs_n, s_B_l, s_B_g, s_B_n, mask_t, mask_n, mask_dn, ONE_GROUP)
-    a = tl.exp(delta[:, :, None] * A[None, :, :])
+    a = exp(delta[:, :, None] * A[None, :, :])
     b = (delta * xt)[:, :, None] * Bt
     a_cum, h_loc = tl.associative_scan((a, b), 0, _linrec_combine)
     h = h_loc + a_cum * h_in[None, :, :]
@@ -386,7 +384,7 @@ def _scan_fwd_chunked_kernel(
             y += Dv[None, :] * xt
         if HAS_Z:
             zt = _load_td(z_ptr, t, offs_d, s_z_l, s_z_d, mask_td)
-            y = y * zt * tl.sigmoid(zt)
+            y = y * zt * sigmoid(zt)
         tl.store(out_ptr + t[:, None] * s_o_l + offs_d[None, :] * s_o_d, y.to(out_ptr.dtype.element_ty), mask=mask_td)
         # State after the tile: its last row (steps past the document end leave the state unchanged).
         h = tl.sum(tl.where((offs_t == TILE_T - 1)[:, None, None], hs, 0.0), axis=0)
@@ -456,6 +454,7 @@ def _scan_fwd_kernel(
     start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
     offs_d, offs_n, mask_d, mask_dn, A, bias = _channel_block(pid_d, d_inner, N, A_ptr, s_A_d, s_A_n, bias_ptr,
                                                               HAS_BIAS, BLOCK_D, BLOCK_N)  # fmt: skip
+    A2 = A * 1.4426950408889634  # exp(delta A) = exp2(delta A2)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_H0:
@@ -493,8 +492,8 @@ def _scan_fwd_kernel(
         if HAS_BIAS:
             delta += bias
         if SOFTPLUS:
-            delta = _softplus(delta)
-        h = tl.exp(delta[:, None] * A) * h + (delta * xt)[:, None] * Bt
+            delta = softplus(delta)
+        h = exp2(delta[:, None] * A2) * h + (delta * xt)[:, None] * Bt
         y = _skip_and_gate(tl.sum(h * Ct, axis=1), xt, zt, Dv, HAS_D, HAS_Z)
         tl.store(out_ptr + t * s_o_l, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
@@ -602,8 +601,8 @@ def _scan_fwd_cpt_kernel(
         if HAS_BIAS:
             delta += bias
         if SOFTPLUS:
-            delta = _softplus(delta)
-        h = tl.exp2(delta[None, :] * A2) * h + (delta * xt)[None, :] * Bt
+            delta = softplus(delta)
+        h = exp2(delta[None, :] * A2) * h + (delta * xt)[None, :] * Bt
         if STATE_ONLY:
             dsum += delta
         else:
@@ -683,6 +682,9 @@ def _scan_bwd_kernel(
     GPB: tl.constexpr = BLOCK_D // CPC  # C groups per channel block
     offs_d, offs_n, mask_d, mask_dn, A, bias = _channel_block(pid_d, d_inner, N, A_ptr, s_A_d, s_A_n, bias_ptr,
                                                               HAS_BIAS, BLOCK_D, BLOCK_N)  # fmt: skip
+    # Only A log2(e) is kept: exp(delta A) = exp2(delta A2), and sum(da A) = ln(2) sum(da A2) (a multiply per
+    # channel instead of one per state entry).
+    A2 = A * 1.4426950408889634
     offs_g = pid_d * GPB + tl.arange(0, GPB)
     mask_gn = (offs_g[:, None] < G_C) & (offs_n[None, :] < N)
     if HAS_D:
@@ -734,8 +736,8 @@ def _scan_bwd_kernel(
             if HAS_BIAS:
                 delta += bias
             if SOFTPLUS:
-                delta = _softplus(delta)
-            h = tl.exp(delta[:, None] * A) * h + (delta * xt)[:, None] * Bt
+                delta = softplus(delta)
+            h = exp2(delta[:, None] * A2) * h + (delta * xt)[:, None] * Bt
             tl.store(scr_ptr + (t - cs) * (BLOCK_D * BLOCK_N), h)
         # Scratch written by one thread is read by another below: a CTA barrier orders them.
         tl.debug_barrier()
@@ -758,12 +760,12 @@ def _scan_bwd_kernel(
             if HAS_BIAS:
                 dt_raw += bias
             if SOFTPLUS:
-                delta = _softplus(dt_raw)
+                delta = softplus(dt_raw)
             else:
                 delta = dt_raw
-            a = tl.exp(delta[:, None] * A)
+            a = exp2(delta[:, None] * A2)
             if HAS_Z:
-                sig = tl.sigmoid(zt)
+                sig = sigmoid(zt)
                 y_pre = tl.sum(h_cur * Ct, axis=1)
                 if HAS_D:
                     y_pre += Dv * xt
@@ -786,10 +788,10 @@ def _scan_bwd_kernel(
                 dx += g * Dv
                 dD_acc += g * xt
             da = dh * h_prev * a  # d loss / d(delta * A) per state entry
-            ddelta = dhB * xt + tl.sum(da * A, axis=1)
+            ddelta = dhB * xt + tl.sum(da * A2, axis=1) * 0.6931471805599453
             dA_acc += da * delta[:, None]
             if SOFTPLUS:
-                ddt = tl.where(dt_raw <= 20.0, ddelta * tl.sigmoid(dt_raw), ddelta)
+                ddt = tl.where(dt_raw <= 20.0, ddelta * sigmoid(dt_raw), ddelta)
             else:
                 ddt = ddelta
             dbias_acc += ddt

@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 
 from m1_kernels.selective_scan.naive import check_groups
-from m1_kernels.selective_scan.triton_scan import _softplus
+from m1_kernels.triton_math import exp
+from m1_kernels.triton_math import sigmoid
+from m1_kernels.triton_math import softplus
 
 
 @triton.jit
@@ -87,7 +89,7 @@ def _state_update_kernel(
     if HAS_DT_BIAS:
         dt += tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if DT_SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0).to(tl.float32)
 
     # M1 GQA layout: channel d reads C group d // (d_inner / G_C) and B group c_group // (G_C / G_B).
@@ -103,7 +105,7 @@ def _state_update_kernel(
     # The slot may be pad_slot_id (e.g. -1): the pointer is then never dereferenced (masked).
     s_ptrs = state_ptr + slot * s_state_slot + offs_d[:, None] * s_state_d + offs_n[None, :] * s_state_n
     h = tl.load(s_ptrs, mask=live_dn, other=0.0).to(tl.float32)
-    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv
+    h = exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv
     tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=live_dn)
 
     y = tl.sum(h * Cv, axis=1)
@@ -111,7 +113,7 @@ def _state_update_kernel(
         y += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(z_ptr + row * s_z_b + offs_d * s_z_d, mask=mask_d, other=0.0).to(tl.float32)
-        y *= z * tl.sigmoid(z)
+        y *= z * sigmoid(z)
     y = tl.where(live, y, 0.0)
     tl.store(out_ptr + row * s_out_b + offs_d * s_out_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
