@@ -277,6 +277,22 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
         def mamba_call():
             return mamba_fn(u, delta, A, Bm, Cm, Dv, zz, bias, delta_softplus=True)
 
+        # The same from the token-major tensors our op takes (M1's layout): mamba-ssm's caller then also pays the
+        # copies to its layout, the B repeat, and their backward (the repeat's gradient is a sum over copies).
+        tok = {k: ins[k].detach().reshape(rows_, doc_len, *ins[k].shape[2:]).contiguous().requires_grad_()
+               for k in ("x", "dt", "z", "B", "C")}  # fmt: skip
+        dy_tok = dy.reshape(rows_, doc_len, d)
+
+        def mamba_from_tokens():
+            def to_mamba(t):
+                return t.transpose(1, 2).contiguous()
+
+            Bt = tok["B"].repeat_interleave(gc // gb, dim=2).permute(0, 2, 3, 1).contiguous()
+            Ct = tok["C"].permute(0, 2, 3, 1).contiguous()
+            y = mamba_fn(to_mamba(tok["x"]), to_mamba(tok["dt"]), A, Bt, Ct, Dv, to_mamba(tok["z"]), bias,
+                         delta_softplus=True)  # fmt: skip
+            return y.transpose(1, 2)
+
         note = f"padded {rows_}x{doc_len}, B/C repeated to {gc}"
         try:
             with torch.no_grad():
@@ -284,6 +300,12 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
             record("mamba_cuda", "fwd", T, ms, peak, note)
             ms, peak = bench(lambda: mamba_call().backward(dym), grad_to_none=[u, delta, zz, Bm, Cm, A, Dv, bias])
             record("mamba_cuda", "fwd+bwd", T, ms, peak, note)
+            note += "; from token-major inputs: layout copies and the B repeat included"
+            with torch.no_grad():
+                ms, peak = bench(mamba_from_tokens)
+            record("mamba_cuda_e2e", "fwd", T, ms, peak, note)
+            ms, peak = bench(lambda: mamba_from_tokens().backward(dy_tok), grad_to_none=[*tok.values(), A, Dv, bias])
+            record("mamba_cuda_e2e", "fwd+bwd", T, ms, peak, note)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # a baseline failing must not lose our rows
             print(f"mamba_cuda T={T}: failed ({type(err).__name__}: {err}); skipped")
 
