@@ -109,15 +109,33 @@ def variant_settings(values):
             setattr(scan, name, value)
 
 
+def split_fused(fused, d, N, gc, gb):
+    """x, dt, B, C, z as token-major views of one fused projection output (columns z, x, B, C, dt)."""
+    return dict(
+        x=fused[..., d : 2 * d],
+        dt=fused[..., 2 * d + (gb + gc) * N :],
+        B=fused[..., 2 * d : 2 * d + gb * N].unflatten(-1, (gb, N)),
+        C=fused[..., 2 * d + gb * N : 2 * d + (gb + gc) * N].unflatten(-1, (gc, N)),
+        z=fused[..., :d],
+    )
+
+
+def scan_operands(fused, ins, shape, inputs):
+    """``(operands, grads)``: a callable giving the x, dt, B, C, z of one call, and the tensors whose gradients
+    the benchmark resets. ``inputs="leaves"``: separate contiguous tensors; ``"views"``: fresh slices of ``fused``
+    per call (autograd then adds each slice's gradient into the fused gradient)."""
+    if inputs == "leaves":
+        leaves = {k: ins[k].detach().contiguous().requires_grad_() for k in ("x", "dt", "B", "C", "z")}
+        return (lambda: leaves), list(leaves.values())
+    return (lambda: split_fused(fused, *shape)), [fused]
+
+
 def make_inputs(T, doc_len, d, N, gc, gb, dtype, device):
     """Packed inputs as token-major slices of one fused projection (z, x, B, C, dt)."""
     width = 2 * d + gb * N + gc * N + d
     fused = torch.randn(1, T, width, device=device, dtype=dtype)
-    z = fused[..., :d]
-    x = fused[..., d : 2 * d]
-    B = fused[..., 2 * d : 2 * d + gb * N].unflatten(-1, (gb, N))
-    C = fused[..., 2 * d + gb * N : 2 * d + (gb + gc) * N].unflatten(-1, (gc, N))
-    dt = fused[..., 2 * d + (gb + gc) * N :]
+    views = split_fused(fused, d, N, gc, gb)
+    x, dt, B, C, z = (views[k] for k in ("x", "dt", "B", "C", "z"))
     with torch.no_grad():
         dt.mul_(0.5).sub_(1.0)
     A = -torch.exp(0.5 * torch.randn(d, N, device=device))
@@ -220,22 +238,12 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
     for p in params:
         p.requires_grad_(True)
 
-    if args.inputs == "leaves":
-        leaves = {k: ins[k].detach().contiguous().requires_grad_() for k in ("x", "dt", "B", "C", "z")}
-        grads = [*leaves.values(), *params]
-    else:
-        grads = [fused, *params]
+    operands, grads = scan_operands(fused, ins, shape, args.inputs)
+    grads += params
 
     def call(fn, cu=cu):
-        if args.inputs == "leaves":
-            x, dt, B, C, z = (leaves[k] for k in ("x", "dt", "B", "C", "z"))
-        else:  # slices of the fused tensor: autograd adds each slice's gradient into the fused gradient
-            f = fused
-            z, x = f[..., :d], f[..., d : 2 * d]
-            B = f[..., 2 * d : 2 * d + gb * N].unflatten(-1, (gb, N))
-            C = f[..., 2 * d + gb * N : 2 * d + (gb + gc) * N].unflatten(-1, (gc, N))
-            dt = f[..., 2 * d + (gb + gc) * N :]
-        return fn(x, dt, ins["A"], B, C, ins["D"], z, ins["dt_bias"], True, cu)
+        t = operands()
+        return fn(t["x"], t["dt"], ins["A"], t["B"], t["C"], ins["D"], t["z"], ins["dt_bias"], True, cu)
 
     dy = torch.randn(1, T, d, device=device, dtype=dtype)
     fwd_floor, full_floor = hbm_bytes(T, d, N, gc, gb, dtype.itemsize)

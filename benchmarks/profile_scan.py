@@ -19,6 +19,7 @@ from bench_selective_scan import G_B  # noqa: E402
 from bench_selective_scan import G_C  # noqa: E402
 from bench_selective_scan import make_inputs  # noqa: E402
 from bench_selective_scan import parse_variant  # noqa: E402
+from bench_selective_scan import scan_operands  # noqa: E402
 from bench_selective_scan import variant_settings  # noqa: E402
 
 
@@ -28,6 +29,7 @@ def main(argv=None):
     p.add_argument("--doc-len", type=int, default=2048)
     p.add_argument("--shape", type=lambda v: tuple(int(x) for x in v.split(",")), default=(D_INNER, D_STATE, G_C, G_B))
     p.add_argument("--variants", nargs="+", default=["triton"])
+    p.add_argument("--inputs", choices=["leaves", "views"], default="leaves", help="as in bench_selective_scan.py")
     p.add_argument("--rows", type=int, default=12, help="kernels listed per variant")
     args = p.parse_args(argv)
     from m1_kernels.selective_scan.triton_scan import selective_scan_triton
@@ -35,16 +37,15 @@ def main(argv=None):
     d, N, gc, gb = args.shape
     fused, ins, cu = make_inputs(args.tokens, args.doc_len, d, N, gc, gb, torch.bfloat16, "cuda")
     fused.requires_grad_(True)
+    operands, grads = scan_operands(fused, ins, args.shape, args.inputs)
     dy = torch.randn(1, args.tokens, d, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        z, x = fused[..., :d], fused[..., d : 2 * d]
-        B = fused[..., 2 * d : 2 * d + gb * N].unflatten(-1, (gb, N))
-        C = fused[..., 2 * d + gb * N : 2 * d + (gb + gc) * N].unflatten(-1, (gc, N))
-        dt = fused[..., 2 * d + (gb + gc) * N :]
-        y = selective_scan_triton(x, dt, ins["A"], B, C, ins["D"], z, ins["dt_bias"], True, cu)
+        t = operands()
+        y = selective_scan_triton(t["x"], t["dt"], ins["A"], t["B"], t["C"], ins["D"], t["z"], ins["dt_bias"], True, cu)
         y.backward(dy)
-        fused.grad = None
+        for g in grads:
+            g.grad = None
 
     for spec in args.variants:
         label, values = parse_variant(spec)
