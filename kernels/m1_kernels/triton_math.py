@@ -24,6 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = 2**(x log2 e)
+LN2 = tl.constexpr(0.6931471805599453)  # log(x) = ln 2 log2(x)
+
 FAST_MATH = tl.constexpr(
     os.environ.get("TRITON_INTERPRET", "0") != "1"
     and os.environ.get("M1_KERNELS_FAST_MATH", "1") != "0"
@@ -48,7 +51,7 @@ def exp2(x):
 @triton.jit
 def exp(x):
     """e**x in fp32."""
-    return exp2(x * 1.4426950408889634)
+    return exp2(x * LOG2E)
 
 
 @triton.jit
@@ -64,7 +67,7 @@ def sigmoid(x):
 def softplus(x):
     """log(1 + e**x), the identity above 20 like ``torch.nn.functional.softplus`` (threshold 20)."""
     if FAST_MATH:
-        sp = 0.6931471805599453 * _ptx("lg2.approx.ftz.f32", 1.0 + exp(tl.minimum(x, 20.0)))
+        sp = LN2 * _ptx("lg2.approx.ftz.f32", 1.0 + exp(tl.minimum(x, 20.0)))
     else:
         sp = tl.log(1.0 + tl.exp(tl.minimum(x, 20.0)))
     return tl.where(x <= 20.0, sp, x)

@@ -36,6 +36,8 @@ import triton.language as tl
 from m1_kernels.selective_scan.naive import check_cu_seqlens
 from m1_kernels.selective_scan.naive import group_index
 from m1_kernels.selective_scan.naive import selective_scan_ref
+from m1_kernels.triton_math import LN2
+from m1_kernels.triton_math import LOG2E
 from m1_kernels.triton_math import exp
 from m1_kernels.triton_math import exp2
 from m1_kernels.triton_math import sigmoid
@@ -454,7 +456,7 @@ def _scan_fwd_kernel(
     start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
     offs_d, offs_n, mask_d, mask_dn, A, bias = _channel_block(pid_d, d_inner, N, A_ptr, s_A_d, s_A_n, bias_ptr,
                                                               HAS_BIAS, BLOCK_D, BLOCK_N)  # fmt: skip
-    A2 = A * 1.4426950408889634  # exp(delta A) = exp2(delta A2)
+    A2 = A * LOG2E  # exp(delta A) = exp2(delta A2)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_H0:
@@ -559,7 +561,7 @@ def _scan_fwd_cpt_kernel(
     state_offs = offs_d[None, :] * N + offs_n[:, None]
     # exp(delta A) = exp2(delta (A log2 e)): fold the constant into A once.
     A2 = _load_f32(A_ptr + offs_d[None, :] * s_A_d + offs_n[:, None] * s_A_n, mask_nd, EVEN)
-    A2 = A2 * 1.4426950408889634
+    A2 = A2 * LOG2E
     if HAS_BIAS:
         bias = _load_f32(bias_ptr + offs_d, mask_d, EVEN)
     if HAS_D:
@@ -684,7 +686,7 @@ def _scan_bwd_kernel(
                                                               HAS_BIAS, BLOCK_D, BLOCK_N)  # fmt: skip
     # Only A log2(e) is kept: exp(delta A) = exp2(delta A2), and sum(da A) = ln(2) sum(da A2) (a multiply per
     # channel instead of one per state entry).
-    A2 = A * 1.4426950408889634
+    A2 = A * LOG2E
     offs_g = pid_d * GPB + tl.arange(0, GPB)
     mask_gn = (offs_g[:, None] < G_C) & (offs_n[None, :] < N)
     if HAS_D:
@@ -788,7 +790,7 @@ def _scan_bwd_kernel(
                 dx += g * Dv
                 dD_acc += g * xt
             da = dh * h_prev * a  # d loss / d(delta * A) per state entry
-            ddelta = dhB * xt + tl.sum(da * A2, axis=1) * 0.6931471805599453
+            ddelta = dhB * xt + tl.sum(da * A2, axis=1) * LN2
             dA_acc += da * delta[:, None]
             if SOFTPLUS:
                 ddt = tl.where(dt_raw <= 20.0, ddelta * sigmoid(dt_raw), ddelta)
