@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from m1_hybrid.packing import is_packed
+from m1_hybrid.varlen_attention import hf_packed_kwargs
+from m1_hybrid.varlen_attention import register_hf_attention
 
 
 def check_vocab(student_tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int, teacher_name: str):
@@ -37,13 +38,20 @@ def check_vocab(student_tokenizer, teacher_tokenizer, student_vocab: int, teache
         )
 
 
-def load_teacher(name: str, dtype: torch.dtype, device, attn_implementation: str = "sdpa", trust_remote_code=False):
+def load_teacher(
+    name: str, dtype: torch.dtype, device, attn_implementation: str = "m1_varlen", trust_remote_code=False
+):
     """The teacher model, frozen (``requires_grad_(False)``, ``eval()``), in ``dtype`` on ``device``.
+
+    ``m1_varlen`` (:mod:`m1_hybrid.varlen_attention`): packed rows through varlen flash-attention on
+    CUDA (no cross-document tiles computed), everything else exactly as ``sdpa``.
 
     Under FSDP every rank holds a full replica (the teacher runs forward only, under ``no_grad``).
     """
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation == "m1_varlen":
+        register_hf_attention()
     teacher = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
     )
@@ -62,17 +70,19 @@ def load_teacher_tokenizer(name: str, trust_remote_code=False):
 def teacher_logits_at(teacher, input_ids, positions, attention_mask=None, position_ids=None) -> torch.Tensor:
     """Teacher logits ``(n, V)`` (its dtype) at the counted ``positions (b, L)`` only.
 
-    Packed rows go in with ``position_ids`` and no mask: transformers' Llama/Qwen2 find the
-    documents from the position restarts and attend within each. The lm_head is applied to the
-    counted rows only, so no ``(b, L, V)`` teacher tensor exists.
+    Packed rows go in with ``position_ids``, no mask, and their document boundaries as flash-attention
+    kwargs (:func:`m1_hybrid.varlen_attention.hf_packed_kwargs`): ``m1_varlen`` and ``flash_attention_2``
+    read those, SDPA/eager find the documents from the position restarts; each attends within a document.
+    The lm_head is applied to the counted rows only, so no ``(b, L, V)`` teacher tensor exists.
     """
     base = getattr(teacher, teacher.base_model_prefix)
-    packed = is_packed(position_ids, attention_mask)
+    packed = hf_packed_kwargs(position_ids, attention_mask)  # {} unless packed
     out = base(
         input_ids=input_ids,
         attention_mask=None if packed else attention_mask,
         position_ids=position_ids,
         use_cache=False,
+        **packed,
     )
     hidden = out.last_hidden_state[positions.to(out.last_hidden_state.device)]
     return teacher.get_output_embeddings()(hidden)

@@ -696,12 +696,20 @@ def start_profile():
 
 
 def finish_profile(prof, path: Path, steps: int) -> None:
-    """Stop the profiler; write its top ops by GPU time (the step's time budget, where it goes) to ``path``."""
+    """Stop the profiler; write its top ops by GPU time (the step's time budget, where it goes) to ``path``:
+    one table by total CUDA time (ops with what they launch), one by self CUDA time (the kernels)."""
     prof.__exit__(None, None, None)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
-    path.write_text(f"torch.profiler over {steps} training steps, top ops by CUDA time\n{table}\n")
+    averages = prof.key_averages()
+    total, kernels = (
+        averages.table(sort_by=key, row_limit=40, max_name_column_width=70)
+        for key in ("cuda_time_total", "self_cuda_time_total")
+    )
+    path.write_text(
+        f"torch.profiler over {steps} training steps, top ops by CUDA time\n{total}\n\n"
+        f"top kernels and ops by self CUDA time\n{kernels}\n"
+    )
     print(f"profile of {steps} steps -> {path}")
-    print("\n".join(table.splitlines()[:25]))
+    print("\n".join(kernels.splitlines()[:30]))
 
 
 def make_summary(args, precision, attn_layers, n_layers, log, evals, memory, train_seconds, peak_train_mib) -> dict:

@@ -9,12 +9,15 @@
 #   more   carry .gpu_data                 continue distilling the saved student (--init-student) for
 #                                          DISTILL_MINUTES more, saving over it (repeatable; DISTILL_ARGS)
 #   grpo   carry .gpu_data                 GRPO the distilled hybrid with vLLM rollouts (grpo_gpu.py; GRPO_ARGS)
+#   profile carry .gpu_data .gpu_shape     where a distillation step's time goes, without the real teacher: random
+#                                          weights in SmolLM2-135M's shapes (.gpu_shape: its config and tokenizer,
+#                                          copied from m1_hybrid.teacher.smollm2_path()); DISTILL_ARGS adds flags
 #
 # The calls must follow each other within the machine's idle window (files live only while it is
 # warm). Results (CSV, PNG, JSON, logs) are written under $HOME and packed into $OUT/results_<stage>.tgz
 # (a call returns at most 8 files).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh smoke|stash|final|more|grpo}
+stage=${1:?usage: gpu_session.sh smoke|stash|final|more|grpo|profile}
 DEST=${OUT:-runs/gpu_session}
 OUT=$HOME/gpu_session/$stage
 mkdir -p "$OUT" "$DEST"
@@ -75,6 +78,18 @@ PY
     timeout "${GRPO_TIMEOUT:-420}" python3 benchmarks/grpo_gpu.py --model "$HOME/distilled" --steps 4 --repeats 2 \
       --out "$OUT/grpo" ${GRPO_ARGS:-} 2>&1 | quiet > "$OUT/grpo.log"
     tail -25 "$OUT/grpo.log" ;;
+  profile)
+    vllm_env "$HOME/none"
+    python3 -c "
+import sys, torch, transformers
+cfg = transformers.AutoConfig.from_pretrained('.gpu_shape')
+torch.manual_seed(0)
+transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(sys.argv[1])
+" "$HOME/shape_teacher" && cp .gpu_shape/*.json .gpu_shape/*.jinja "$HOME/shape_teacher/"
+    python3 benchmarks/distill_gpu.py --teacher "$HOME/shape_teacher" --data-dir .gpu_data --max-steps 40 \
+      --profile-steps 3 --eval-every 1000 --eval-docs 16 --no-memory --out "$OUT/distill" ${DISTILL_ARGS:-} \
+      2>&1 | quiet > "$OUT/distill.log"
+    grep -E "tok_per_s_median|train_seconds" "$OUT/distill/summary.json"; head -30 "$OUT/distill/profile.txt" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 tar czf "$DEST/results_$stage.tgz" -C "$OUT" . && ls -la "$DEST"

@@ -46,8 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import is_packed
-from .packing import packed_layout
+from .varlen_attention import hf_packed_kwargs
 
 
 @dataclass
@@ -104,9 +103,10 @@ class AttentionAlignment:
         """
         self._captured.clear()
         base = getattr(self.teacher, self.teacher.base_model_prefix)
+        packed = hf_packed_kwargs(position_ids)  # {} unless packed; cu_seqlens for the teacher and the mixers
         with torch.no_grad():
-            base(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        cu = _document_starts(position_ids, input_ids.shape)
+            base(input_ids=input_ids, position_ids=position_ids, use_cache=False, **packed)
+        cu = packed.get("cu_seq_lens_q")
         weight = None if token_mask is None else token_mask.unsqueeze(-1)
         losses = []
         for i in self.layers:
@@ -121,11 +121,6 @@ class AttentionAlignment:
         self._captured.clear()
         per_layer = torch.stack(losses)
         return AlignmentOutput(per_layer.mean(), per_layer.detach(), list(self.layers))
-
-
-def _document_starts(position_ids, shape):
-    """``cu_seqlens`` of the documents when ``position_ids`` mark a packed batch, else None."""
-    return packed_layout(position_ids, None, shape).cu_seqlens if is_packed(position_ids, None) else None
 
 
 def _run_mixer(mixer, u, cu_seqlens):
@@ -150,11 +145,12 @@ def substitution_kl(teacher, student, input_ids, position_ids=None, token_mask=N
     keeps attention where the score is highest.
     """
     base = getattr(teacher, teacher.base_model_prefix)
-    cu = _document_starts(position_ids, input_ids.shape)
+    packed = hf_packed_kwargs(position_ids)  # {} unless packed
+    cu = packed.get("cu_seq_lens_q")
     mask = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask.bool()
 
     def logprobs():  # full-vocabulary logits at the counted tokens only
-        hidden = base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = base(input_ids=input_ids, position_ids=position_ids, use_cache=False, **packed).last_hidden_state
         return torch.log_softmax(teacher.get_output_embeddings()(hidden[mask]).float(), dim=-1)
 
     reference = logprobs()

@@ -1,11 +1,9 @@
 """Grouped-query attention layer of M1 (fused ``in_proj`` [q, k, v], ``out_proj``, RoPE).
 
-Three paths, one maths: padded/cached batches through SDPA with a causal + padding mask, packed
-documents through varlen flash-attention on CUDA when ``flash_attn`` is installed, else SDPA with
-a block-diagonal causal mask (no token attends across a document boundary).
+Two paths, one maths: padded/cached batches through SDPA with a causal + padding mask, packed
+documents through :func:`m1_hybrid.varlen_attention.varlen_attention` (varlen flash-attention on
+CUDA, else SDPA with a block-diagonal causal mask: no token attends across a document boundary).
 """
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -13,15 +11,7 @@ from torch import nn
 
 from .configuration_m1 import M1HybridConfig
 from .rotary import apply_rotary
-
-
-@functools.cache
-def _flash_varlen():
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except Exception:  # not installed, or a CPU-only build without its CUDA module
-        return None
-    return flash_attn_varlen_func
+from .varlen_attention import varlen_attention
 
 
 class M1Attention(nn.Module):
@@ -68,21 +58,9 @@ class M1Attention(nn.Module):
 
     def _packed(self, q, k, v, layout):
         b, h, L, d = q.shape
-        flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-        if flash is not None:
-            tok = lambda t: t.transpose(1, 2).reshape(b * L, t.shape[1], d)  # noqa: E731
-            cu = layout.cu_seqlens
-            out = flash(tok(q), tok(k), tok(v), cu, cu, layout.max_seqlen, layout.max_seqlen, causal=True)
-            return out.view(b, L, h, d).transpose(1, 2)
-        # One row of all tokens; a key is visible iff it is in the same document and not later.
-        flat = lambda t: t.transpose(0, 1).reshape(1, t.shape[1], b * L, d)  # noqa: E731
-        docs = layout.doc_ids
-        idx = torch.arange(b * L, device=q.device)
-        mask = (docs[:, None] == docs[None, :]) & (idx[None, :] <= idx[:, None])
-        out = F.scaled_dot_product_attention(
-            flat(q), flat(k), flat(v), attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
-        return out.reshape(h, b, L, d).transpose(0, 1)
+        tok = lambda t: t.transpose(1, 2).reshape(b * L, t.shape[1], d)  # noqa: E731
+        out = varlen_attention(tok(q), tok(k), tok(v), layout.cu_seqlens, layout.max_seqlen, rows=b)
+        return out.view(b, L, h, d).transpose(1, 2)
 
 
 class AttentionLayerState:
