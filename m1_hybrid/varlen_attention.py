@@ -79,6 +79,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, rows: int, scale: flo
         >>> out.shape, torch.allclose(out[:2], first, atol=1e-6)
         (torch.Size([5, 4, 8]), True)
     """
+    if q.is_cuda and q.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # Under autocast SDPA would run in the autocast dtype; so do the flash kernels (fp32 q/k/v come
+        # from RoPE's fp32 tables even when the projections ran in bf16).
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     backend = backend or varlen_backend(q)
     if backend == "flash_attn":
         cu = cu_seqlens.to(torch.int32)
