@@ -398,12 +398,18 @@ def lr_at(progress: float, step: int, lr: float, warmup: int, floor: float = 0.1
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def scheduled_steps(opt, lr: float, warmup: int, minutes: float, max_steps: int):
+def scheduled_steps(opt, lr: float, warmup: int, minutes: float, max_steps: int, resume=(0, 0.0), horizon=None):
     """Yield ``(step, lr)`` (step from 1) until ``max_steps`` or ``minutes`` of wall time are used, first
-    setting every param group of ``opt`` to :func:`lr_at` of the step and of the elapsed share of the budget."""
-    budget, t_start, step = minutes * 60, time.perf_counter(), 0
+    setting every param group of ``opt`` to :func:`lr_at` of the step and of the elapsed share of the budget.
+
+    A resumed run passes ``resume = (steps, seconds)`` already done and the whole schedule's ``horizon``
+    minutes: steps count on from there and the cosine continues where it was.
+    """
+    step, done = resume
+    budget, t_start, horizon = minutes * 60, time.perf_counter(), (horizon or minutes) * 60
     while step < max_steps and time.perf_counter() - t_start < budget:
-        now = lr_at(max(step / max_steps, (time.perf_counter() - t_start) / budget), step, lr, warmup)
+        progress = max(step / max_steps, (done + time.perf_counter() - t_start) / horizon)
+        now = lr_at(progress, step, lr, warmup)
         for group in opt.param_groups:
             group["lr"] = now
         step += 1
@@ -494,6 +500,17 @@ def parse_args(argv=None):
     )
     p.add_argument("--minutes", type=float, default=4.0, help="training-loop time budget")
     p.add_argument(
+        "--state",
+        metavar="DIR",
+        help="resumable training state (fp32 student, optimizer, step, tokens, KL-stage seconds): continued from "
+        "when DIR holds one, written there (atomically) at the end; one run split over several calls",
+    )
+    p.add_argument(
+        "--schedule-minutes",
+        type=float,
+        help="the cosine's length in KL-stage minutes summed over the calls of one --state run (default: --minutes)",
+    )
+    p.add_argument(
         "--align-minutes",
         type=float,
         default=0.0,
@@ -566,10 +583,17 @@ def main(argv=None) -> dict:
         tokenizer.pad_token = "<|im_end|>"
     teacher = load_teacher(str(teacher_dir), torch.float32, "cpu")  # m1_varlen: packed rows through flash
     n_layers = teacher.config.num_hidden_layers
-    if args.init_student:
+    state = load_state(args.state)
+    if state is not None and args.init_student:
+        raise SystemExit(f"{args.state} holds a training state to resume: drop --init-student (or use a new --state)")
+    if state is not None:
+        print(f"resuming {args.state}: step {state['step']}, {state['tokens'] / 1e6:.1f} M tokens, "
+              f"{state['kl_seconds'] / 60:.1f} KL-stage minutes done")  # fmt: skip
+    if args.init_student or state is not None:
         from m1_hybrid import M1HybridForCausalLM
 
-        student = M1HybridForCausalLM.from_pretrained(args.init_student, torch_dtype=torch.float32)
+        source = Path(args.state) if state is not None else args.init_student
+        student = M1HybridForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
         attn_layers = list(student.config.attn_layers)
         args.d_state = student.config.d_state  # the summary reports the model's own
     elif args.attn_layers == "auto":  # every layer a mixer for now; the kept attention is chosen after alignment
@@ -610,7 +634,8 @@ def main(argv=None) -> dict:
     next_batch = BatchPrefetcher(rows, args.batch_rows, device)
 
     align_log, layer_scores = [], {}
-    if args.attn_layers == "auto" and not args.init_student:  # align all mixers, keep attention where they cost most
+    # auto: align all mixers, keep attention where they cost most
+    if args.attn_layers == "auto" and not args.init_student and state is None:
         align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir)
         scoring = [next_batch() for _ in range(SCORE_BATCHES)]
         scoring = [(b["input_ids"], b["position_ids"], b["labels"] != IGNORE_INDEX) for b in scoring]
@@ -652,6 +677,8 @@ def main(argv=None) -> dict:
         betas=(0.9, 0.95),
         fused=cuda,
     )
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
 
     evals = []
 
@@ -661,8 +688,11 @@ def main(argv=None) -> dict:
         append_csv([evals[-1]], str(out_dir), CSV_EVAL)
         print(f"held-out {stage} step {step}: kl {res['kl']:.4f} top1 {res['top1']:.4f} ({res['tokens']} tokens)")
 
+    start_step, start_tokens = (state["step"], state["tokens"]) if state is not None else (0, 0)
     if align_log:  # auto: aligned before the layers were chosen
         run_eval(0, "aligned")
+    elif state is not None:
+        run_eval(start_step, "resumed")
     else:
         run_eval(0, "init")
         if args.align_minutes > 0:
@@ -675,7 +705,7 @@ def main(argv=None) -> dict:
     log, pending, window = [], [], []
     t_start = t_window = time.perf_counter()
     bar = tqdm(desc="distill", unit="step", dynamic_ncols=True)
-    step = tokens = 0
+    step, tokens = start_step, start_tokens
     prof = None
 
     def flush():  # one device sync for the window's metrics; tok/s over the window's wall time
@@ -694,8 +724,10 @@ def main(argv=None) -> dict:
         t_window = now
         bar.set_postfix(kl=f"{log[-1]['kl']:.3f}", top1=f"{log[-1]['top1']:.3f}", tok_s=f"{tok_per_s:.0f}")
 
-    for step, lr in scheduled_steps(opt, args.lr, args.warmup, args.minutes, args.max_steps):
-        if args.profile_steps and step == PROFILE_AFTER + 1:
+    resume = (start_step, state["kl_seconds"] if state is not None else 0.0)
+    schedule = scheduled_steps(opt, args.lr, args.warmup, args.minutes, args.max_steps, resume, args.schedule_minutes)
+    for step, lr in schedule:
+        if args.profile_steps and step == start_step + PROFILE_AFTER + 1:
             prof = start_profile()
         batch = next_batch()
         db = distill_batch(teacher, batch, settings)
@@ -714,7 +746,7 @@ def main(argv=None) -> dict:
         window.append((step, lr, step_tokens, tokens, stats))
         if len(window) == LOG_EVERY or step % args.eval_every == 0:
             flush()
-        if prof is not None and step == PROFILE_AFTER + args.profile_steps:
+        if prof is not None and step == start_step + PROFILE_AFTER + args.profile_steps:
             flush()
             finish_profile(prof, out_dir / PROFILE_FILE, args.profile_steps)
             prof = None
@@ -737,12 +769,37 @@ def main(argv=None) -> dict:
     summary = make_summary(args, precision, attn_layers, n_layers, log, evals, memory, train_seconds, peak_train_mib)
     summary["align"] = {"steps": len(align_log), "last": align_log[-1] if align_log else None}
     summary["substitution_kl"] = layer_scores or None
+    if args.state:
+        kl_seconds = resume[1] + train_seconds
+        save_state(student, opt, args.state, teacher_dir, step=step, tokens=tokens, kl_seconds=kl_seconds)
     if args.save:
         student.to(torch.bfloat16)
         summary["saved"] = str(save_atomically(student, args.save, extra_files_from=teacher_dir))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary
+
+
+STATE_FILE = "training_state.pt"
+
+
+def load_state(folder) -> dict | None:
+    """The training state :func:`save_state` wrote into ``folder`` (None when there is none yet)."""
+    if folder is None or not (Path(folder) / STATE_FILE).exists():
+        return None
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def save_state(student, opt, folder, teacher_dir, **counters) -> None:
+    """The fp32 student (``save_pretrained``), the optimizer and ``counters`` (step, tokens, kl_seconds) into
+    ``folder``, swapped in together (:func:`m1_hybrid.checkpoint.save_atomically`)."""
+    from m1_hybrid.checkpoint import save_atomically
+
+    def write_state(tmp: Path):
+        torch.save({"optimizer": opt.state_dict(), **counters}, tmp / STATE_FILE)
+
+    save_atomically(student, folder, extra_files_from=teacher_dir, write_extra=write_state)
+    print(f"training state -> {folder} (step {counters['step']})")
 
 
 def start_profile():

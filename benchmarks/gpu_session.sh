@@ -5,9 +5,12 @@
 #                                          grpo_gpu.py on tiny random models (catch bugs before the real run)
 #   stash  carry .gpu_teacher_a            keep the first part of the teacher GGUF
 #   final  carry .gpu_teacher_b .gpu_data  join the teacher; distil SmolLM2-135M into a 25%-attention
-#                                          hybrid (distill_gpu.py; DISTILL_ARGS adds e.g. --align-minutes)
-#   more   carry .gpu_data                 continue distilling the saved student (--init-student) for
-#                                          DISTILL_MINUTES more, saving over it (repeatable; DISTILL_ARGS)
+#                                          hybrid (distill_gpu.py; DISTILL_ARGS adds e.g. --align-minutes),
+#                                          keeping the training state in $HOME/state
+#   more   carry .gpu_data                 continue for DISTILL_MINUTES more (repeatable; DISTILL_ARGS): the same
+#                                          run from $HOME/state (optimizer, step, schedule; give final and every
+#                                          more the same --schedule-minutes), else a fresh one from the saved
+#                                          student (--init-student)
 #   grpo   carry .gpu_data                 GRPO the distilled hybrid with vLLM rollouts (grpo_gpu.py; GRPO_ARGS)
 #   profile carry .gpu_data .gpu_shape     where a distillation step's time goes, without the real teacher: random
 #                                          weights in SmolLM2-135M's shapes (.gpu_shape: its config and tokenizer,
@@ -61,14 +64,17 @@ PY
     teacher=$(python3 -c "from m1_hybrid.teacher import smollm2_path; print(smollm2_path())" 2>/dev/null | tail -1)
     echo "teacher: $teacher"
     python3 benchmarks/distill_gpu.py --teacher "$teacher" --data-dir .gpu_data --minutes "${DISTILL_MINUTES:-3.5}" \
-      --eval-every 100 --eval-docs 200 --out "$OUT/distill" --save "$HOME/distilled" ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
+      --eval-every 100 --eval-docs 200 --out "$OUT/distill" --save "$HOME/distilled" --state "$HOME/state" \
+      ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
     tail -25 "$OUT/distill.log" ;;
   more)
     [ -f "$HOME/distilled/config.json" ] || { echo "no distilled model: run the final stage first" >&2; exit 3; }
     vllm_env "$HOME/none"
     export PYTHONPATH="$PYTHONPATH:$HOME/teacher:$HOME/site_gguf"  # the teacher the final stage assembled
     teacher=$(python3 -c "from m1_hybrid.teacher import smollm2_path; print(smollm2_path())" 2>/dev/null | tail -1)
-    python3 benchmarks/distill_gpu.py --teacher "$teacher" --data-dir .gpu_data --init-student "$HOME/distilled" \
+    from="--init-student $HOME/distilled"
+    [ -f "$HOME/state/training_state.pt" ] && from="--state $HOME/state"
+    python3 benchmarks/distill_gpu.py --teacher "$teacher" --data-dir .gpu_data $from \
       --minutes "${DISTILL_MINUTES:-8}" --eval-every 100 --eval-docs 200 --no-memory --out "$OUT/distill" \
       --save "$HOME/distilled" ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
     tail -25 "$OUT/distill.log" ;;

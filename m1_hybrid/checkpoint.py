@@ -35,10 +35,12 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def save_atomically(model: M1HybridForCausalLM, out_dir, extra_files_from=None) -> Path:
+def save_atomically(model: M1HybridForCausalLM, out_dir, extra_files_from=None, write_extra=None) -> Path:
     """``save_pretrained`` into a temporary sibling folder, then swap it into ``out_dir``.
 
-    A crash mid-write leaves any previous checkpoint at ``out_dir`` untouched.
+    ``write_extra(folder)`` may add files (a training state, say) to the folder before the swap, so that
+    they and the weights are replaced together. A crash mid-write leaves any previous checkpoint at
+    ``out_dir`` untouched.
     """
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +49,8 @@ def save_atomically(model: M1HybridForCausalLM, out_dir, extra_files_from=None) 
         model.save_pretrained(tmp)
         if extra_files_from is not None:
             copy_tokenizer_files(Path(extra_files_from), tmp)
+        if write_extra is not None:
+            write_extra(tmp)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{tmp.name[-8:]}"

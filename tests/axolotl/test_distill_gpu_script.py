@@ -89,6 +89,35 @@ def test_distill_gpu_smoke(tmp_path):
     assert "training steps, top ops" in (out2 / script.PROFILE_FILE).read_text()
 
 
+def test_distill_gpu_resumes_its_training_state(tmp_path):
+    """``--state``: a second call continues the first one exactly (weights, optimizer, step count, schedule)."""
+    script = _script()
+    script.prepare_data(tmp_path / "data")
+    state = tmp_path / "state"
+
+    def call(max_steps, out):
+        return script.main(
+            ["--device", "cpu", "--teacher-slice", "2", "--data-dir", str(tmp_path / "data"), "--seq-len", "128",
+             "--batch-rows", "2", "--max-steps", str(max_steps), "--eval-docs", "2", "--no-memory", "--lr", "1e-3",
+             "--warmup", "4", "--state", str(state), "--schedule-minutes", "1000", "--out", str(tmp_path / out)]
+        )  # fmt: skip
+
+    call(2, "first")
+    assert script.load_state(state)["step"] == 2
+    call(4, "second")
+    first_end = _rows(tmp_path / "first" / "distill_eval.csv")[-1]
+    resumed, *_ = _rows(tmp_path / "second" / "distill_eval.csv")
+    assert resumed["stage"] == "resumed" and int(resumed["step"]) == 2
+    assert float(resumed["kl"]) == pytest.approx(float(first_end["kl"]), rel=1e-6)  # the fp32 weights, unrounded
+    log = _rows(tmp_path / "second" / "distill_log.csv")
+    assert [int(r["step"]) for r in log] == [3, 4]
+    assert float(log[0]["lr"]) == pytest.approx(1e-3 * 3 / 4)  # warm-up goes on, not restarted
+    saved = script.load_state(state)
+    assert saved["step"] == 4 and all(int(s["step"]) == 4 for s in saved["optimizer"]["state"].values())
+    with pytest.raises(SystemExit, match="drop --init-student"):
+        script.main(["--device", "cpu", "--teacher-slice", "2", "--state", str(state), "--init-student", str(state)])
+
+
 def test_distill_gpu_trains_only_mamba_when_asked(tmp_path):
     """``--train mamba`` (MambaInLlama's stepwise phase 1): every non-Mamba weight stays as converted."""
     from m1_hybrid import M1HybridForCausalLM
