@@ -132,7 +132,7 @@ class M1DistillTrainer(M1Trainer):
             t_cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust)
             check_vocab(self.processing_class, teacher_tokenizer, student.config.vocab_size, t_cfg.vocab_size, name)
             dtype = teacher_dtype(cfg, next(student.parameters()).dtype)
-            attn = (cfg.get("m1_teacher_attn_implementation") if hasattr(cfg, "get") else None) or "sdpa"
+            attn = (cfg.get("m1_teacher_attn_implementation") if hasattr(cfg, "get") else None) or "m1_varlen"
             teacher = load_teacher(name, dtype, self.args.device, attn, trust)
         t_vocab = teacher.get_output_embeddings().weight.shape[0]
         check_vocab(self.processing_class, teacher_tokenizer, student.lm_head.weight.shape[0], t_vocab, name)

@@ -14,9 +14,11 @@ Checks each backend against ``sdpa_mask`` (fp32) first. Appends to ``<out>/packe
 ``<out>/packed_attention.png``.
 
     python benchmarks/bench_packed_attention.py [--rows 8] [--out benchmarks/results] [--no-plot]
+    python benchmarks/bench_packed_attention.py --plot-csv benchmarks/results/packed_attention.csv  # redraw
 """
 
 import argparse
+import csv
 import datetime
 import os
 
@@ -60,7 +62,12 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=8, help="packed rows of 2048 tokens")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--plot-csv", metavar="CSV", help="only draw <out>/packed_attention.png from this CSV's rows")
     args = p.parse_args(argv)
+    if args.plot_csv:
+        with open(args.plot_csv) as fh:
+            plot(list(csv.DictReader(fh)), os.path.join(args.out, "packed_attention.png"))
+        return
     if not torch.cuda.is_available():
         print("bench_packed_attention: needs a CUDA GPU (none found); nothing measured.")
         return
@@ -115,22 +122,32 @@ def main(argv=None):
             )  # fmt: skip
             assert err < 2e-2, f"{shape} {name}: relative error {err:.2e} against the fp32 reference"
     append_csv(rows, args.out, "packed_attention.csv")
-    plt = None if args.no_plot else pyplot()
-    if plt is not None:
-        fig, axes = plt.subplots(1, len(SHAPES), figsize=(11, 4))
-        for ax, shape in zip(axes, SHAPES):
-            sel = [r for r in rows if r["shape"] == shape]
-            x = range(len(sel))
-            ax.bar([i - 0.2 for i in x], [float(r["fwd_ms"]) for r in sel], 0.4, label="fwd")
-            ax.bar([i + 0.2 for i in x], [float(r["fwd_bwd_ms"]) for r in sel], 0.4, label="fwd+bwd")
-            ax.set_xticks(list(x), [r["backend"] for r in sel])
-            ax.set_yscale("log")
-            ax.set_ylabel("ms (median)")
-            ax.set_title(f"{shape}: {sel[0]['heads']}/{sel[0]['kv_heads']} heads x {sel[0]['head_dim']}")
-            ax.legend()
-        fig.suptitle(f"Packed causal attention, {T} tokens in {len(lengths)} documents: {gpu}, bf16")
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "packed_attention.png"), dpi=120)
+    if not args.no_plot:
+        plot(rows, os.path.join(args.out, "packed_attention.png"))
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """fwd and fwd+bwd bars per backend, one panel per shape (log scale)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        sel = [r for r in rows if r["shape"] == shape]
+        x = range(len(sel))
+        ax.bar([i - 0.2 for i in x], [float(r["fwd_ms"]) for r in sel], 0.4, label="fwd")
+        ax.bar([i + 0.2 for i in x], [float(r["fwd_bwd_ms"]) for r in sel], 0.4, label="fwd+bwd")
+        ax.set_xticks(list(x), [r["backend"] for r in sel])
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{shape}: {sel[0]['heads']}/{sel[0]['kv_heads']} heads x {sel[0]['head_dim']}")
+        ax.legend()
+    r0 = rows[0]
+    fig.suptitle(f"Packed causal attention, {r0['tokens']} tokens in {r0['documents']} documents: {r0['gpu']}, bf16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from results_io import pyplot
 def chain_points(stages: list[Path]) -> list[tuple[float, float]]:
     """``(KL minutes so far, held-out top-1)`` over the stages of one run, in order.
 
-    Each stage's evaluation at step s is placed at ``s / steps * train_seconds`` of that stage (its
-    steps ran at a steady rate) plus the minutes of the stages before it; a continued stage's own
-    step-0 evaluation repeats the previous end point and is skipped, as is the converted student's
+    Each stage's evaluation at step s is placed at ``(s - start) / steps * train_seconds`` of that stage
+    (its steps ran at a steady rate) plus the minutes of the stages before it, where ``start`` is the step
+    a ``--state`` stage resumed from (its ``resumed`` evaluation; 0 otherwise); a continued stage's own
+    first evaluation repeats the previous end point and is skipped, as is the converted student's
     (``init``) when the stage aligned it first: the curve starts at the aligned student.
     """
     points, offset = [], 0.0
@@ -35,11 +36,12 @@ def chain_points(stages: list[Path]) -> list[tuple[float, float]]:
         with open(stage / "distill_eval.csv") as f:
             rows = list(csv.DictReader(f))
         aligned = any(r["stage"] == "aligned" for r in rows)
+        start = int(rows[0]["step"]) if rows and rows[0]["stage"] == "resumed" else 0
         for row in rows:
             step = int(row["step"])
-            if (k > 0 and step == 0) or (aligned and row["stage"] == "init"):
+            if (k > 0 and step == start) or (aligned and row["stage"] == "init"):
                 continue
-            points.append((offset + step / steps * minutes, float(row["top1"])))
+            points.append((offset + (step - start) / steps * minutes, float(row["top1"])))
         offset += minutes
     return points
 

@@ -179,6 +179,9 @@ def test_plot_distill_runs_chains_continued_stages(tmp_path):
     a = stage("a", 120, 100, [(0, "init", 0.001), (0, "aligned", 0.5), (50, "kl", 0.7), (100, "kl", 0.8)])
     b = stage("b", 60, 10, [(0, "init", 0.8), (10, "kl", 0.85)])
     assert plot.chain_points([a, b]) == [(0.0, 0.5), (1.0, 0.7), (2.0, 0.8), (3.0, 0.85)]
+    # A --state continuation counts its steps on from the resumed step (here 100 -> 130 in 60 s).
+    c = stage("c", 60, 30, [(100, "resumed", 0.8), (115, "kl", 0.82), (130, "kl", 0.86)])
+    assert plot.chain_points([a, c])[-2:] == [(2.5, 0.82), (3.0, 0.86)]
     out = tmp_path / "runs.png"
     plot.main(["--run", f"x={a},{b}", "--out", str(out)])
     assert out.stat().st_size > 0
