@@ -16,7 +16,6 @@ class PackedLayout:
     """Where the documents of a packed batch start: ``cu_seqlens`` over the flattened rows."""
 
     cu_seqlens: torch.Tensor  # (docs + 1,) int32, over b * L flattened tokens
-    doc_ids: torch.Tensor  # (b * L,) int64 document index of every token
     max_seqlen: int
 
 
@@ -51,8 +50,7 @@ def packed_layout(position_ids: torch.Tensor | None, attention_mask: torch.Tenso
     flat = starts.flatten()
     start_idx = flat.nonzero().flatten()
     cu = torch.cat([start_idx, torch.tensor([b * L], device=device)]).to(torch.int32)
-    doc_ids = torch.cumsum(flat.long(), 0) - 1
-    return PackedLayout(cu_seqlens=cu, doc_ids=doc_ids, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+    return PackedLayout(cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
 
 
 def positions_from_mask(attention_mask: torch.Tensor, past_length: int, length: int) -> torch.Tensor:

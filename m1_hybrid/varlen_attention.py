@@ -11,7 +11,7 @@ full square and throws most of it away. Backends, first available wins:
 3. SDPA with a per-row block-diagonal causal mask (documents never cross a row): CPU, fp32, and the
    reference the tests compare the kernels with.
 
-:func:`register_hf_attention` makes backend choice available to transformers models as
+:func:`register_hf_attention` offers the same to transformers models as
 ``attn_implementation="m1_varlen"``: packed rows (``cu_seq_lens_q`` passed, as
 :func:`axolotl_m1.teacher.teacher_logits_at` does) go through :func:`varlen_attention`, everything
 else is transformers' SDPA path with its usual masks.
