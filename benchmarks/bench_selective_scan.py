@@ -43,6 +43,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="packed tokens per run")
     p.add_argument("--doc-len", type=int, default=2048, help="document length (rows of the padded equivalent)")
+    p.add_argument(
+        "--mixed-docs",
+        action="store_true",
+        help="cut every --doc-len row into ~6 documents of random length, as packed training batches are (no "
+        "mamba-ssm rows: its padded equivalent needs equal lengths)",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--ref-max-tokens", type=int, default=8192, help="largest size for the PyTorch reference")
@@ -130,8 +136,9 @@ def scan_operands(fused, ins, shape, inputs):
     return (lambda: split_fused(fused, *shape)), [fused]
 
 
-def make_inputs(T, doc_len, d, N, gc, gb, dtype, device):
-    """Packed inputs as token-major slices of one fused projection (z, x, B, C, dt)."""
+def make_inputs(T, doc_len, d, N, gc, gb, dtype, device, mixed=False):
+    """Packed inputs as token-major slices of one fused projection (z, x, B, C, dt); ``mixed``: documents of
+    random lengths (:func:`doc_lengths`)."""
     width = 2 * d + gb * N + gc * N + d
     fused = torch.randn(1, T, width, device=device, dtype=dtype)
     views = split_fused(fused, d, N, gc, gb)
@@ -141,10 +148,22 @@ def make_inputs(T, doc_len, d, N, gc, gb, dtype, device):
     A = -torch.exp(0.5 * torch.randn(d, N, device=device))
     D = torch.randn(d, device=device)
     dt_bias = 0.3 * torch.randn(d, device=device)
-    lengths = [doc_len] * (T // doc_len) + ([T % doc_len] if T % doc_len else [])
+    lengths = doc_lengths(T, doc_len, mixed)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     return fused, dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias), cu.to(device)
+
+
+def doc_lengths(T, doc_len, mixed=False, seed=0):
+    """Rows of ``doc_len`` tokens (and a shorter last one); ``mixed``: each row cut at 5 random points."""
+    rows = [doc_len] * (T // doc_len) + ([T % doc_len] if T % doc_len else [])
+    if not mixed:
+        return rows
+    gen, lengths = torch.Generator().manual_seed(seed), []
+    for n in rows:
+        cuts = sorted(set(torch.randint(1, n, (5,), generator=gen).tolist())) if n > 1 else []
+        lengths += [b - a for a, b in zip([0, *cuts], [*cuts, n])]
+    return lengths
 
 
 def hbm_bytes(T, d, N, gc, gb, elt):
@@ -232,7 +251,7 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
     from m1_kernels.selective_scan.triton_scan import selective_scan_triton
 
     d, N, gc, gb = shape
-    fused, ins, cu = make_inputs(T, doc_len, d, N, gc, gb, dtype, device)
+    fused, ins, cu = make_inputs(T, doc_len, d, N, gc, gb, dtype, device, args.mixed_docs)
     params = [ins[k] for k in ("A", "D", "dt_bias")]
     fused.requires_grad_(True)
     for p in params:
@@ -254,7 +273,8 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
         with variant_settings(values):
             with torch.no_grad():
                 ms, peak = bench(lambda: call(selective_scan_triton))
-            note = ",".join([f"{k}={v}" for k, v in values.items()] + [f"inputs={args.inputs}"])
+            docs = [f"docs=mixed {cu.numel() - 1}"] if args.mixed_docs else []
+            note = ",".join([f"{k}={v}" for k, v in values.items()] + [f"inputs={args.inputs}"] + docs)
             record(label, "fwd", T, ms, peak, note)
             ms, peak = bench(lambda: call(selective_scan_triton).backward(dy), grad_to_none=grads)
             record(label, "fwd+bwd", T, ms, peak, note)
@@ -270,7 +290,7 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
     else:
         print(f"torch_ref T={T}: skipped (> --ref-max-tokens {args.ref_max_tokens}; a python loop per token)")
 
-    if mamba_fn is not None and T % doc_len == 0:
+    if mamba_fn is not None and T % doc_len == 0 and not args.mixed_docs:
         # Padded equivalent: rows of doc_len, mamba layout (b, d, L) and (b, G_C, N, L), B repeated to G_C.
         rows_ = T // doc_len
         u = ins["x"].detach().reshape(rows_, doc_len, d).transpose(1, 2).contiguous().requires_grad_()

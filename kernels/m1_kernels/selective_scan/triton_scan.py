@@ -78,6 +78,8 @@ CPT_MIN_PROGRAMS = 512
 # ms) and costs a little below (8k tokens, 768 programs: 7.07 -> 7.29 ms).
 BWD_MAXNREG = 168
 BWD_CAP_MIN_PROGRAMS = 2048
+# Packed documents are handed to programs longest first (_program_ids); 0 keeps their order in the batch.
+LONGEST_FIRST = 1
 
 
 @triton.jit
@@ -104,6 +106,22 @@ def _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN: tl.constexpr, CHUNK
         row = start + pid_s
         slot0 = row * n_ckpt_per_row
     return start, end, row, slot0
+
+
+@triton.jit
+def _program_ids(order_ptr, d_inner, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(sequence, channel block) of this program of the 1-D grid: all blocks of a sequence are consecutive
+    programs, and packed documents come longest first (``order_ptr``, :func:`_longest_first`).
+
+    A program's time is its document's length; the GPU starts programs roughly in grid order, so a long
+    document that starts last would run on alone at the end (documents of mixed lengths, as packed
+    training batches hold). Longest first is the classic cure for that tail.
+    """
+    n_db = tl.cdiv(d_inner, BLOCK_D)
+    pid = tl.program_id(0)
+    rank = pid // n_db
+    pid_s = tl.load(order_ptr + rank) if IS_VARLEN else rank
+    return pid_s, pid % n_db
 
 
 @triton.jit
@@ -282,6 +300,7 @@ def _scan_fwd_chunked_kernel(
     bias_ptr,
     h0_ptr,
     cu_ptr,
+    order_ptr,
     out_ptr,
     final_ptr,
     ckpt_ptr,
@@ -328,8 +347,7 @@ def _scan_fwd_chunked_kernel(
     HAS_H0: tl.constexpr,
     SAVE_CKPT: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_s, pid_d = _program_ids(order_ptr, d_inner, BLOCK_D, IS_VARLEN)
     start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
     ONE_GROUP: tl.constexpr = BLOCK_D <= CPC
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -406,6 +424,7 @@ def _scan_fwd_kernel(
     bias_ptr,
     h0_ptr,
     cu_ptr,
+    order_ptr,
     out_ptr,
     final_ptr,
     ckpt_ptr,
@@ -451,8 +470,7 @@ def _scan_fwd_kernel(
     HAS_H0: tl.constexpr,
     SAVE_CKPT: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_s, pid_d = _program_ids(order_ptr, d_inner, BLOCK_D, IS_VARLEN)
     start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
     offs_d, offs_n, mask_d, mask_dn, A, bias = _channel_block(pid_d, d_inner, N, A_ptr, s_A_d, s_A_n, bias_ptr,
                                                               HAS_BIAS, BLOCK_D, BLOCK_N)  # fmt: skip
@@ -530,11 +548,11 @@ def _cpt_loads(x_ptr, dt_ptr, B_ptr, C_ptr, z_ptr, t, s_x_l, s_dt_l, s_B_l, s_C_
 
 @triton.jit(do_not_specialize=["s_B_n", "s_C_n", "s_A_n"])
 def _scan_fwd_cpt_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, cu_ptr, out_ptr, final_ptr, ckpt_ptr,
-    dsum_ptr, L, d_inner, N, n_ckpt_per_row, s_x_b, s_x_l, s_x_d, s_dt_b, s_dt_l, s_dt_d, s_z_b, s_z_l, s_z_d, s_o_b,
-    s_o_l, s_o_d, s_B_b, s_B_l, s_B_g, s_B_n, s_C_b, s_C_l, s_C_g, s_C_n, s_A_d, s_A_n, s_h0_s, s_h0_d, s_h0_n,
-    CPC: tl.constexpr, CPB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, cu_ptr, order_ptr, out_ptr, final_ptr,
+    ckpt_ptr, dsum_ptr, L, d_inner, N, n_ckpt_per_row, s_x_b, s_x_l, s_x_d, s_dt_b, s_dt_l, s_dt_d, s_z_b, s_z_l,
+    s_z_d, s_o_b, s_o_l, s_o_d, s_B_b, s_B_l, s_B_g, s_B_n, s_C_b, s_C_l, s_C_g, s_C_n, s_A_d, s_A_n, s_h0_s,
+    s_h0_d, s_h0_n, CPC: tl.constexpr, CPB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, SAVE_CKPT: tl.constexpr, EVEN: tl.constexpr,
     STATE_ONLY: tl.constexpr,
 ):  # fmt: skip
@@ -547,8 +565,7 @@ def _scan_fwd_cpt_kernel(
     ``EVEN``: every channel and state of every block is real, so no masks. ``STATE_ONLY``: no outputs, only the
     final state and each channel's sum of delta (``dsum``), for the pieces of :mod:`time_split`.
     """
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_s, pid_d = _program_ids(order_ptr, d_inner, BLOCK_D, IS_VARLEN)
     start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -626,6 +643,7 @@ def _scan_bwd_kernel(
     z_ptr,
     bias_ptr,
     cu_ptr,
+    order_ptr,
     dout_ptr,
     dfinal_ptr,
     ckpt_ptr,
@@ -678,8 +696,7 @@ def _scan_bwd_kernel(
     IS_VARLEN: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_s, pid_d = _program_ids(order_ptr, d_inner, BLOCK_D, IS_VARLEN)
     start, end, row, slot0 = _seq_bounds(cu_ptr, pid_s, L, n_ckpt_per_row, IS_VARLEN, CHUNK)
     GPB: tl.constexpr = BLOCK_D // CPC  # C groups per channel block
     offs_d, offs_n, mask_d, mask_dn, A, bias = _channel_block(pid_d, d_inner, N, A_ptr, s_A_d, s_A_n, bias_ptr,
@@ -711,7 +728,7 @@ def _scan_bwd_kernel(
     grad_off = row * L * d_inner + offs_d
     g_off = row * L * G_C * N + offs_g[:, None] * N + offs_n[None, :]
     # Private scratch tile of this program: CHUNK states of (BLOCK_D, BLOCK_N), fp32, contiguous.
-    pid_lin = pid_s * tl.num_programs(1) + pid_d
+    pid_lin = tl.program_id(0)  # one program per (sequence, channel block): a private tile each
     scr_ptr = (
         scratch_ptr
         + pid_lin.to(tl.int64) * (CHUNK * BLOCK_D * BLOCK_N)
@@ -850,18 +867,28 @@ def split_length(n_tokens: int, n_docs: int, n_dblocks: int, block_n: int) -> in
     return split if split < n_tokens / n_docs else 0
 
 
+def _longest_first(cu):
+    """Packed documents by decreasing length (int32 indices, sorted on the device: no host sync), the order in
+    which :func:`_program_ids` hands them to programs; None for padded rows."""
+    if cu is None:
+        return None
+    if not LONGEST_FIRST:
+        return torch.arange(cu.numel() - 1, device=cu.device, dtype=torch.int32)
+    return torch.argsort(cu[1:] - cu[:-1], descending=True, stable=True).to(torch.int32)
+
+
 def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, out, final, ckpt, n_seqs, n_ckpt_per_row, meta, num_warps,
                 save_ckpt, dsum=None):  # fmt: skip
     """The forward kernel over ``n_seqs`` sequences (rows, or ``cu``'s documents); with ``dsum`` given, only the final
     states and sums of delta (the local pass of :mod:`time_split`)."""
     b, L, d = x.shape
     N = A.shape[1]
-    args = [x, dt, A, B, C, D, z, dt_bias, h0, cu, out, final, ckpt]
+    args = [x, dt, A, B, C, D, z, dt_bias, h0, cu, _longest_first(cu), out, final, ckpt]
     strides = [L, d, N, n_ckpt_per_row, *x.stride(), *dt.stride(), *_strides3(z, x), *out.stride(), *B.stride(),
                *C.stride(), *A.stride(), *(h0.stride() if h0 is not None else (0, 0, 0))]  # fmt: skip
     flags = dict(HAS_H0=h0 is not None, SAVE_CKPT=save_ckpt)
-    grid = (n_seqs, triton.cdiv(d, meta["BLOCK_D"]))
-    few_programs = n_seqs * grid[1] < SEQUENTIAL_FWD_MIN_PROGRAMS
+    grid = (n_seqs * triton.cdiv(d, meta["BLOCK_D"]),)  # 1-D: see _program_ids
+    few_programs = grid[0] < SEQUENTIAL_FWD_MIN_PROGRAMS
     cpt_blocks = triton.cdiv(d, 32 * CPT_WARPS)
     if dsum is None and few_programs and meta["BLOCK_D"] * meta["BLOCK_N"] <= CHUNKED_FWD_MAX_STATE:
         tile_t = min(FWD_TILE_T, meta["CHUNK"])
@@ -870,7 +897,7 @@ def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, out, final, ckpt, n_seqs,
     elif meta["BLOCK_N"] <= CPT_MAX_STATE and (dsum is not None or n_seqs * cpt_blocks >= CPT_MIN_PROGRAMS):
         block_d = 32 * CPT_WARPS
         even = d % block_d == 0 and N == meta["BLOCK_N"]
-        _scan_fwd_cpt_kernel[(n_seqs, triton.cdiv(d, block_d))](
+        _scan_fwd_cpt_kernel[(n_seqs * triton.cdiv(d, block_d),)](
             *args, dsum, *strides, **{**meta, "BLOCK_D": block_d}, **flags, EVEN=even, STATE_ONLY=dsum is not None,
             num_warps=CPT_WARPS,
         )  # fmt: skip
@@ -973,11 +1000,11 @@ class SelectiveScanFunction(torch.autograd.Function):
         scratch = torch.empty(scratch_shape, device=dev, dtype=torch.float32)
         if run_seqs > 0:
             capped = dev.type == "cuda" and BWD_MAXNREG and run_seqs * n_dblocks >= BWD_CAP_MIN_PROGRAMS
-            _scan_bwd_kernel[(run_seqs, n_dblocks)](
-                x, dt, A, B, C, D, z, dt_bias, run_cu, dout, run_dfinal, ckpt, scratch, dx, ddt, dz, dBp, dC, dA, dD,
-                dbias, dh0, L, d, N, G_C, n_ckpt_per_row, *x.stride(), *dt.stride(), *_strides3(z, x),
-                *dout.stride(), *B.stride(), *C.stride(), *A.stride(), **meta, HAS_DFINAL=run_dfinal is not None,
-                num_warps=num_warps, **(dict(maxnreg=BWD_MAXNREG) if capped else {}),
+            _scan_bwd_kernel[(run_seqs * n_dblocks,)](
+                x, dt, A, B, C, D, z, dt_bias, run_cu, _longest_first(run_cu), dout, run_dfinal, ckpt, scratch, dx,
+                ddt, dz, dBp, dC, dA, dD, dbias, dh0, L, d, N, G_C, n_ckpt_per_row, *x.stride(), *dt.stride(),
+                *_strides3(z, x), *dout.stride(), *B.stride(), *C.stride(), *A.stride(), **meta,
+                HAS_DFINAL=run_dfinal is not None, num_warps=num_warps, **(dict(maxnreg=BWD_MAXNREG) if capped else {}),
             )  # fmt: skip
         else:  # no sequences: nothing flows anywhere
             for t in (dA, dD, dbias):
