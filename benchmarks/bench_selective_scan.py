@@ -24,6 +24,7 @@ Usage::
 
 import argparse
 import contextlib
+import csv
 import datetime
 import os
 import statistics
@@ -32,6 +33,7 @@ import time
 
 import torch
 from results_io import append_csv
+from results_io import pyplot
 
 D_INNER, D_STATE, G_C, G_B = 3072, 16, 192, 64
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, achievable order of magnitude
@@ -70,6 +72,11 @@ def parse_args(argv=None):
         "accumulation of five slice gradients into it (~1.3 ms at 8k tokens on the H100)",
     )
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--plot-doc-order",
+        metavar="CSV",
+        help="only draw <out>/selective_scan_mixed_docs.png from this CSV's --mixed-docs rows (see plot_doc_order)",
+    )
     p.add_argument(
         "--variants",
         nargs="+",
@@ -341,6 +348,9 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
 def main(argv=None):
     """Run the benchmark; returns a process exit code."""
     args = parse_args(argv)
+    if args.plot_doc_order:
+        plot_doc_order(args.plot_doc_order, os.path.join(args.out, "selective_scan_mixed_docs.png"))
+        return 0
     if not torch.cuda.is_available():
         print("bench_selective_scan needs a CUDA GPU (none found); nothing to do.")
         return 1
@@ -381,6 +391,34 @@ def main(argv=None):
     if not args.no_plot:
         plot(rows, os.path.join(args.out, f"selective_scan_{time.strftime('%Y%m%d-%H%M%S')}.png"), gpu)
     return 0 if ok else 2
+
+
+def plot_doc_order(csv_path, png_path):
+    """fwd+bwd over documents of mixed lengths (``--mixed-docs`` rows): longest first (``triton``) against batch
+    order (a ``LONGEST_FIRST=0`` variant labelled ``batch_order``), one panel per shape."""
+    plt = pyplot()
+    with open(csv_path) as fh:
+        rows = [r for r in csv.DictReader(fh) if "docs=mixed" in r["note"] and r["mode"] == "fwd+bwd"]
+    if plt is None or not rows:
+        return
+    shapes = sorted({r["d_inner"] for r in rows}, key=int, reverse=True)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, d in zip(axes[0], shapes):
+        sel = [r for r in rows if r["d_inner"] == d]
+        for provider, label in (("triton", "longest first"), ("batch_order", "batch order")):
+            pts = sorted((int(r["tokens"]), float(r["ms_p50"])) for r in sel if r["provider"] == provider)
+            ax.plot([t for t, _ in pts], [ms for _, ms in pts], marker="o", label=label)
+        r0 = sel[0]
+        ax.set_title(f"d_inner {d}, d_state {r0['d_state']}, {r0['G_C']} C / {r0['G_B']} B groups", fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("packed tokens (rows of 2048 cut into ~6 documents)")
+        ax.set_ylabel("fwd+bwd ms (median)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Selective scan over documents of mixed lengths: {rows[0]['gpu']}, {rows[0]['dtype']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    print(f"wrote {png_path}")
 
 
 def plot(rows, path, gpu):
