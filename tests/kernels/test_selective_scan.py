@@ -375,6 +375,16 @@ def test_piece_offsets_cover_documents_in_order():
     )
 
 
+def test_documents_are_handed_out_longest_first(monkeypatch):
+    """The programs' document order: by decreasing length, ties in batch order; batch order when turned off."""
+    scan = importlib.import_module("m1_kernels.selective_scan.triton_scan")
+    cu = torch.tensor([0, 3, 4, 9, 9, 12], dtype=torch.int32)  # lengths 3, 1, 5, 0, 3
+    assert scan._longest_first(cu).tolist() == [2, 0, 4, 1, 3]
+    assert scan._longest_first(cu).dtype == torch.int32 and scan._longest_first(None) is None
+    monkeypatch.setattr(scan, "LONGEST_FIRST", 0)
+    assert scan._longest_first(cu).tolist() == [0, 1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("device", _triton_devices())
 def test_triton_strided_views_without_optionals(triton_scan, device):
     """Token-major slices of one fused projection output (as in the model), N=12 (masked state tile), no D/z/bias
