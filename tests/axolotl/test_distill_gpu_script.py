@@ -118,6 +118,30 @@ def test_distill_gpu_resumes_its_training_state(tmp_path):
         script.main(["--device", "cpu", "--teacher-slice", "2", "--state", str(state), "--init-student", str(state)])
 
 
+def test_teacher_samples_are_new_solutions_in_the_chat_format():
+    """``--teacher-samples``: K sampled solutions per problem from the (2-layer SmolLM2) teacher, seeded, the
+    tokenizer's padding side left as it was; the training run adds them to its data."""
+    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from m1_hybrid.teacher import smollm2_slice_path
+
+    script = _script()
+    path = smollm2_slice_path(2)
+    teacher, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    rows = [{"problem": "What is 2 + 3?", "solution": "5"}, {"problem": "Compute $7 \\cdot 6$.", "solution": "42"}]
+    side = tok.padding_side
+    first = script.teacher_samples(teacher, tok, rows, 2, 10, seed=3, batch=3)
+    assert tok.padding_side == side
+    assert sorted(r["problem"] for r in first) == sorted([rows[0]["problem"]] * 2 + [rows[1]["problem"]] * 2)
+    assert all(r["solution"] and r["solution"] not in ("5", "42") for r in first)
+    for row in rows:  # sampled, not greedy copies: a problem's two solutions differ
+        assert len({r["solution"] for r in first if r["problem"] == row["problem"]}) == 2
+    assert script.teacher_samples(teacher, tok, rows, 2, 10, seed=3, batch=3) == first  # seeded
+    ids, labels = script.encode_chat(tok, first[0], 256)  # trains like any other row: reply tokens counted
+    assert any(label != script.IGNORE_INDEX for label in labels)
+
+
 def test_distill_gpu_trains_only_mamba_when_asked(tmp_path):
     """``--train mamba`` (MambaInLlama's stepwise phase 1): every non-Mamba weight stays as converted."""
     from m1_hybrid import M1HybridForCausalLM
