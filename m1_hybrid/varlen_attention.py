@@ -91,10 +91,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, rows: int, scale: flo
     if backend == "torch_flash":
         cu = cu_seqlens.to(torch.int32)
         # Positional arguments: their order is the same from torch 2.2 to 2.13 (keywords were added later).
-        out = torch.ops.aten._flash_attention_forward(
+        return torch.ops.aten._flash_attention_forward(
             q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, True, False, scale=scale
         )[0]
-        return out
     if backend != "sdpa_mask":
         raise ValueError(f"unknown varlen attention backend {backend!r}: flash_attn, torch_flash or sdpa_mask")
     return _masked_sdpa(q, k, v, cu_seqlens, rows, scale)

@@ -877,13 +877,13 @@ def _longest_first(cu):
     return torch.argsort(cu[1:] - cu[:-1], descending=True, stable=True).to(torch.int32)
 
 
-def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, out, final, ckpt, n_seqs, n_ckpt_per_row, meta, num_warps,
+def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, order, out, final, ckpt, n_seqs, n_ckpt_per_row, meta, num_warps,
                 save_ckpt, dsum=None):  # fmt: skip
     """The forward kernel over ``n_seqs`` sequences (rows, or ``cu``'s documents); with ``dsum`` given, only the final
     states and sums of delta (the local pass of :mod:`time_split`)."""
     b, L, d = x.shape
     N = A.shape[1]
-    args = [x, dt, A, B, C, D, z, dt_bias, h0, cu, _longest_first(cu), out, final, ckpt]
+    args = [x, dt, A, B, C, D, z, dt_bias, h0, cu, order, out, final, ckpt]
     strides = [L, d, N, n_ckpt_per_row, *x.stride(), *dt.stride(), *_strides3(z, x), *out.stride(), *B.stride(),
                *C.stride(), *A.stride(), *(h0.stride() if h0 is not None else (0, 0, 0))]  # fmt: skip
     flags = dict(HAS_H0=h0 is not None, SAVE_CKPT=save_ckpt)
@@ -944,21 +944,23 @@ class SelectiveScanFunction(torch.autograd.Function):
 
             pieces = time_split.piece_offsets(cu, L, split)
             run_cu, run_seqs = pieces, pieces.numel() - 1
+        order = _longest_first(run_cu)  # the programs' document order, shared by every launch and the backward
+        if split:
             run_final = torch.empty((run_seqs, d, N), device=x.device, dtype=torch.float32)  # end states from zero
             dsum = torch.empty((run_seqs, d), device=x.device, dtype=torch.float32)
-            _launch_fwd(x, dt, A, B, C, D, z, dt_bias, None, pieces, out, run_final, run_final, run_seqs, 0, meta,
-                        num_warps, False, dsum=dsum)  # fmt: skip
+            _launch_fwd(x, dt, A, B, C, D, z, dt_bias, None, pieces, order, out, run_final, run_final, run_seqs, 0,
+                        meta, num_warps, False, dsum=dsum)  # fmt: skip
             run_h0, final = time_split.carry_states(cu, A, dsum, run_final, initial_state, split, block_d, block_n)
         n_slots = L // CHUNK + run_seqs + 1 if cu is not None else b * n_ckpt_per_row
         ckpt = torch.empty((max(n_slots, 1) if save_ckpt else 1, d, N), device=x.device, dtype=torch.float32)
         if run_seqs > 0 and L > 0:
-            _launch_fwd(x, dt, A, B, C, D, z, dt_bias, run_h0, run_cu, out, run_final, ckpt, run_seqs, n_ckpt_per_row,
-                        meta, num_warps, save_ckpt)  # fmt: skip
+            _launch_fwd(x, dt, A, B, C, D, z, dt_bias, run_h0, run_cu, order, out, run_final, ckpt, run_seqs,
+                        n_ckpt_per_row, meta, num_warps, save_ckpt)  # fmt: skip
         elif L == 0 and initial_state is not None:  # no tokens: every final state is the initial one
             final.copy_(initial_state)
         elif L == 0:
             final.zero_()
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt, pieces, dsum)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt, pieces, dsum, order)
         ctx.cfg = (n_seqs, n_ckpt_per_row, num_warps, cpb, split)
         ctx.meta = meta
         ctx.return_final_state = return_final_state
@@ -968,7 +970,7 @@ class SelectiveScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *rest):
-        x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt, pieces, dsum = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, initial_state, cu, ckpt, pieces, dsum, order = ctx.saved_tensors
         n_seqs, n_ckpt_per_row, num_warps, cpb, split = ctx.cfg
         meta = ctx.meta
         dfinal = rest[0] if ctx.return_final_state and rest else None
@@ -1001,7 +1003,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         if run_seqs > 0:
             capped = dev.type == "cuda" and BWD_MAXNREG and run_seqs * n_dblocks >= BWD_CAP_MIN_PROGRAMS
             _scan_bwd_kernel[(run_seqs * n_dblocks,)](
-                x, dt, A, B, C, D, z, dt_bias, run_cu, _longest_first(run_cu), dout, run_dfinal, ckpt, scratch, dx,
+                x, dt, A, B, C, D, z, dt_bias, run_cu, order, dout, run_dfinal, ckpt, scratch, dx,
                 ddt, dz, dBp, dC, dA, dD, dbias, dh0, L, d, N, G_C, n_ckpt_per_row, *x.stride(), *dt.stride(),
                 *_strides3(z, x), *dout.stride(), *B.stride(), *C.stride(), *A.stride(), **meta,
                 HAS_DFINAL=run_dfinal is not None, num_warps=num_warps, **(dict(maxnreg=BWD_MAXNREG) if capped else {}),
