@@ -14,7 +14,9 @@
 #   grpo   carry .gpu_data                 GRPO the distilled hybrid with vLLM rollouts (grpo_gpu.py; GRPO_ARGS)
 #   profile carry .gpu_data .gpu_shape     where a distillation step's time goes, without the real teacher: random
 #                                          weights in SmolLM2-135M's shapes (.gpu_shape: its config and tokenizer,
-#                                          copied from m1_hybrid.teacher.smollm2_path()); DISTILL_ARGS adds flags
+#                                          copied from m1_hybrid.teacher.smollm2_path(), see below); DISTILL_ARGS
+#                                          adds flags. Here, once: mkdir -p .gpu_shape && cp "$(.venv/bin/python -c
+#                                          'from m1_hybrid.teacher import smollm2_path; print(smollm2_path())')"/{*.json,*.jinja} .gpu_shape/
 #
 # The calls must follow each other within the machine's idle window (files live only while it is
 # warm). Results (CSV, PNG, JSON, logs) are written under $HOME and packed into $OUT/results_<stage>.tgz
