@@ -62,8 +62,13 @@ def sample_part(llm, tokenizer, rows, per_problem: int, max_tokens: int, seed: i
     prompts = [{"prompt_token_ids": ids} for ids in chat_prompts(tokenizer, rows)]
     params = [
         SamplingParams(
-            n=per_problem, temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=seed + i,
-            stop_token_ids=[end_id], detokenize=False,
+            n=per_problem,
+            temperature=1.0,
+            top_p=1.0,
+            max_tokens=max_tokens,
+            seed=seed + i,
+            stop_token_ids=[end_id],
+            detokenize=False,
         )  # fmt: skip
         for i in range(len(rows))
     ]
