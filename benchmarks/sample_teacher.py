@@ -69,7 +69,7 @@ def sample_part(llm, tokenizer, rows, per_problem: int, max_tokens: int, seed: i
             seed=seed + i,
             stop_token_ids=[end_id],
             detokenize=False,
-        )  # fmt: skip
+        )
         for i in range(len(rows))
     ]
     outputs = llm.generate(prompts, params, use_tqdm=True)
