@@ -16,9 +16,10 @@ Usage (GPU, vLLM installed; ``distill_gpu.py --samples OUT`` then trains on them
         --max-tokens 16 --keep-truncated --out runs/samples
 
 The problems go in chunks (``--parts``), each written as soon as it is done to ``OUT/part_NNN.jsonl.xz``
-(``problem``/``solution`` rows, xz: ~5x smaller than the text, so a part comes back from a GPU call), and no
-new chunk starts after ``--minutes``. Samples that hit ``--max-tokens`` before the end of the turn are dropped
-unless ``--keep-truncated``. ``OUT/summary.json`` holds the counts and tokens/s per part.
+(``problem``/``solution`` rows, xz: ~5x smaller than the text, so a part comes back from a GPU call). A new part
+starts only if the slowest part so far would still end within ``--minutes``. Samples that hit ``--max-tokens``
+before the end of the turn are dropped unless ``--keep-truncated``. ``OUT/summary.json`` holds the counts and
+tokens/s per part, rewritten after each one.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=768, help="longest sampled solution, in tokens")
     p.add_argument("--keep-truncated", action="store_true", help="keep samples cut at --max-tokens")
     p.add_argument("--parts", type=int, default=6, help="chunks of problems, one output file each")
-    p.add_argument("--minutes", type=float, default=math.inf, help="start no new part after this long")
+    p.add_argument(
+        "--minutes", type=float, default=math.inf, help="time budget: no part starts that would end after it"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", required=True, help="folder for part_NNN.jsonl.xz and summary.json")
@@ -148,8 +151,8 @@ def main(argv=None) -> dict:
     summary |= {k: getattr(args, k) for k in ("per_problem", "temperature", "top_p", "max_tokens", "seed")}
     t0 = time.perf_counter()
     for part, start in enumerate(range(0, len(rows), size)):
-        if time.perf_counter() - t0 > args.minutes * 60:
-            print(f"--minutes {args.minutes} reached: {part} of {args.parts} parts done", file=sys.stderr)
+        if not part_fits(time.perf_counter() - t0, [p["seconds"] for p in summary["parts"]], args.minutes):
+            print(f"--minutes {args.minutes}: stopping after {part} of {args.parts} parts", file=sys.stderr)
             break
         t = time.perf_counter()
         chunk = rows[start : start + size]
@@ -159,11 +162,32 @@ def main(argv=None) -> dict:
         counts |= {"part": path.name, "problems": len(chunk), "kept": len(kept), "seconds": round(seconds, 1),
                    "tok_per_s": round(counts["tokens"] / seconds), "bytes": write_part(kept, path)}  # fmt: skip
         summary["parts"].append(counts)
+        write_summary(summary, out, time.perf_counter() - t0)  # after every part: a later kill keeps the counts
         print(json.dumps(counts), flush=True)
+    return write_summary(summary, out, time.perf_counter() - t0)
+
+
+def part_fits(elapsed: float, part_seconds: list[float], minutes: float) -> bool:
+    """Whether one more part, as slow as the slowest so far, still ends within ``minutes`` (the first always
+    starts). Why ask before starting: a call killed at its time limit in the middle of a part loses that part's
+    whole generation.
+
+    Example::
+
+        >>> part_fits(100.0, [], 1.0), part_fits(30.0, [20.0, 25.0], 1.0), part_fits(40.0, [20.0, 25.0], 1.0)
+        (True, True, False)
+    """
+    return not part_seconds or elapsed + max(part_seconds) <= minutes * 60
+
+
+def write_summary(summary: dict, out: Path, seconds: float) -> dict:
+    """The totals over the parts so far, written (atomically) to ``out/summary.json``; the summary."""
     parts = summary["parts"]
     summary |= {k: sum(p[k] for p in parts) for k in ("samples", "kept", "truncated", "empty", "tokens")}
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    summary["seconds"] = round(seconds, 1)
+    tmp = out / (SUMMARY + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out / SUMMARY)
     return summary
 
 

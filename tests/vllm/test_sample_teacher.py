@@ -52,3 +52,12 @@ def test_sampled_solutions_are_seeded_new_text_in_parts(tmp_path):
     assert again["samples"] == 6 and again["truncated"] > 0
     assert len(finished) == 6 - again["truncated"] - again["empty"]
     assert all(r in rows for r in finished)  # seeded: the same samples, the truncated ones left out
+
+
+def test_a_part_starts_only_if_it_fits_the_time_budget():
+    """``--minutes``: the first part always starts; a later one only if, as slow as the slowest so far, it ends
+    in time (a call killed mid-part would lose all of that part)."""
+    fits = _module("sample_teacher").part_fits
+    assert fits(1e9, [], 1.0)
+    assert fits(35.0, [10.0, 25.0], 1.0) and not fits(35.1, [10.0, 25.0], 1.0)
+    assert fits(1e6, [1.0], float("inf"))
