@@ -1,8 +1,14 @@
-"""Shared test helpers: closeness checks that print the worst element, CPU/CUDA device params, tiny configs."""
+"""Shared test helpers: closeness checks that print the worst element, CPU/CUDA device params, tiny configs,
+the benchmark scripts as modules."""
+
+import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 # Parametrize over these: the CUDA variant skips (with a reason the skip audit accepts) without a GPU.
 DEVICES = [
@@ -67,3 +73,14 @@ def tiny_m1_config(**overrides):
     )
     kw.update(overrides)
     return M1HybridConfig(**kw)
+
+
+def benchmark_script(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module (the scripts import their siblings, e.g.
+    ``results_io``, so ``benchmarks/`` is on ``sys.path`` while it loads)."""
+    folder = str(REPO / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)

@@ -1,31 +1,17 @@
 """CPU smoke test of ``benchmarks/distill_gpu.py`` (the GPU distillation run) on the 2-layer SmolLM2 slice."""
 
 import csv
-import importlib
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from .conftest import REPO
+from tests.testing import benchmark_script
 
 
 def _script():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports results_io as a sibling module
-    try:
-        return importlib.import_module("distill_gpu")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-
-
-def _sampler():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module("sample_teacher")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return benchmark_script("distill_gpu")
 
 
 def _rows(path):
@@ -136,7 +122,7 @@ def test_samples_join_the_training_text_and_held_out_problems_are_refused(tmp_pa
     rows = [{"problem": f"What is {i} + {i}?", "solution": f"It is $\\boxed{{{2 * i}}}$."} for i in range(6)]
     parts = tmp_path / "samples"
     parts.mkdir()
-    sampler = _sampler()
+    sampler = benchmark_script("sample_teacher")
     sampler.write_part(rows[3:], parts / "part_001.jsonl.xz")
     sampler.write_part(rows[:3], parts / "part_000.jsonl.xz")
     assert script.read_samples([parts], held_out) == rows
@@ -208,8 +194,7 @@ def test_distill_gpu_chooses_attention_layers_after_alignment(tmp_path):
 def test_plot_distill_runs_chains_continued_stages(tmp_path):
     """A continued run's curve goes on where its first stage ended; the unaligned start and the repeated
     step-0 evaluation of the continuation are not plotted."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    plot = importlib.import_module("plot_distill_runs")
+    plot = benchmark_script("plot_distill_runs")
 
     def stage(name, seconds, steps, rows):
         d = tmp_path / name

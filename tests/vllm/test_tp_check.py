@@ -1,18 +1,10 @@
 """The comparison logic of ``benchmarks/vllm_tp_check.py`` (the engines themselves need 2 GPUs: run on the H200s)."""
 
-import importlib
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.testing import benchmark_script
 
 
 def _script():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module("vllm_tp_check")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return benchmark_script("vllm_tp_check")
 
 
 def test_first_diff():
