@@ -2,9 +2,10 @@
 
 Why: after ~20 passes over the 19.5k human-written MATH/GSM8K solutions, the distilled student agrees with
 the teacher on ~96% of training tokens but ~89% of held-out ones (``axolotl_m1/README.md``). Solutions sampled
-from the teacher (temperature 1, the full distribution) are new text from the distribution the reverse KL
-matches. transformers' ``generate`` managed ~11k tok/s for SmolLM2-135M on an H100; vLLM's continuous batching
-is the tool for this.
+from the teacher (by default at temperature 1, the full distribution) are new text from the distribution the reverse KL
+matches. transformers' ``generate`` managed ~11k tok/s for SmolLM2-135M on an H100, and vLLM here 14-16k with
+1,024 sequences in flight (the engine's per-step host work, not the GPU, is the likely limit for a model this
+small; see ``axolotl_m1/README.md``).
 
 Usage (GPU, vLLM installed; ``distill_gpu.py --samples OUT`` then trains on them)::
 
@@ -54,23 +55,21 @@ def chat_prompts(tokenizer, rows) -> list[list[int]]:
 def sample_part(llm, tokenizer, rows, args):
     """``args.per_problem`` sampled solutions for each of ``rows``: ``(kept rows, counts)``.
 
-    The engine's seed (``LLM(seed=...)``) makes the samples repeatable; requests carry none of their own, since
-    vLLM samples seeded requests one at a time (16k tok/s instead of a batched draw on an H100).
+    The engine's seed (``LLM(seed=...)``) makes the samples repeatable. Requests carry no seed of their own:
+    vLLM draws seeded requests one at a time instead of in one batched draw.
     """
     from vllm import SamplingParams
 
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompts = [{"prompt_token_ids": ids} for ids in chat_prompts(tokenizer, rows)]
-    params = [
-        SamplingParams(
-            n=args.per_problem,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_tokens=args.max_tokens,
-            stop_token_ids=[end_id],
-            detokenize=False,
-        )
-    ] * len(rows)
+    params = SamplingParams(
+        n=args.per_problem,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        stop_token_ids=[end_id],
+        detokenize=False,
+    )
     outputs = llm.generate(prompts, params, use_tqdm=True)
     kept, counts = [], {"samples": 0, "truncated": 0, "empty": 0, "tokens": 0}
     for row, out in zip(rows, outputs):
