@@ -206,6 +206,13 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def prompt_ids(tokenizer, row: dict) -> list[int]:
+    """The row's problem as the token ids of its chat up to where the assistant's reply starts."""
+    user_turn = math_messages(row)["messages"][:1]
+    chat = tokenizer.apply_chat_template(user_turn, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return chat["input_ids"]
+
+
 def encode_chat(tokenizer, row: dict, max_len: int) -> tuple[list[int], list[int]]:
     """One MATH row as the chat the plugin trains on: ``(input_ids, labels)``, at most ``max_len`` tokens.
 
@@ -213,10 +220,10 @@ def encode_chat(tokenizer, row: dict, max_len: int) -> tuple[list[int], list[int
     [assistant]``, ``train_on_eos: turn``); the system/user turns and the trailing newline get -100.
     """
     messages = math_messages(row)["messages"]
-    prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt = prompt_ids(tokenizer, row)
     ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    start = len(prompt["input_ids"])
-    if ids[:start] != prompt["input_ids"]:
+    start = len(prompt)
+    if ids[:start] != prompt:
         raise ValueError("the chat template does not extend the generation prompt: cannot find the reply")
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     stop = len(ids) - 1 - ids[::-1].index(end_id) if end_id in ids[start:] else len(ids) - 1

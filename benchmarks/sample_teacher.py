@@ -35,25 +35,15 @@ import time
 from pathlib import Path
 
 from distill_gpu import held_out_problems
+from distill_gpu import prompt_ids
 from distill_gpu import training_data
-
-from axolotl_m1.data import math_messages
 
 SUMMARY = "summary.json"
 
 
-def chat_prompts(tokenizer, rows) -> list[list[int]]:
-    """Each row's problem as the token ids of the chat prompt the distillation trains on, up to the reply."""
-    return [
-        tokenizer.apply_chat_template(
-            math_messages(r)["messages"][:1], add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
-        for r in rows
-    ]
-
-
-def sample_part(llm, tokenizer, rows, args):
-    """``args.per_problem`` sampled solutions for each of ``rows``: ``(kept rows, counts)``.
+def sample_part(llm, tokenizer, rows, prompts, args):
+    """``args.per_problem`` sampled solutions for each of ``rows`` (``prompts``: their chat prompts' token ids,
+    :func:`distill_gpu.prompt_ids`): ``(kept rows, counts)``.
 
     The engine's seed (``LLM(seed=...)``) makes the samples repeatable. Requests carry no seed of their own:
     vLLM draws seeded requests one at a time instead of in one batched draw.
@@ -61,7 +51,6 @@ def sample_part(llm, tokenizer, rows, args):
     from vllm import SamplingParams
 
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prompts = [{"prompt_token_ids": ids} for ids in chat_prompts(tokenizer, rows)]
     params = SamplingParams(
         n=args.per_problem,
         temperature=args.temperature,
@@ -70,7 +59,7 @@ def sample_part(llm, tokenizer, rows, args):
         stop_token_ids=[end_id],
         detokenize=False,
     )
-    outputs = llm.generate(prompts, params, use_tqdm=True)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=True)
     kept, counts = [], {"samples": 0, "truncated": 0, "empty": 0, "tokens": 0}
     for row, out in zip(rows, outputs):
         for completion in out.outputs:
@@ -140,8 +129,8 @@ def main(argv=None) -> dict:
     held_out = held_out_problems(args.data_dir)
     rows = [r for r in rows if r["problem"].strip() not in held_out][: args.problems]
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    longest_prompt = max(len(ids) for ids in chat_prompts(tokenizer, rows))
-    llm = LLM(str(teacher), **engine_kwargs(device, longest_prompt + args.max_tokens, args.seed))
+    prompts = [prompt_ids(tokenizer, r) for r in rows]  # tokenised once, for the engine's length and the parts
+    llm = LLM(str(teacher), **engine_kwargs(device, max(map(len, prompts)) + args.max_tokens, args.seed))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +144,7 @@ def main(argv=None) -> dict:
             break
         t = time.perf_counter()
         chunk = rows[start : start + size]
-        kept, counts = sample_part(llm, tokenizer, chunk, args)
+        kept, counts = sample_part(llm, tokenizer, chunk, prompts[start : start + size], args)
         seconds = time.perf_counter() - t
         path = out / f"part_{part:03d}.jsonl.xz"
         counts |= {"part": path.name, "problems": len(chunk), "kept": len(kept), "seconds": round(seconds, 1),
