@@ -7,7 +7,7 @@
 #   teacher carry .gpu_teacher_b .gpu_data join the teacher (exported to an HF folder) and keep the data in $HOME/data
 #   sample carry .gpu                      sample solutions to the training problems from the teacher through vLLM
 #                                          (sample_teacher.py; SAMPLE_ARGS) into $HOME/samples; the parts come back
-#                                          in $OUT/samples
+#                                          joined in $OUT/samples/samples_{0,1,2}.jsonl.xz
 #   samples carry .gpu_samples             keep samples that came back from an earlier machine in $HOME/samples
 #   final  (no carry)                      distil SmolLM2-135M into a 25%-attention hybrid (distill_gpu.py;
 #                                          DISTILL_ARGS adds e.g. --align-minutes, --samples $HOME/samples),
@@ -76,11 +76,12 @@ PY
     [ -d "$HOME/data" ] || { echo "no data on this machine: run the teacher stage first" >&2; exit 3; }
     source .gpu/setup.sh .gpu
     export PYTHONPATH="$PWD:$PWD/kernels:$HOME/teacher:$HOME/site_gguf:${PYTHONPATH:-}"
-    python3 benchmarks/sample_teacher.py --teacher "$(teacher_dir)" --data-dir "$HOME/data" --out "$DEST/samples" \
+    python3 benchmarks/sample_teacher.py --teacher "$(teacher_dir)" --data-dir "$HOME/data" --out "$HOME/samples" \
       ${SAMPLE_ARGS:-} 2>&1 | quiet > "$OUT/sample.log"
     status=$?
-    tail -15 "$OUT/sample.log"; cp "$DEST/samples/summary.json" "$OUT/" 2>/dev/null
-    rm -rf "$HOME/samples" && cp -r "$DEST/samples" "$HOME/samples"
+    tail -15 "$OUT/sample.log"; mkdir -p "$DEST/samples"; cp "$HOME/samples/summary.json" "$DEST/" 2>/dev/null
+    # xz streams concatenate: three files come back however many parts (a call returns at most 8, 16 MiB each)
+    i=0; for f in "$HOME"/samples/part_*.jsonl.xz; do cat "$f" >> "$DEST/samples/samples_$((i % 3)).jsonl.xz"; i=$((i + 1)); done
     [ $status -eq 0 ] || exit $status ;;
   samples)
     rm -rf "$HOME/samples" && cp -r .gpu_samples "$HOME/samples" && ls -la "$HOME/samples" ;;

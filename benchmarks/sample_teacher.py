@@ -3,9 +3,10 @@
 Why: after ~20 passes over the 19.5k human-written MATH/GSM8K solutions, the distilled student agrees with
 the teacher on ~96% of training tokens but ~89% of held-out ones (``axolotl_m1/README.md``). Solutions sampled
 from the teacher (by default at temperature 1, the full distribution) are new text from the distribution the reverse KL
-matches. transformers' ``generate`` managed ~11k tok/s for SmolLM2-135M on an H100, and vLLM here 14-16k with
-1,024 sequences in flight (the engine's per-step host work, not the GPU, is the likely limit for a model this
-small; see ``axolotl_m1/README.md``).
+matches. transformers' ``generate`` managed ~11k tok/s for SmolLM2-135M on an H100, and one vLLM engine 14-16k with
+1,024 sequences in flight: for a model this small the engine's per-token host work (scheduling, output
+processing; ~60 us per token, two busy CPU cores), not the GPU, sets the pace. ``--engines N`` therefore runs N
+engines side by side on the one GPU, each in a process of its own with 1/N of the memory budget.
 
 Usage (GPU, vLLM installed; ``distill_gpu.py --samples OUT`` then trains on them)::
 
@@ -17,10 +18,12 @@ Usage (GPU, vLLM installed; ``distill_gpu.py --samples OUT`` then trains on them
         --max-tokens 16 --keep-truncated --out runs/samples
 
 The problems go in chunks (``--parts``), each written as soon as it is done to ``OUT/part_NNN.jsonl.xz``
-(``problem``/``solution`` rows, xz: ~5x smaller than the text, so a part comes back from a GPU call). A new part
-starts only if the slowest part so far would still end within ``--minutes``. Samples that hit ``--max-tokens``
-before the end of the turn are dropped unless ``--keep-truncated``. ``OUT/summary.json`` holds the counts and
-tokens/s per part, rewritten after each one.
+(``problem``/``solution`` rows, xz: ~5x smaller than the text; xz files concatenate, so ``cat part_*.jsonl.xz``
+is one file that comes back from a GPU call) with its counts in ``OUT/part_NNN.json``. Engines take parts from a
+shared queue (an exclusive ``part_NNN.claim`` file each), so a part is sampled once whoever is free first. A new
+part starts only if the slowest part so far would still end within ``--minutes`` of the script's start (engine
+start-up included). Samples that hit ``--max-tokens`` before the end of the turn are dropped unless
+``--keep-truncated``. ``OUT/summary.json`` totals the parts done, rewritten after each one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import json
 import lzma
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,12 +88,15 @@ def write_part(rows, path: Path) -> int:
     return path.stat().st_size
 
 
-def engine_kwargs(device: str, max_model_len: int, seed: int) -> dict:
-    """vLLM ``LLM`` arguments: bf16 with CUDA graphs and many sequences in flight on a GPU; fp32 eager on CPU."""
+def engine_kwargs(device: str, max_model_len: int, seed: int, engines: int = 1) -> dict:
+    """vLLM ``LLM`` arguments: bf16 with CUDA graphs and many sequences in flight on a GPU, each of ``engines``
+    engines with its share of 85% of the GPU's memory (512 sequences each when shared: the KV cache of 1,024
+    long ones no longer fits); fp32 eager on CPU."""
     common = dict(max_model_len=max_model_len, seed=seed, generation_config="vllm")
     if device == "cpu":
         return common | dict(dtype="float32", enforce_eager=True, max_num_seqs=16)
-    return common | dict(dtype="bfloat16", gpu_memory_utilization=0.85, max_num_seqs=1024)
+    seqs = 1024 if engines == 1 else 512
+    return common | dict(dtype="bfloat16", gpu_memory_utilization=0.85 / engines, max_num_seqs=seqs)
 
 
 def parse_args(argv=None):
@@ -108,51 +115,135 @@ def parse_args(argv=None):
     p.add_argument(
         "--minutes", type=float, default=math.inf, help="time budget: no part starts that would end after it"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engines", type=int, default=1, help="vLLM engines side by side on the GPU (host-bound: ~4-6)")
+    p.add_argument("--seed", type=int, default=0, help="engine k's seed is seed + k")
+    p.add_argument("--engine-index", type=int, help=argparse.SUPPRESS)  # set by the parent for its workers
+    p.add_argument("--started", type=float, help=argparse.SUPPRESS)  # the parent's start (time.time())
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", required=True, help="folder for part_NNN.jsonl.xz and summary.json")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.started = args.started or time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.engine_index is None:  # the one who was asked: start afresh
+        for stale in [*out.glob("part_*"), *out.glob(".engine_*.ready")]:
+            stale.unlink()
+    if args.engines > 1 and args.engine_index is None:
+        return run_engines(argv, args, out)
+    return run_engine(args, out)
+
+
+def teacher_folder(args) -> Path:
+    """``--teacher``, else the SmolLM2 slice of ``--teacher-slice`` layers, else SmolLM2-135M-Instruct."""
+    from m1_hybrid.teacher import smollm2_path
+    from m1_hybrid.teacher import smollm2_slice_path
+
+    return Path(args.teacher or (smollm2_slice_path(args.teacher_slice) if args.teacher_slice else smollm2_path()))
+
+
+def training_problems(args) -> list[dict]:
+    """The distinct training problems (one row each), MATH500's held-out problems left out."""
+    rows = list({r["problem"]: r for r in training_data(args.data_dir, args.extra_data)}.values())
+    held_out = held_out_problems(args.data_dir)
+    return [r for r in rows if r["problem"].strip() not in held_out][: args.problems]
+
+
+def run_engine(args, out: Path) -> dict:
+    """One vLLM engine sampling every part it can claim; the summary of all parts done so far."""
     import torch
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from m1_hybrid.teacher import smollm2_path
-    from m1_hybrid.teacher import smollm2_slice_path
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = Path(args.teacher or (smollm2_slice_path(args.teacher_slice) if args.teacher_slice else smollm2_path()))
-    rows = list({r["problem"]: r for r in training_data(args.data_dir, args.extra_data)}.values())  # distinct
-    held_out = held_out_problems(args.data_dir)
-    rows = [r for r in rows if r["problem"].strip() not in held_out][: args.problems]
+    teacher = teacher_folder(args)
+    rows = training_problems(args)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     prompts = [prompt_ids(tokenizer, r) for r in rows]  # tokenised once, for the engine's length and the parts
-    llm = LLM(str(teacher), **engine_kwargs(device, max(map(len, prompts)) + args.max_tokens, args.seed))
+    index = args.engine_index or 0
+    kwargs = engine_kwargs(device, max(map(len, prompts)) + args.max_tokens, args.seed + index, args.engines)
+    llm = LLM(str(teacher), **kwargs)
+    (out / f".engine_{index}.ready").touch()  # the parent starts the next engine once this one holds its memory
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     size = math.ceil(len(rows) / args.parts)
-    summary = {"teacher": str(teacher), "problems": len(rows), "parts": []}
-    summary |= {k: getattr(args, k) for k in ("per_problem", "temperature", "top_p", "max_tokens", "seed")}
-    t0 = time.perf_counter()
     for part, start in enumerate(range(0, len(rows), size)):
-        if not part_fits(time.perf_counter() - t0, [p["seconds"] for p in summary["parts"]], args.minutes):
-            print(f"--minutes {args.minutes}: stopping after {part} of {args.parts} parts", file=sys.stderr)
+        if not part_fits(time.time() - args.started, [p["seconds"] for p in parts_done(out)], args.minutes):
+            print(f"--minutes {args.minutes}: engine {index} stops before part {part} of {args.parts}", file=sys.stderr)
             break
+        if not claim(out, part):
+            continue
         t = time.perf_counter()
         chunk = rows[start : start + size]
         kept, counts = sample_part(llm, tokenizer, chunk, prompts[start : start + size], args)
         seconds = time.perf_counter() - t
         path = out / f"part_{part:03d}.jsonl.xz"
         counts |= {"part": path.name, "problems": len(chunk), "kept": len(kept), "seconds": round(seconds, 1),
-                   "tok_per_s": round(counts["tokens"] / seconds), "bytes": write_part(kept, path)}  # fmt: skip
-        summary["parts"].append(counts)
-        write_summary(summary, out, time.perf_counter() - t0)  # after every part: a later kill keeps the counts
+                   "tok_per_s": round(counts["tokens"] / seconds), "bytes": write_part(kept, path),
+                   "engine": index}  # fmt: skip
+        write_json(path.with_name(f"part_{part:03d}.json"), counts)
+        write_summary(args, out, len(rows))  # after every part: a later kill keeps the counts
         print(json.dumps(counts), flush=True)
-    return write_summary(summary, out, time.perf_counter() - t0)
+    return write_summary(args, out, len(rows))
+
+
+def run_engines(argv: list[str], args, out: Path) -> dict:
+    """``args.engines`` copies of this script, each one engine (``--engine-index k``), started one after the
+    other: vLLM sizes its KV cache from the memory free when it starts, so engine k+1 starts once engine k holds
+    its share. A progress bar counts the parts done; any engine's failure is raised once all have ended."""
+    from tqdm import tqdm
+
+    problems = len(training_problems(args))
+    parts = math.ceil(problems / math.ceil(problems / args.parts))
+    procs = []
+    try:
+        for k in range(args.engines):
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--engine-index", str(k), "--started",
+                   repr(args.started)]  # fmt: skip
+            procs.append(subprocess.Popen(cmd))
+            while not (out / f".engine_{k}.ready").exists():
+                if procs[-1].poll() is not None:
+                    raise RuntimeError(f"sampling engine {k} exited ({procs[-1].returncode}) before it was ready: "
+                                       "its error is printed above")  # fmt: skip
+                time.sleep(0.5)
+        with tqdm(total=parts, desc=f"parts ({args.engines} engines)") as bar:
+            while any(p.poll() is None for p in procs):
+                time.sleep(1.0)
+                bar.update(len(parts_done(out)) - bar.n)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+            p.wait()
+    failed = {k: p.returncode for k, p in enumerate(procs) if p.returncode}
+    if failed:
+        raise RuntimeError(f"sampling engines {failed} (index: exit status) failed: their errors are printed above")
+    return write_summary(args, out, problems)
+
+
+def claim(out: Path, part: int) -> bool:
+    """Take ``part`` for this engine: creating ``part_NNN.claim`` exclusively succeeds for exactly one engine.
+
+    Example::
+
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> claim(d, 3), claim(d, 3), claim(d, 4)
+        (True, False, True)
+    """
+    try:
+        os.close(os.open(out / f"part_{part:03d}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def parts_done(out: Path) -> list[dict]:
+    """The counts of every part written so far (``part_NNN.json``), in part order."""
+    return [json.loads(f.read_text()) for f in sorted(out.glob("part_*.json"))]
 
 
 def part_fits(elapsed: float, part_seconds: list[float], minutes: float) -> bool:
@@ -168,15 +259,22 @@ def part_fits(elapsed: float, part_seconds: list[float], minutes: float) -> bool
     return not part_seconds or elapsed + max(part_seconds) <= minutes * 60
 
 
-def write_summary(summary: dict, out: Path, seconds: float) -> dict:
-    """The totals over the parts so far, written (atomically) to ``out/summary.json``; the summary."""
-    parts = summary["parts"]
+def write_summary(args, out: Path, problems: int) -> dict:
+    """The totals over the parts done so far, written to ``out/summary.json``; the summary."""
+    parts = parts_done(out)
+    summary = {"teacher": str(teacher_folder(args)), "problems": problems, "engines": args.engines, "parts": parts}
+    summary |= {k: getattr(args, k) for k in ("per_problem", "temperature", "top_p", "max_tokens", "seed")}
     summary |= {k: sum(p[k] for p in parts) for k in ("samples", "kept", "truncated", "empty", "tokens")}
-    summary["seconds"] = round(seconds, 1)
-    tmp = out / (SUMMARY + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out / SUMMARY)
-    return summary
+    summary["seconds"] = round(time.time() - args.started, 1)
+    return write_json(out / SUMMARY, summary)
+
+
+def write_json(path: Path, data: dict) -> dict:
+    """``data`` as JSON at ``path``, through a temporary name unique to this process (engines write at once)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return data
 
 
 if __name__ == "__main__":

@@ -50,3 +50,19 @@ def test_a_part_starts_only_if_it_fits_the_time_budget():
     assert fits(1e9, [], 1.0)
     assert fits(35.0, [10.0, 25.0], 1.0) and not fits(35.1, [10.0, 25.0], 1.0)
     assert fits(1e6, [1.0], float("inf"))
+
+
+def test_engines_side_by_side_sample_every_part_once(tmp_path):
+    """``--engines 2``: two engine processes share the parts through exclusive claims; every problem gets its K
+    samples, each part is written once, and parts left in the folder by an earlier run are replaced."""
+    sampler = benchmark_script("sample_teacher")
+    _run(tmp_path, "shared", "--keep-truncated")  # an earlier run's parts, about to be replaced
+    summary, rows = _run(tmp_path, "shared", "--keep-truncated", "--engines", "2", "--parts", "3")
+    out = tmp_path / "shared"
+    assert summary["engines"] == 2 and summary["samples"] == 6
+    assert [p["part"] for p in summary["parts"]] == [f"part_{i:03d}.jsonl.xz" for i in range(3)]
+    assert sorted(p.name for p in out.glob("part_*.claim")) == [f"part_{i:03d}.claim" for i in range(3)]
+    assert {p["engine"] for p in summary["parts"]} <= {0, 1}
+    assert sorted(r["problem"] for r in rows) == sorted(2 * [r["problem"] for r in sampler.training_problems(
+        sampler.parse_args(["--problems", "3", "--out", str(out)]))])  # fmt: skip
+    assert json.loads((out / sampler.SUMMARY).read_text()) == summary
