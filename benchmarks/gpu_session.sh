@@ -7,7 +7,9 @@
 #   teacher carry .gpu_teacher_b .gpu_data join the teacher (exported to an HF folder) and keep the data in $HOME/data
 #   sample carry .gpu                      sample solutions to the training problems from the teacher through vLLM
 #                                          (sample_teacher.py; SAMPLE_ARGS) into $HOME/samples; the parts come back
-#                                          joined in $OUT/samples/samples_{0,1,2}.jsonl.xz
+#                                          joined in $OUT/samples/samples_{0,1,2}.jsonl.xz. To finish on a new machine
+#                                          a sampling that ran out of time, also carry .gpu_parts (its part_NNN.json
+#                                          counts) and add --resume to SAMPLE_ARGS
 #   samples carry .gpu_samples             keep samples that came back from an earlier machine in $HOME/samples
 #   final  (no carry)                      distil SmolLM2-135M into a 25%-attention hybrid (distill_gpu.py;
 #                                          DISTILL_ARGS adds e.g. --align-minutes, --samples $HOME/samples),
@@ -76,6 +78,9 @@ PY
     [ -d "$HOME/data" ] || { echo "no data on this machine: run the teacher stage first" >&2; exit 3; }
     source .gpu/setup.sh .gpu
     export PYTHONPATH="$PWD:$PWD/kernels:$HOME/teacher:$HOME/site_gguf:${PYTHONPATH:-}"
+    if [ -d .gpu_parts ]; then  # parts done on an earlier machine (their part_NNN.json): --resume skips them
+      mkdir -p "$HOME/samples" && cp .gpu_parts/part_*.json "$HOME/samples/"
+    fi
     python3 benchmarks/sample_teacher.py --teacher "$(teacher_dir)" --data-dir "$HOME/data" --out "$HOME/samples" \
       ${SAMPLE_ARGS:-} 2>&1 | quiet > "$OUT/sample.log"
     status=$?

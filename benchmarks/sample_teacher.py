@@ -116,6 +116,7 @@ def parse_args(argv=None):
         "--minutes", type=float, default=math.inf, help="time budget: no part starts that would end after it"
     )
     p.add_argument("--engines", type=int, default=1, help="vLLM engines side by side on the GPU (host-bound: ~4-6)")
+    p.add_argument("--resume", action="store_true", help="keep the parts already in --out; sample the others")
     p.add_argument("--seed", type=int, default=0, help="engine k's seed is seed + k")
     p.add_argument("--engine-index", type=int, help=argparse.SUPPRESS)  # set by the parent for its workers
     p.add_argument("--started", type=float, help=argparse.SUPPRESS)  # the parent's start (time.time())
@@ -130,9 +131,11 @@ def main(argv=None) -> dict:
     args.started = args.started or time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.engine_index is None:  # the one who was asked: start afresh
+    if args.engine_index is None:  # the one who was asked: start afresh, or (--resume) keep the parts done
+        done = {f.stem for f in out.glob("part_*.json")} if args.resume else set()
         for stale in [*out.glob("part_*"), *out.glob(".engine_*.ready")]:
-            stale.unlink()
+            if stale.name.split(".")[0] not in done:
+                stale.unlink()
     if args.engines > 1 and args.engine_index is None:
         return run_engines(argv, args, out)
     return run_engine(args, out)
@@ -166,6 +169,8 @@ def run_engine(args, out: Path) -> dict:
     prompts = [prompt_ids(tokenizer, r) for r in rows]  # tokenised once, for the engine's length and the parts
     index = args.engine_index or 0
     kwargs = engine_kwargs(device, max(map(len, prompts)) + args.max_tokens, args.seed + index, args.engines)
+    while index and not (out / f".engine_{index - 1}.ready").exists():
+        time.sleep(0.5)  # vLLM sizes its KV cache from the memory free when it starts: engine k-1 first
     llm = LLM(str(teacher), **kwargs)
     (out / f".engine_{index}.ready").touch()  # the parent starts the next engine once this one holds its memory
 
@@ -191,36 +196,34 @@ def run_engine(args, out: Path) -> dict:
 
 
 def run_engines(argv: list[str], args, out: Path) -> dict:
-    """``args.engines`` copies of this script, each one engine (``--engine-index k``), started one after the
-    other: vLLM sizes its KV cache from the memory free when it starts, so engine k+1 starts once engine k holds
-    its share. A progress bar counts the parts done; any engine's failure is raised once all have ended."""
+    """``args.engines`` copies of this script, each one engine (``--engine-index k``). All start at once (the
+    imports and the tokenising overlap), but engine k builds its vLLM engine only once engine k-1 is ready:
+    vLLM sizes its KV cache from the memory free when it starts. A progress bar counts the parts done; if an
+    engine fails, the others are stopped and the failure raised."""
     from tqdm import tqdm
 
     problems = len(training_problems(args))
     parts = math.ceil(problems / math.ceil(problems / args.parts))
-    procs = []
+    script = str(Path(__file__).resolve())
+    procs = [subprocess.Popen([sys.executable, script, *argv, "--engine-index", str(k), "--started",
+                               repr(args.started)]) for k in range(args.engines)]  # fmt: skip
+
+    def failed() -> dict:
+        return {k: p.returncode for k, p in enumerate(procs) if p.returncode}
+
     try:
-        for k in range(args.engines):
-            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--engine-index", str(k), "--started",
-                   repr(args.started)]  # fmt: skip
-            procs.append(subprocess.Popen(cmd))
-            while not (out / f".engine_{k}.ready").exists():
-                if procs[-1].poll() is not None:
-                    raise RuntimeError(f"sampling engine {k} exited ({procs[-1].returncode}) before it was ready: "
-                                       "its error is printed above")  # fmt: skip
-                time.sleep(0.5)
-        with tqdm(total=parts, desc=f"parts ({args.engines} engines)") as bar:
-            while any(p.poll() is None for p in procs):
+        with tqdm(total=parts, initial=len(parts_done(out)), desc=f"parts ({args.engines} engines)") as bar:
+            while any(p.poll() is None for p in procs) and not failed():
                 time.sleep(1.0)
                 bar.update(len(parts_done(out)) - bar.n)
     finally:
-        for p in procs:
+        for p in procs:  # after a failure: stop the others
             if p.poll() is None:
                 p.terminate()
             p.wait()
-    failed = {k: p.returncode for k, p in enumerate(procs) if p.returncode}
-    if failed:
-        raise RuntimeError(f"sampling engines {failed} (index: exit status) failed: their errors are printed above")
+    if failed():
+        raise RuntimeError(f"sampling engines {failed()} (index: exit status) failed: see their errors above; the "
+                           "parts done are kept (rerun with --resume)")  # fmt: skip
     return write_summary(args, out, problems)
 
 

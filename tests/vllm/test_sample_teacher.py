@@ -66,3 +66,12 @@ def test_engines_side_by_side_sample_every_part_once(tmp_path):
     assert sorted(r["problem"] for r in rows) == sorted(2 * [r["problem"] for r in sampler.training_problems(
         sampler.parse_args(["--problems", "3", "--out", str(out)]))])  # fmt: skip
     assert json.loads((out / sampler.SUMMARY).read_text()) == summary
+
+    # --resume after a run stopped early: the parts done are kept (not resampled), the others are sampled
+    (out / "part_001.jsonl.xz").unlink()
+    (out / "part_001.json").unlink()
+    kept = (out / "part_000.jsonl.xz").stat().st_mtime_ns
+    resumed, rows_again = _run(tmp_path, "shared", "--keep-truncated", "--parts", "3", "--resume")
+    assert (out / "part_000.jsonl.xz").stat().st_mtime_ns == kept
+    assert [p["part"] for p in resumed["parts"]] == [f"part_{i:03d}.jsonl.xz" for i in range(3)]
+    assert resumed["samples"] == 6 and len(rows_again) == 6
