@@ -176,7 +176,7 @@ def run_engine(args, out: Path) -> dict:
     while index and not (out / f".engine_{index - 1}.ready").exists():
         time.sleep(0.5)  # vLLM sizes its KV cache from the memory free when it starts: engine k-1 first
     llm = LLM(str(teacher), **kwargs)
-    (out / f".engine_{index}.ready").touch()  # the parent starts the next engine once this one holds its memory
+    (out / f".engine_{index}.ready").touch()  # engine index+1 waits for this: this one now holds its memory
 
     size = math.ceil(len(rows) / args.parts)
     for part, start in enumerate(range(0, len(rows), size)):
