@@ -238,16 +238,22 @@ def pack_rows(docs, seq_len: int, pad_id: int):
     state there, and transformers' Llama (the teacher) attends within each document. The tail of a
     row is one padding "document" (labels -100), so it never touches a real one.
     """
-    row_ids, row_labels, row_pos = [], [], []
+    return (row for row, _ in pack_rows_counted(docs, seq_len, pad_id))
+
+
+def pack_rows_counted(docs, seq_len: int, pad_id: int):
+    """:func:`pack_rows`, each row with the number of documents it holds: ``(row, n_docs)``."""
+    row_ids, row_labels, row_pos, n_docs = [], [], [], 0
     for ids, labels in docs:
         if row_ids and len(row_ids) + len(ids) > seq_len:
-            yield _pad_row(row_ids, row_labels, row_pos, seq_len, pad_id)
-            row_ids, row_labels, row_pos = [], [], []
+            yield _pad_row(row_ids, row_labels, row_pos, seq_len, pad_id), n_docs
+            row_ids, row_labels, row_pos, n_docs = [], [], [], 0
         row_ids += ids
         row_labels += labels
         row_pos += list(range(len(ids)))
+        n_docs += 1
     if row_ids:
-        yield _pad_row(row_ids, row_labels, row_pos, seq_len, pad_id)
+        yield _pad_row(row_ids, row_labels, row_pos, seq_len, pad_id), n_docs
 
 
 def _pad_row(ids, labels, pos, seq_len, pad_id):
@@ -255,15 +261,22 @@ def _pad_row(ids, labels, pos, seq_len, pad_id):
     return ids + [pad_id] * n, labels + [IGNORE_INDEX] * n, pos + list(range(n))
 
 
-def train_rows(rows_data: list[dict], tokenizer, seq_len: int, seed: int):
-    """Endless packed training rows: the documents reshuffled every epoch (seeded), tokenized lazily."""
-    epoch = 0
+def train_rows(rows_data: list[dict], tokenizer, seq_len: int, seed: int, start: tuple[int, int] = (0, 0)):
+    """Endless packed training rows, the documents reshuffled every epoch (seeded) and tokenized lazily; each row
+    comes with the data position after it, ``(epoch, documents of that epoch's order packed so far)``.
+
+    ``start``, a position from an earlier call (``--state``), resumes the stream there instead of at the first
+    document again, so a run split over calls sees its data in the order of one uninterrupted run.
+    """
+    epoch, done = start
     while True:
         order = list(range(len(rows_data)))
         random.Random(seed + epoch).shuffle(order)
-        docs = (encode_chat(tokenizer, rows_data[i], seq_len) for i in order)
-        yield from pack_rows(docs, seq_len, tokenizer.pad_token_id)
-        epoch += 1
+        docs = (encode_chat(tokenizer, rows_data[i], seq_len) for i in order[done:])
+        for row, n_docs in pack_rows_counted(docs, seq_len, tokenizer.pad_token_id):
+            done += n_docs
+            yield row, (epoch, done)
+        epoch, done = epoch + 1, 0
 
 
 def to_batch(rows, device) -> dict[str, torch.Tensor]:
@@ -275,29 +288,34 @@ class BatchPrefetcher:
     """Packed training batches built ahead in a background thread: tokenising the chats (~35 ms of CPU per
     16k-token batch) and packing run while the GPU works on earlier steps, not between them.
 
-    ``rows`` is the endless row iterator (:func:`train_rows`), touched by the thread alone; batches wait
-    in pinned CPU memory and move with ``non_blocking`` copies. An error in the thread is raised by the
-    call that would have received its batch.
+    ``rows`` is the endless ``(row, data position)`` iterator (:func:`train_rows`), touched by the thread alone;
+    batches wait in pinned CPU memory and move with ``non_blocking`` copies. ``position`` is the data position
+    after the last batch handed out (what ``--state`` saves). An error in the thread is raised by the call that
+    would have received its batch.
     """
 
     def __init__(self, rows, batch_rows: int, device, depth: int = PREFETCH):
         self.device = torch.device(device)
         self.queue = queue.Queue(maxsize=depth)
+        self.position = None
         pin = self.device.type == "cuda"
         threading.Thread(target=self._fill, args=(rows, batch_rows, pin), daemon=True).start()
 
     def _fill(self, rows, batch_rows, pin):
         try:
             while True:
-                batch = to_batch([next(rows) for _ in range(batch_rows)], "cpu")
-                self.queue.put({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
+                rows_and_positions = [next(rows) for _ in range(batch_rows)]
+                batch = to_batch([row for row, _ in rows_and_positions], "cpu")
+                batch = {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+                self.queue.put((batch, rows_and_positions[-1][1]))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
             self.queue.put(err)
 
     def __call__(self) -> dict[str, torch.Tensor]:
-        batch = self.queue.get()
-        if isinstance(batch, BaseException):
-            raise RuntimeError("building a training batch failed") from batch
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError("building a training batch failed") from item
+        batch, self.position = item
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -669,7 +687,8 @@ def main(argv=None) -> dict:
     train_data += sampled
     print(f"training on {len(train_data)} solutions ({len(sampled)} sampled from the teacher)")
     test_data = read_jsonl(data_file(args.data_dir, "test.jsonl"))[: args.eval_docs]
-    rows = train_rows(train_data, tokenizer, args.seq_len, args.seed)
+    data_start = resumed_data_position(state, len(train_data))
+    rows = train_rows(train_data, tokenizer, args.seq_len, args.seed, data_start)
     eval_rows = list(
         pack_rows((encode_chat(tokenizer, r, args.seq_len) for r in test_data), args.seq_len, tokenizer.pad_token_id)
     )
@@ -818,7 +837,9 @@ def main(argv=None) -> dict:
     summary["teacher_samples"], summary["train_solutions"] = len(sampled), len(train_data)
     if args.state:
         kl_seconds = resume[1] + train_seconds
-        save_state(student, opt, args.state, teacher_dir, step=step, tokens=tokens, kl_seconds=kl_seconds)
+        position = list(next_batch.position or data_start)  # the next call's data starts after this one's
+        save_state(student, opt, args.state, teacher_dir, step=step, tokens=tokens, kl_seconds=kl_seconds,
+                   data_position=position, train_solutions=len(train_data))  # fmt: skip
     if args.save:
         student.to(torch.bfloat16)
         summary["saved"] = str(save_atomically(student, args.save, extra_files_from=teacher_dir))
@@ -837,8 +858,28 @@ def load_state(folder) -> dict | None:
     return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def resumed_data_position(state, solutions: int) -> tuple[int, int]:
+    """Where this call's training data starts: after the documents an earlier call of the run trained on
+    (``state``'s ``data_position``), or at the beginning for a new run, an older state, or changed data.
+
+    Example::
+
+        >>> resumed_data_position(None, 10), resumed_data_position({"data_position": [1, 4], "train_solutions": 10}, 10)
+        ((0, 0), (1, 4))
+    """
+    if state is None or "data_position" not in state:
+        return (0, 0)
+    if state["train_solutions"] != solutions:
+        print(f"warning: the training state was trained on {state['train_solutions']} solutions, this call has "
+              f"{solutions}: its data order starts again from the first document (give the same --extra-data and "
+              "--samples to continue it)")  # fmt: skip
+        return (0, 0)
+    return tuple(state["data_position"])
+
+
 def save_state(student, opt, folder, teacher_dir, **counters) -> None:
-    """The fp32 student (``save_pretrained``), the optimizer and ``counters`` (step, tokens, kl_seconds) into
+    """The fp32 student (``save_pretrained``), the optimizer and ``counters`` (step, tokens, kl_seconds, data
+    position) into
     ``folder``, swapped in together (:func:`m1_hybrid.checkpoint.save_atomically`)."""
     from m1_hybrid.checkpoint import save_atomically
 

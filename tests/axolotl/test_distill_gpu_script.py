@@ -84,18 +84,20 @@ def test_distill_gpu_smoke(tmp_path):
 
 
 def test_distill_gpu_resumes_its_training_state(tmp_path):
-    """``--state``: a second call continues the first one exactly (weights, optimizer, step count, schedule)."""
+    """``--state``: a second call continues the first one exactly (weights, optimizer, step count, schedule,
+    and the data: its batches are those an uninterrupted run trains on next, not the first ones again)."""
     script = _script()
     script.prepare_data(tmp_path / "data")
     state = tmp_path / "state"
 
-    def call(max_steps, out):
+    def call(max_steps, out, state=state):
         return script.main(
             ["--device", "cpu", "--teacher-slice", "2", "--data-dir", str(tmp_path / "data"), "--seq-len", "128",
              "--batch-rows", "2", "--max-steps", str(max_steps), "--eval-docs", "2", "--no-memory", "--lr", "1e-3",
              "--warmup", "4", "--state", str(state), "--schedule-minutes", "1000", "--out", str(tmp_path / out)]
         )  # fmt: skip
 
+    call(4, "whole", state=tmp_path / "whole_state")
     call(2, "first")
     assert script.load_state(state)["step"] == 2
     call(4, "second")
@@ -105,6 +107,9 @@ def test_distill_gpu_resumes_its_training_state(tmp_path):
     assert float(resumed["kl"]) == pytest.approx(float(first_end["kl"]), rel=1e-6)  # the fp32 weights, unrounded
     log = _rows(tmp_path / "second" / "distill_log.csv")
     assert [int(r["step"]) for r in log] == [3, 4]
+    whole = _rows(tmp_path / "whole" / "distill_log.csv")[2:]  # steps 3 and 4 of the uninterrupted run
+    assert [r["counted_tokens"] for r in log] == [r["counted_tokens"] for r in whole]
+    assert [float(r["kl"]) for r in log] == pytest.approx([float(r["kl"]) for r in whole], rel=1e-4)
     assert float(log[0]["lr"]) == pytest.approx(1e-3 * 3 / 4)  # warm-up goes on, not restarted
     saved = script.load_state(state)
     assert saved["step"] == 4 and all(int(s["step"]) == 4 for s in saved["optimizer"]["state"].values())
@@ -224,3 +229,22 @@ def test_extra_data_never_holds_a_held_out_problem(tmp_path):
     assert not held_out & {r["problem"].strip() for r in extra}
     gsm = extra[-1]["solution"]
     assert gsm.endswith("The answer is $\\boxed{50}$.") and "<<" not in gsm and "####" not in gsm
+
+
+def test_training_rows_resume_at_their_data_position():
+    """Each packed row carries the data position after it; a stream started there goes on exactly as the
+    uninterrupted one, also across the epoch boundary (where the documents are reshuffled)."""
+    from transformers import AutoTokenizer
+
+    from m1_hybrid.teacher import smollm2_slice_path
+
+    script = _script()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_slice_path(2))
+    docs = script.training_data(None, False)[:7]
+    stream = script.train_rows(docs, tokenizer, 512, seed=3)
+    rows = [next(stream) for _ in range(12)]
+    epochs = [epoch for _, (epoch, _) in rows]
+    assert epochs[0] == 0 and epochs[-1] >= 2  # the twelve rows span several epochs
+    for k in range(len(rows) - 3):
+        resumed = script.train_rows(docs, tokenizer, 512, seed=3, start=rows[k][1])
+        assert [next(resumed) for _ in range(3)] == rows[k + 1 : k + 4]
