@@ -261,15 +261,19 @@ def _pad_row(ids, labels, pos, seq_len, pad_id):
     return ids + [pad_id] * n, labels + [IGNORE_INDEX] * n, pos + list(range(n))
 
 
-def train_rows(rows_data: list[dict], tokenizer, seq_len: int, seed: int, start: tuple[int, int] = (0, 0)):
+def train_rows(epoch_docs, tokenizer, seq_len: int, seed: int, start: tuple[int, int] = (0, 0)):
     """Endless packed training rows, the documents reshuffled every epoch (seeded) and tokenized lazily; each row
     comes with the data position after it, ``(epoch, documents of that epoch's order packed so far)``.
 
-    ``start``, a position from an earlier call (``--state``), resumes the stream there instead of at the first
-    document again, so a run split over calls sees its data in the order of one uninterrupted run.
+    ``epoch_docs`` is the list of documents trained every epoch, or a function of the epoch giving its list
+    (:func:`mixed_epochs`). ``start``, a position from an earlier call (``--state``), resumes the stream there
+    instead of at the first document again, so a run split over calls sees its data in the order of one
+    uninterrupted run.
     """
+    docs_of = epoch_docs if callable(epoch_docs) else lambda epoch: epoch_docs
     epoch, done = start
     while True:
+        rows_data = docs_of(epoch)
         order = list(range(len(rows_data)))
         random.Random(seed + epoch).shuffle(order)
         docs = (encode_chat(tokenizer, rows_data[i], seq_len) for i in order[done:])
@@ -277,6 +281,37 @@ def train_rows(rows_data: list[dict], tokenizer, seq_len: int, seed: int, start:
             done += n_docs
             yield row, (epoch, done)
         epoch, done = epoch + 1, 0
+
+
+def mixed_epochs(written: list[dict], sampled: list[dict], share: float, seed: int):
+    """Epochs of every human-written solution plus sampled ones making ``share`` of the epoch, taken in turn from
+    the sample pool (shuffled once, seeded): successive epochs see new samples until the pool is used up, then it
+    goes round again. Why: a mix mostly of the teacher's own text did worse on human-written held-out text at equal
+    steps (``axolotl_m1/README.md``, stop 18) than a half-and-half one, but a large pool still keeps the student
+    from memorising its training text.
+
+    Example::
+
+        >>> epochs = mixed_epochs([{"w": 0}, {"w": 1}], [{"s": i} for i in range(5)], 0.5, seed=0)
+        >>> [len(epochs(e)) for e in range(3)]  # the 2 written solutions and 2 sampled ones each
+        [4, 4, 4]
+        >>> len({d["s"] for e in (0, 1) for d in epochs(e) if "s" in d})  # epochs 0 and 1 share no sample
+        4
+    """
+    if not 0 < share < 1:
+        raise ValueError(f"--samples-share {share}: give a fraction of each epoch between 0 and 1")
+    if not sampled:
+        raise ValueError("--samples-share needs --samples: there are no sampled solutions to mix in")
+    per_epoch = min(len(sampled), round(share / (1 - share) * len(written)))
+    pool = list(sampled)
+    random.Random(seed).shuffle(pool)
+
+    def epoch_docs(epoch: int) -> list[dict]:
+        first = epoch * per_epoch
+        return written + [pool[(first + i) % len(pool)] for i in range(per_epoch)]
+
+    epoch_docs.per_epoch = per_epoch
+    return epoch_docs
 
 
 def to_batch(rows, device) -> dict[str, torch.Tensor]:
@@ -541,6 +576,12 @@ def parse_args(argv=None):
         metavar="PATH",
         help="also train on teacher-sampled solutions: JSONL(.gz/.xz) files or folders of them (sample_teacher.py)",
     )
+    p.add_argument(
+        "--samples-share",
+        type=float,
+        metavar="F",
+        help="sampled solutions make this fraction of each epoch, new ones each epoch (default: all, every epoch)",
+    )
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument(
         "--init-student",
@@ -682,13 +723,18 @@ def main(argv=None) -> dict:
           f"precision {precision}")  # fmt: skip
 
     # Data: MATH train solutions (+ --extra-data, --samples; packed, shuffled), the first --eval-docs of MATH500.
-    train_data = training_data(args.data_dir, args.extra_data)
+    written = training_data(args.data_dir, args.extra_data)
     sampled = read_samples(args.samples, held_out_problems(args.data_dir))
-    train_data += sampled
-    print(f"training on {len(train_data)} solutions ({len(sampled)} sampled from the teacher)")
+    train_data = written + sampled
+    epochs = train_data
+    if args.samples_share is not None:
+        epochs = mixed_epochs(written, sampled, args.samples_share, args.seed)
+        print(f"each epoch: {len(written)} written solutions + {epochs.per_epoch} of {len(sampled)} sampled")
+    else:
+        print(f"training on {len(train_data)} solutions ({len(sampled)} sampled from the teacher)")
     test_data = read_jsonl(data_file(args.data_dir, "test.jsonl"))[: args.eval_docs]
     data_start = resumed_data_position(state, len(train_data))
-    rows = train_rows(train_data, tokenizer, args.seq_len, args.seed, data_start)
+    rows = train_rows(epochs, tokenizer, args.seq_len, args.seed, data_start)
     eval_rows = list(
         pack_rows((encode_chat(tokenizer, r, args.seq_len) for r in test_data), args.seq_len, tokenizer.pad_token_id)
     )
@@ -835,6 +881,7 @@ def main(argv=None) -> dict:
     summary["align"] = {"steps": len(align_log), "last": align_log[-1] if align_log else None}
     summary["substitution_kl"] = layer_scores or None
     summary["teacher_samples"], summary["train_solutions"] = len(sampled), len(train_data)
+    summary["samples_per_epoch"] = epochs.per_epoch if callable(epochs) else len(sampled)
     if args.state:
         kl_seconds = resume[1] + train_seconds
         position = list(next_batch.position or data_start)  # the next call's data starts after this one's

@@ -248,3 +248,29 @@ def test_training_rows_resume_at_their_data_position():
     for k in range(len(rows) - 3):
         resumed = script.train_rows(docs, tokenizer, 512, seed=3, start=rows[k][1])
         assert [next(resumed) for _ in range(3)] == rows[k + 1 : k + 4]
+
+
+def test_the_script_examples_hold():
+    """The ``Example::`` blocks of ``distill_gpu.py`` (benchmarks are outside the package doctest run)."""
+    import doctest
+
+    result = doctest.testmod(_script())
+    assert result.attempted >= 3 and result.failed == 0
+
+
+def test_mixed_epochs_keep_the_share_and_go_through_the_pool():
+    """``--samples-share``: every epoch holds all written solutions plus sampled ones at the asked share, new
+    ones each epoch until the pool is used up, then round again; the same epochs for the same seed."""
+    mixed_epochs = _script().mixed_epochs
+    written, sampled = [{"w": i} for i in range(6)], [{"s": i} for i in range(10)]
+    epochs = mixed_epochs(written, sampled, 0.25, seed=1)
+    assert epochs.per_epoch == 2  # 2 / (6 + 2) = 0.25
+    drawn = [[d["s"] for d in epochs(e) if "s" in d] for e in range(6)]
+    assert all(epochs(e)[:6] == written for e in range(6))
+    assert sorted(s for e in range(5) for s in drawn[e]) == list(range(10))  # five epochs: each sample once
+    assert drawn[5] == drawn[0]  # then round again
+    assert drawn == [[d["s"] for d in mixed_epochs(written, sampled, 0.25, seed=1)(e) if "s" in d] for e in range(6)]
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        mixed_epochs(written, sampled, 1.0, seed=1)
+    with pytest.raises(ValueError, match="needs --samples"):
+        mixed_epochs(written, [], 0.5, seed=1)

@@ -78,3 +78,11 @@ def test_engines_side_by_side_sample_every_part_once(tmp_path):
     assert (out / "part_000.jsonl.xz").stat().st_mtime_ns == kept
     assert [p["part"] for p in resumed["parts"]] == [f"part_{i:03d}.jsonl.xz" for i in range(3)]
     assert resumed["samples"] == 6 and len(rows_again) == 6
+
+
+def test_the_script_examples_hold():
+    """The ``Example::`` blocks of ``sample_teacher.py`` (benchmarks are outside the package doctest run)."""
+    import doctest
+
+    result = doctest.testmod(benchmark_script("sample_teacher"))
+    assert result.attempted >= 2 and result.failed == 0
