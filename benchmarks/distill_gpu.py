@@ -733,7 +733,8 @@ def main(argv=None) -> dict:
     else:
         print(f"training on {len(train_data)} solutions ({len(sampled)} sampled from the teacher)")
     test_data = read_jsonl(data_file(args.data_dir, "test.jsonl"))[: args.eval_docs]
-    data_start = resumed_data_position(state, len(train_data))
+    data = data_identity(written, sampled, args.samples_share)
+    data_start = resumed_data_position(state, data)
     rows = train_rows(epochs, tokenizer, args.seq_len, args.seed, data_start)
     eval_rows = list(
         pack_rows((encode_chat(tokenizer, r, args.seq_len) for r in test_data), args.seq_len, tokenizer.pad_token_id)
@@ -886,7 +887,7 @@ def main(argv=None) -> dict:
         kl_seconds = resume[1] + train_seconds
         position = list(next_batch.position or data_start)  # the next call's data starts after this one's
         save_state(student, opt, args.state, teacher_dir, step=step, tokens=tokens, kl_seconds=kl_seconds,
-                   data_position=position, train_solutions=len(train_data))  # fmt: skip
+                   data_position=position, data=data)  # fmt: skip
     if args.save:
         student.to(torch.bfloat16)
         summary["saved"] = str(save_atomically(student, args.save, extra_files_from=teacher_dir))
@@ -905,29 +906,33 @@ def load_state(folder) -> dict | None:
     return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def resumed_data_position(state, solutions: int) -> tuple[int, int]:
+def data_identity(written: list, sampled: list, share: float | None) -> str:
+    """What a saved data position refers to: the sizes of the data and the epochs' mix."""
+    return f"{len(written)} written + {len(sampled)} sampled solutions, samples share {share}"
+
+
+def resumed_data_position(state, identity: str) -> tuple[int, int]:
     """Where this call's training data starts: after the documents an earlier call of the run trained on
-    (``state``'s ``data_position``), or at the beginning for a new run, an older state, or changed data.
+    (``state``'s ``data_position``), or at the beginning for a new run, an older state, or other data.
 
     Example::
 
-        >>> resumed_data_position(None, 10), resumed_data_position({"data_position": [1, 4], "train_solutions": 10}, 10)
+        >>> resumed_data_position(None, "a"), resumed_data_position({"data_position": [1, 4], "data": "a"}, "a")
         ((0, 0), (1, 4))
     """
     if state is None or "data_position" not in state:
         return (0, 0)
-    if state["train_solutions"] != solutions:
-        print(f"warning: the training state was trained on {state['train_solutions']} solutions, this call has "
-              f"{solutions}: its data order starts again from the first document (give the same --extra-data and "
-              "--samples to continue it)")  # fmt: skip
+    if state["data"] != identity:
+        print(f"warning: the training state was trained on {state['data']}, this call has {identity}: its data "
+              "order starts again from the first document (give the same --extra-data, --samples and "
+              "--samples-share to continue it)")  # fmt: skip
         return (0, 0)
     return tuple(state["data_position"])
 
 
 def save_state(student, opt, folder, teacher_dir, **counters) -> None:
     """The fp32 student (``save_pretrained``), the optimizer and ``counters`` (step, tokens, kl_seconds, data
-    position) into
-    ``folder``, swapped in together (:func:`m1_hybrid.checkpoint.save_atomically`)."""
+    position) into ``folder``, swapped in together (:func:`m1_hybrid.checkpoint.save_atomically`)."""
     from m1_hybrid.checkpoint import save_atomically
 
     def write_state(tmp: Path):

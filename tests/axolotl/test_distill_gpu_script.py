@@ -231,6 +231,16 @@ def test_extra_data_never_holds_a_held_out_problem(tmp_path):
     assert gsm.endswith("The answer is $\\boxed{50}$.") and "<<" not in gsm and "####" not in gsm
 
 
+def test_a_data_position_is_kept_only_for_the_same_data(capsys):
+    """A saved data position refers to one data mix; other data (files, sizes, share) starts again, saying so."""
+    script = _script()
+    identity = script.data_identity([{}] * 3, [{}] * 5, 0.5)
+    state = {"data_position": [2, 7], "data": identity}
+    assert script.resumed_data_position(state, identity) == (2, 7)
+    assert script.resumed_data_position(state, script.data_identity([{}] * 3, [{}] * 5, None)) == (0, 0)
+    assert "starts again from the first document" in capsys.readouterr().out
+
+
 def test_training_rows_resume_at_their_data_position():
     """Each packed row carries the data position after it; a stream started there goes on exactly as the
     uninterrupted one, also across the epoch boundary (where the documents are reshuffled)."""
