@@ -51,7 +51,8 @@ def sample_part(llm, tokenizer, rows, prompts, args):
     """``args.per_problem`` sampled solutions for each of ``rows`` (``prompts``: their chat prompts' token ids,
     :func:`distill_gpu.prompt_ids`): ``(kept rows, counts)``.
 
-    The engine's seed (``LLM(seed=...)``) makes the samples repeatable. Requests carry no seed of their own:
+    The engine's seed (``LLM(seed=...)``) makes the samples repeatable with one engine. With several, which
+    engine takes which part depends on timing, so the samples are not. Requests carry no seed of their own:
     vLLM draws seeded requests one at a time instead of in one batched draw.
     """
     from vllm import SamplingParams
@@ -178,7 +179,7 @@ def run_engine(args, out: Path) -> dict:
     llm = LLM(str(teacher), **kwargs)
     (out / f".engine_{index}.ready").touch()  # engine index+1 waits for this: this one now holds its memory
 
-    size = math.ceil(len(rows) / args.parts)
+    size = part_size(len(rows), args.parts)
     for part, start in enumerate(range(0, len(rows), size)):
         if not part_fits(time.time() - args.started, [p["seconds"] for p in parts_done(out)], args.minutes):
             print(f"--minutes {args.minutes}: engine {index} stops before part {part} of {args.parts}", file=sys.stderr)
@@ -207,7 +208,7 @@ def run_engines(argv: list[str], args, out: Path) -> dict:
     from tqdm import tqdm
 
     problems = len(training_problems(args))
-    parts = math.ceil(problems / math.ceil(problems / args.parts))
+    parts = math.ceil(problems / part_size(problems, args.parts))
     script = str(Path(__file__).resolve())
     procs = [subprocess.Popen([sys.executable, script, *argv, "--engine-index", str(k), "--started",
                                repr(args.started)]) for k in range(args.engines)]  # fmt: skip
@@ -229,6 +230,11 @@ def run_engines(argv: list[str], args, out: Path) -> dict:
         raise RuntimeError(f"sampling engines {failed()} (index: exit status) failed: see their errors above; the "
                            "parts done are kept (rerun with --resume)")  # fmt: skip
     return write_summary(args, out, problems)
+
+
+def part_size(problems: int, parts: int) -> int:
+    """Problems per part: ``parts`` chunks, the last one possibly shorter."""
+    return math.ceil(problems / parts)
 
 
 def claim(out: Path, part: int) -> bool:
