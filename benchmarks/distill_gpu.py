@@ -46,6 +46,7 @@ import re
 import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict
@@ -53,6 +54,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from data_parallel import DataParallel
+from data_parallel import start_data_parallel
 from results_io import append_csv
 from results_io import pyplot
 
@@ -261,9 +264,12 @@ def _pad_row(ids, labels, pos, seq_len, pad_id):
     return ids + [pad_id] * n, labels + [IGNORE_INDEX] * n, pos + list(range(n))
 
 
-def train_rows(epoch_docs, tokenizer, seq_len: int, seed: int, start: tuple[int, int] = (0, 0)):
+def train_rows(epoch_docs, tokenizer, seq_len: int, seed: int, start: tuple[int, int] = (0, 0), shard=(0, 1)):
     """Endless packed training rows, the documents reshuffled every epoch (seeded) and tokenized lazily; each row
     comes with the data position after it, ``(epoch, documents of that epoch's order packed so far)``.
+
+    ``shard = (rank, ranks)``: a data-parallel rank packs every ``ranks``-th document of each epoch's order,
+    starting at its ``rank``, so the ranks share out every epoch without overlap (positions count its own).
 
     ``epoch_docs`` is the list of documents trained every epoch, or a function of the epoch giving its list
     (:func:`mixed_epochs`). ``start``, a position from an earlier call (``--state``), resumes the stream there
@@ -276,6 +282,7 @@ def train_rows(epoch_docs, tokenizer, seq_len: int, seed: int, start: tuple[int,
         rows_data = docs_of(epoch)
         order = list(range(len(rows_data)))
         random.Random(seed + epoch).shuffle(order)
+        order = order[shard[0] :: shard[1]]
         docs = (encode_chat(tokenizer, rows_data[i], seq_len) for i in order[done:])
         for row, n_docs in pack_rows_counted(docs, seq_len, tokenizer.pad_token_id):
             done += n_docs
@@ -460,6 +467,23 @@ def measure_loss_memory(student, teacher, batch, settings, autocast) -> list[dic
     return rows
 
 
+def ranks_mean_metrics(stats: torch.Tensor, dp: DataParallel) -> torch.Tensor:
+    """Per-step metrics rows ``(counted tokens, kl, ce, top1, grad norm)`` of this rank -> those of the whole
+    data-parallel step: tokens summed over the ranks, kl / ce / top1 their token-weighted means. The gradient
+    norm is already the same on every rank (taken after the average).
+
+    Example::
+
+        >>> from data_parallel import DataParallel
+        >>> ranks_mean_metrics(torch.tensor([[4.0, 0.5, 2.0, 0.75, 1.0]]), DataParallel()).tolist()
+        [[4.0, 0.5, 2.0, 0.75, 1.0]]
+    """
+    counted = stats[:, :1]
+    totals = dp.sum(torch.cat([counted, stats[:, 1:4] * counted], dim=1))
+    means = totals[:, 1:4] / totals[:, :1].clamp(min=1)
+    return torch.cat([totals[:, :1], means, stats[:, 4:]], dim=1)
+
+
 def _sync(cuda: bool):
     if cuda:
         torch.cuda.synchronize()
@@ -494,17 +518,21 @@ def lr_at(progress: float, step: int, lr: float, warmup: int, floor: float = 0.1
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def scheduled_steps(opt, lr: float, warmup: int, minutes: float, max_steps: int, resume=(0, 0.0), horizon=None):
+def scheduled_steps(
+    opt, lr: float, warmup: int, minutes: float, max_steps: int, resume=(0, 0.0), horizon=None, agree=lambda x: x
+):
     """Yield ``(step, lr)`` (step from 1) until ``max_steps`` or ``minutes`` of wall time are used, first
     setting every param group of ``opt`` to :func:`lr_at` of the step and of the elapsed share of the budget.
 
     A resumed run passes ``resume = (steps, seconds)`` already done and the whole schedule's ``horizon``
-    minutes: steps count on from there and the cosine continues where it was.
+    minutes: steps count on from there and the cosine continues where it was. ``agree`` maps this process's
+    elapsed seconds to those every data-parallel rank uses (rank 0's, :meth:`DataParallel.agree`), so all take
+    the same learning rate and stop after the same step.
     """
     step, done = resume
     budget, t_start, horizon = minutes * 60, time.perf_counter(), (horizon or minutes) * 60
-    while step < max_steps and time.perf_counter() - t_start < budget:
-        progress = max(step / max_steps, (done + time.perf_counter() - t_start) / horizon)
+    while step < max_steps and (elapsed := agree(time.perf_counter() - t_start)) < budget:
+        progress = max(step / max_steps, (done + elapsed) / horizon)
         now = lr_at(progress, step, lr, warmup)
         for group in opt.param_groups:
             group["lr"] = now
@@ -512,7 +540,7 @@ def scheduled_steps(opt, lr: float, warmup: int, minutes: float, max_steps: int,
         yield step, now
 
 
-def align_stage(student, teacher, next_batch, args, autocast, out_dir: Path) -> list[dict]:
+def align_stage(student, teacher, next_batch, args, autocast, out_dir: Path, dp: DataParallel) -> list[dict]:
     """``--align-minutes`` of layer-wise alignment (only the Mamba mixers learn); returns the per-step log.
 
     Same packed batches, optimiser family and schedule shape as the KL stage, with its own
@@ -529,10 +557,14 @@ def align_stage(student, teacher, next_batch, args, autocast, out_dir: Path) -> 
     params = mamba_parameters(student)
     opt = alignment_optimizer(params, args.align_lr, fused=teacher.device.type == "cuda")
     log, t_start, step = [], time.perf_counter(), 0
-    bar = tqdm(desc="align", unit="step", dynamic_ncols=True)
-    for step, lr in scheduled_steps(opt, args.align_lr, args.warmup, args.align_minutes, args.max_steps):
+    bar = tqdm(desc="align", unit="step", dynamic_ncols=True, disable=not dp.main)
+    schedule = scheduled_steps(opt, args.align_lr, args.warmup, args.align_minutes, args.max_steps, agree=dp.agree)
+    for step, lr in schedule:
         batch = next_batch()
-        out, grad_norm = alignment_step(align, opt, params, batch["input_ids"], batch["position_ids"], None, autocast)
+        out, grad_norm = alignment_step(
+            align, opt, params, batch["input_ids"], batch["position_ids"], autocast=autocast,
+            reduce_grads=dp.average_gradients,
+        )  # fmt: skip
         row = {
             "step": step,
             "rel_err": float(out.loss),
@@ -589,6 +621,13 @@ def parse_args(argv=None):
         help="continue from a saved student (an earlier run's --save) instead of converting the teacher",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--dist-backend",
+        choices=("auto", "nccl", "gloo"),
+        default="auto",
+        help="under torchrun (data parallel, benchmarks/data_parallel.py): auto = NCCL on CUDA, gloo on CPU; gloo "
+        "also lets several ranks share one GPU",
+    )
     p.add_argument(
         "--precision",
         choices=["auto", "autocast", "bf16", "fp32"],
@@ -668,7 +707,10 @@ def main(argv=None) -> dict:
     from m1_hybrid.teacher import smollm2_slice_path
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    dp, device = start_data_parallel(args.device, args.dist_backend)
+    if not dp.main:  # one voice: rank 0 prints and writes the outputs; the others' files go to a scratch folder
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - this process's stdout for good
+        args.out, args.save = tempfile.mkdtemp(prefix=f"distill_rank{dp.rank}_"), None
     cuda = device.type == "cuda"
     precision = args.precision if args.precision != "auto" else ("autocast" if cuda else "fp32")
 
@@ -718,6 +760,7 @@ def main(argv=None) -> dict:
     teacher = teacher.to(device=device, dtype=torch.bfloat16 if cuda else torch.float32)
     student_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     student = student.to(device=device, dtype=student_dtype).train()
+    dp.broadcast_parameters(student)  # the mixers' random parts too: every replica starts from rank 0's
     settings = DistillSettings()
     print(f"teacher {teacher_dir} ({n_layers} layers); student attention layers {attn_layers or 'auto'}; "
           f"precision {precision}")  # fmt: skip
@@ -733,9 +776,9 @@ def main(argv=None) -> dict:
     else:
         print(f"training on {len(train_data)} solutions ({len(sampled)} sampled from the teacher)")
     test_data = read_jsonl(data_file(args.data_dir, "test.jsonl"))[: args.eval_docs]
-    data = data_identity(written, sampled, args.samples_share)
-    data_start = resumed_data_position(state, data)
-    rows = train_rows(epochs, tokenizer, args.seq_len, args.seed, data_start)
+    data = data_identity(written, sampled, args.samples_share, dp.world)
+    data_start = resumed_data_position(state, data, dp.rank)
+    rows = train_rows(epochs, tokenizer, args.seq_len, args.seed, data_start, shard=(dp.rank, dp.world))
     eval_rows = list(
         pack_rows((encode_chat(tokenizer, r, args.seq_len) for r in test_data), args.seq_len, tokenizer.pad_token_id)
     )
@@ -748,10 +791,11 @@ def main(argv=None) -> dict:
     align_log, layer_scores = [], {}
     # auto: align all mixers, keep attention where they cost most
     if args.attn_layers == "auto" and not args.init_student and state is None:
-        align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir)
+        align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir, dp)
         scoring = [next_batch() for _ in range(SCORE_BATCHES)]
         scoring = [(b["input_ids"], b["position_ids"], b["labels"] != IGNORE_INDEX) for b in scoring]
-        layer_scores = mean_substitution_kl(teacher, student, scoring, autocast)
+        # Rank 0 scores on its batches and every rank keeps attention where it says: one choice for all replicas.
+        layer_scores = dp.agree(mean_substitution_kl(teacher, student, scoring, autocast) if dp.main else None)
         attn_layers = choose_attention_layers(layer_scores, len(default_attn_layers(n_layers)))
         print(f"substitution KL per layer: { {i: round(v, 4) for i, v in layer_scores.items()} }")
         print(f"attention kept at {attn_layers}")
@@ -808,7 +852,7 @@ def main(argv=None) -> dict:
     else:
         run_eval(0, "init")
         if args.align_minutes > 0:
-            align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir)
+            align_log = align_stage(student, teacher, next_batch, args, autocast, out_dir, dp)
             run_eval(0, "aligned")
     from tqdm import tqdm
 
@@ -816,7 +860,7 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     log, pending, window = [], [], []
     t_start = t_window = time.perf_counter()
-    bar = tqdm(desc="distill", unit="step", dynamic_ncols=True)
+    bar = tqdm(desc="distill", unit="step", dynamic_ncols=True, disable=not dp.main)
     step, tokens = start_step, start_tokens
     prof = None
 
@@ -824,7 +868,7 @@ def main(argv=None) -> dict:
         nonlocal t_window
         if not window:
             return
-        values = torch.stack([w[-1] for w in window]).tolist()
+        values = ranks_mean_metrics(torch.stack([w[-1] for w in window]), dp).tolist()
         now = time.perf_counter()
         tok_per_s = sum(w[2] for w in window) / (now - t_window)
         for (w_step, w_lr, _, w_tokens, _), (n, kl, ce, top1, gnorm) in zip(window, values):
@@ -837,7 +881,9 @@ def main(argv=None) -> dict:
         bar.set_postfix(kl=f"{log[-1]['kl']:.3f}", top1=f"{log[-1]['top1']:.3f}", tok_s=f"{tok_per_s:.0f}")
 
     resume = (start_step, state["kl_seconds"] if state is not None else 0.0)
-    schedule = scheduled_steps(opt, args.lr, args.warmup, args.minutes, args.max_steps, resume, args.schedule_minutes)
+    schedule = scheduled_steps(
+        opt, args.lr, args.warmup, args.minutes, args.max_steps, resume, args.schedule_minutes, dp.agree
+    )
     for step, lr in schedule:
         if args.profile_steps and step == start_step + PROFILE_AFTER + 1:
             prof = start_profile()
@@ -846,10 +892,11 @@ def main(argv=None) -> dict:
         with autocast():
             out = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"], m1_distill=db)
         out.loss.backward()
+        dp.average_gradients([p for _, p in params])
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        step_tokens = batch["input_ids"].numel()
+        step_tokens = batch["input_ids"].numel() * dp.world  # the step's tokens over all ranks
         tokens += step_tokens
         # Metrics stay on the device until the window is flushed: no per-step sync, so the CPU can queue
         # the next step's kernels while this one runs.
@@ -883,16 +930,20 @@ def main(argv=None) -> dict:
     summary["substitution_kl"] = layer_scores or None
     summary["teacher_samples"], summary["train_solutions"] = len(sampled), len(train_data)
     summary["samples_per_epoch"] = epochs.per_epoch if callable(epochs) else len(sampled)
-    if args.state:
+    summary["data_parallel_ranks"] = dp.world
+    dp.check_replicas(student)
+    positions = dp.gather(list(next_batch.position or data_start))  # the next call's data starts after this one's
+    if args.state and dp.main:
         kl_seconds = resume[1] + train_seconds
-        position = list(next_batch.position or data_start)  # the next call's data starts after this one's
         save_state(student, opt, args.state, teacher_dir, step=step, tokens=tokens, kl_seconds=kl_seconds,
-                   data_position=position, data=data)  # fmt: skip
+                   data_positions=positions, data=data)  # fmt: skip
     if args.save:
         student.to(torch.bfloat16)
         summary["saved"] = str(save_atomically(student, args.save, extra_files_from=teacher_dir))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
+    dp.barrier()  # the state and the student are written before any rank returns
+    dp.close()
     return summary
 
 
@@ -906,28 +957,29 @@ def load_state(folder) -> dict | None:
     return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def data_identity(written: list, sampled: list, share: float | None) -> str:
-    """What a saved data position refers to: the sizes of the data and the epochs' mix."""
-    return f"{len(written)} written + {len(sampled)} sampled solutions, samples share {share}"
+def data_identity(written: list, sampled: list, share: float | None, ranks: int = 1) -> str:
+    """What saved data positions refer to: the sizes of the data, the epochs' mix and the ranks sharing it."""
+    return f"{len(written)} written + {len(sampled)} sampled solutions, samples share {share}, {ranks} rank(s)"
 
 
-def resumed_data_position(state, identity: str) -> tuple[int, int]:
-    """Where this call's training data starts: after the documents an earlier call of the run trained on
-    (``state``'s ``data_position``), or at the beginning for a new run, an older state, or other data.
+def resumed_data_position(state, identity: str, rank: int = 0) -> tuple[int, int]:
+    """Where this rank's training data starts in this call: after the documents it trained on in an earlier call
+    of the run (``state``'s ``data_positions``, one per rank), or at the beginning for a new run, an older state,
+    or other data.
 
     Example::
 
-        >>> resumed_data_position(None, "a"), resumed_data_position({"data_position": [1, 4], "data": "a"}, "a")
+        >>> resumed_data_position(None, "a"), resumed_data_position({"data_positions": [[1, 4]], "data": "a"}, "a")
         ((0, 0), (1, 4))
     """
-    if state is None or "data_position" not in state:
+    if state is None or "data_positions" not in state:
         return (0, 0)
     if state["data"] != identity:
         print(f"warning: the training state was trained on {state['data']}, this call has {identity}: its data "
-              "order starts again from the first document (give the same --extra-data, --samples and "
-              "--samples-share to continue it)")  # fmt: skip
+              "order starts again from the first document (give the same --extra-data, --samples, "
+              "--samples-share and number of ranks to continue it)")  # fmt: skip
         return (0, 0)
-    return tuple(state["data_position"])
+    return tuple(state["data_positions"][rank])
 
 
 def save_state(student, opt, folder, teacher_dir, **counters) -> None:

@@ -18,6 +18,8 @@
 #                                          run from $HOME/state (optimizer, step, schedule; give final and every
 #                                          more the same --schedule-minutes), else a fresh one from the saved
 #                                          student (--init-student)
+#   (final, more and profile run DISTILL_RANKS data-parallel ranks through torchrun when it is set above 1: one per
+#   GPU; with DISTILL_ARGS="--dist-backend gloo" several may share one GPU, a smoke test of that path)
 #   grpo   carry .gpu_data                 GRPO the distilled hybrid with vLLM rollouts (grpo_gpu.py; GRPO_ARGS)
 #   profile carry .gpu_data .gpu_shape     where a distillation step's time goes, without the real teacher: random
 #                                          weights in SmolLM2-135M's shapes (.gpu_shape: its config and tokenizer,
@@ -37,6 +39,13 @@ export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 M1_CACHE_DIR=$HOME/m1cache
 quiet() { grep -v -E "register_constant|warnings.warn|UserWarning|FutureWarning" ; }
 teacher_dir() {  # the HF folder the teacher stage exported (m1_hybrid.teacher.smollm2_path, cached in M1_CACHE_DIR)
   python3 -c "from m1_hybrid.teacher import smollm2_path; print(smollm2_path())" 2>/dev/null | tail -1
+}
+distill() {  # benchmarks/distill_gpu.py as one process, or as DISTILL_RANKS data-parallel ranks (torchrun)
+  if [ "${DISTILL_RANKS:-1}" -gt 1 ]; then
+    python3 -m torch.distributed.run --standalone --nproc-per-node "$DISTILL_RANKS" benchmarks/distill_gpu.py "$@"
+  else
+    python3 benchmarks/distill_gpu.py "$@"
+  fi
 }
 vllm_env() {  # vLLM installed by the smoke call; VeRL wheels next to it
   [ -f "$HOME/gpu_setup.sh" ] && source "$HOME/gpu_setup.sh" "${1:-.gpu}"  # vLLM only after the smoke stage
@@ -94,7 +103,7 @@ PY
     [ -d "$HOME/data" ] || { echo "no teacher/data on this machine: run the stash and teacher stages first" >&2; exit 3; }
     vllm_env "$HOME/none"
     export PYTHONPATH="$PYTHONPATH:$HOME/teacher:$HOME/site_gguf"
-    python3 benchmarks/distill_gpu.py --teacher "$(teacher_dir)" --data-dir "$HOME/data" --minutes "${DISTILL_MINUTES:-3.5}" \
+    distill --teacher "$(teacher_dir)" --data-dir "$HOME/data" --minutes "${DISTILL_MINUTES:-3.5}" \
       --eval-every 100 --eval-docs 200 --out "$OUT/distill" --save "$HOME/distilled" --state "$HOME/state" \
       ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
     tail -25 "$OUT/distill.log" ;;
@@ -104,7 +113,7 @@ PY
     export PYTHONPATH="$PYTHONPATH:$HOME/teacher:$HOME/site_gguf"  # the teacher the teacher stage assembled
     from="--init-student $HOME/distilled"
     [ -f "$HOME/state/training_state.pt" ] && from="--state $HOME/state"
-    python3 benchmarks/distill_gpu.py --teacher "$(teacher_dir)" --data-dir "$HOME/data" $from \
+    distill --teacher "$(teacher_dir)" --data-dir "$HOME/data" $from \
       --minutes "${DISTILL_MINUTES:-8}" --eval-every 100 --eval-docs 200 --no-memory --out "$OUT/distill" \
       --save "$HOME/distilled" ${DISTILL_ARGS:-} 2>&1 | quiet > "$OUT/distill.log"
     tail -25 "$OUT/distill.log" ;;
@@ -122,7 +131,7 @@ cfg = transformers.AutoConfig.from_pretrained('.gpu_shape')
 torch.manual_seed(0)
 transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(sys.argv[1])
 " "$HOME/shape_teacher" && cp .gpu_shape/*.json .gpu_shape/*.jinja "$HOME/shape_teacher/"
-    python3 benchmarks/distill_gpu.py --teacher "$HOME/shape_teacher" --data-dir .gpu_data --max-steps 40 \
+    distill --teacher "$HOME/shape_teacher" --data-dir .gpu_data --max-steps 40 \
       --profile-steps 3 --eval-every 1000 --eval-docs 16 --no-memory --out "$OUT/distill" ${DISTILL_ARGS:-} \
       2>&1 | quiet > "$OUT/distill.log"
     grep -E "tok_per_s_median|train_seconds" "$OUT/distill/summary.json"; head -30 "$OUT/distill/profile.txt" ;;

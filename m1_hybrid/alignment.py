@@ -230,15 +230,19 @@ def alignment_step(
     token_mask=None,
     autocast=contextlib.nullcontext,
     max_grad_norm: float = 1.0,
+    reduce_grads=None,
 ) -> tuple[AlignmentOutput, float]:
     """One alignment step: score under ``autocast()``, backward, clip ``params`` to ``max_grad_norm``, step.
 
     Sets the learning rate only through ``optimizer`` (the caller schedules it); returns the
-    step's :class:`AlignmentOutput` and the gradient norm before clipping.
+    step's :class:`AlignmentOutput` and the gradient norm before clipping. ``reduce_grads(params)``, if
+    given, runs between the backward and the clip: data parallelism averages the ranks' gradients there.
     """
     with autocast():
         out = align(input_ids, position_ids, token_mask)
     out.loss.backward()
+    if reduce_grads is not None:
+        reduce_grads(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -3,10 +3,14 @@
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from tests.testing import REPO
 from tests.testing import benchmark_script
 
 
@@ -234,11 +238,13 @@ def test_extra_data_never_holds_a_held_out_problem(tmp_path):
 def test_a_data_position_is_kept_only_for_the_same_data(capsys):
     """A saved data position refers to one data mix; other data (files, sizes, share) starts again, saying so."""
     script = _script()
-    identity = script.data_identity([{}] * 3, [{}] * 5, 0.5)
-    state = {"data_position": [2, 7], "data": identity}
-    assert script.resumed_data_position(state, identity) == (2, 7)
-    assert script.resumed_data_position(state, script.data_identity([{}] * 3, [{}] * 5, None)) == (0, 0)
+    identity = script.data_identity([{}] * 3, [{}] * 5, 0.5, ranks=2)
+    state = {"data_positions": [[2, 7], [2, 6]], "data": identity}
+    assert script.resumed_data_position(state, identity, rank=1) == (2, 6)  # each rank its own
+    assert script.resumed_data_position(state, script.data_identity([{}] * 3, [{}] * 5, None, 2)) == (0, 0)
     assert "starts again from the first document" in capsys.readouterr().out
+    assert script.resumed_data_position(state, script.data_identity([{}] * 3, [{}] * 5, 0.5, 1)) == (0, 0)
+    assert "number of ranks" in capsys.readouterr().out
 
 
 def test_training_rows_resume_at_their_data_position():
@@ -260,12 +266,86 @@ def test_training_rows_resume_at_their_data_position():
         assert [next(resumed) for _ in range(3)] == rows[k + 1 : k + 4]
 
 
+def test_distill_gpu_data_parallel_over_two_ranks(tmp_path):
+    """torchrun, two CPU ranks over gloo: one layer choice for both, gradients averaged (the script checks that the
+    replicas end identical, and fails otherwise), each step's tokens counted over both ranks, and a ``--state``
+    call resuming each rank's own data position."""
+    script = _script()
+    script.prepare_data(tmp_path / "data")
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels")])
+
+    def torchrun(max_steps, out):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(REPO / "benchmarks" / "distill_gpu.py"), "--device", "cpu", "--teacher-slice", "3", "--data-dir",
+               str(tmp_path / "data"), "--seq-len", "192", "--batch-rows", "1", "--max-steps", str(max_steps),
+               "--eval-docs", "2", "--no-memory", "--attn-layers", "auto", "--align-minutes", "0.02", "--warmup",
+               "4", "--state", str(state), "--schedule-minutes", "1000", "--out", str(tmp_path / out)]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return json.loads((tmp_path / out / "summary.json").read_text())
+
+    first = torchrun(2, "first")
+    assert first["data_parallel_ranks"] == 2 and first["steps"] == 2 and len(first["attn_layers"]) == 1
+    assert [int(r["tokens"]) for r in _rows(tmp_path / "first" / "distill_log.csv")] == [384, 768]  # 2 ranks x 192
+    positions = script.load_state(state)["data_positions"]
+    assert len(positions) == 2 and all(epoch == 0 and done > 0 for epoch, done in positions)
+
+    second = torchrun(4, "second")
+    assert second["attn_layers"] == first["attn_layers"] and second["steps"] == 2
+    assert [int(r["step"]) for r in _rows(tmp_path / "second" / "distill_log.csv")] == [3, 4]
+    resumed = script.load_state(state)["data_positions"]
+    assert all(tuple(new) > tuple(old) for new, old in zip(resumed, positions))  # each rank went on from its own
+
+
+def test_the_schedule_runs_on_the_agreed_clock():
+    """``scheduled_steps`` sets the learning rate and stops by the elapsed time ``agree`` returns (rank 0's under
+    data parallelism), not by this process's own clock."""
+    script = _script()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    clock = iter([0.0, 30.0, 59.0, 60.0])  # seconds on the agreed clock at steps 1, 2, 3 and the stop check
+    steps = list(script.scheduled_steps(opt, 1.0, 0, 1.0, 100, agree=lambda own: next(clock)))
+    assert [step for step, _ in steps] == [1, 2, 3]  # stopped when the agreed clock reached the minute
+    assert [lr for _, lr in steps] == pytest.approx([script.lr_at(p, 1, 1.0, 0) for p in (0.0, 0.5, 59 / 60)])
+    assert steps[1][1] == pytest.approx(0.55) and opt.param_groups[0]["lr"] == steps[-1][1]
+
+
+def test_data_parallel_ranks_share_out_every_epoch():
+    """``shard=(rank, ranks)``: the ranks' rows hold disjoint documents that together are the whole epoch, and a
+    rank's stream resumes at its own positions."""
+    from transformers import AutoTokenizer
+
+    from m1_hybrid.teacher import smollm2_slice_path
+
+    script = _script()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_slice_path(2))
+    docs = script.training_data(None, False)[:9]
+    firsts = {tuple(script.encode_chat(tokenizer, d, 512)[0]) for d in docs}
+
+    def epoch0_documents(rank):  # the documents of the rank's epoch-0 rows, split where positions restart at 0
+        found = []
+        for (ids, labels, pos), (epoch, _) in script.train_rows(docs, tokenizer, 512, 3, shard=(rank, 3)):
+            if epoch > 0:
+                return found
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            found += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:]) if labels[a:b].count(-100) < b - a]
+
+    shares = [epoch0_documents(rank) for rank in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3] and set().union(*map(set, shares)) == firsts
+    stream = script.train_rows(docs, tokenizer, 512, seed=3, shard=(1, 3))
+    rows = [next(stream) for _ in range(4)]
+    resumed = script.train_rows(docs, tokenizer, 512, seed=3, start=rows[1][1], shard=(1, 3))
+    assert [next(resumed) for _ in range(2)] == rows[2:]
+
+
 def test_the_script_examples_hold():
     """The ``Example::`` blocks of ``distill_gpu.py`` (benchmarks are outside the package doctest run)."""
     import doctest
 
-    result = doctest.testmod(_script())
-    assert result.attempted >= 3 and result.failed == 0
+    for module, examples in ((_script(), 4), (benchmark_script("data_parallel"), 1)):
+        result = doctest.testmod(module)
+        assert result.attempted >= examples and result.failed == 0
 
 
 def test_mixed_epochs_keep_the_share_and_go_through_the_pool():
