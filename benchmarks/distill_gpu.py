@@ -16,6 +16,9 @@ Usage (GPU; ``--minutes`` bounds the training loop, evaluation and setup come on
     # one run over several calls of a machine (each call <= 10 min): the same --state and --schedule-minutes
     ... --minutes 4.6 --schedule-minutes 21.2 --state $HOME/state   # then twice: ... --minutes 8.3 (same flags)
 
+    # data parallel, one process per GPU (benchmarks/data_parallel.py): the same flags under torchrun
+    PYTHONPATH=$PWD:$PWD/kernels torchrun --standalone --nproc-per-node 8 benchmarks/distill_gpu.py ...
+
     # CPU smoke test (seconds): the 2-layer SmolLM2 slice
     .venv/bin/python benchmarks/distill_gpu.py --device cpu --teacher-slice 2 --seq-len 128 --batch-rows 2 \\
         --max-steps 2 --eval-docs 2 --out runs/distill_smoke
