@@ -269,7 +269,7 @@ def train_rows(epoch_docs, tokenizer, seq_len: int, seed: int, start: tuple[int,
     starting at its ``rank``, so the ranks share out every epoch without overlap (positions count its own).
 
     ``epoch_docs`` is the list of documents trained every epoch, or a function of the epoch giving its list
-    (:func:`mixed_epochs`). ``start``, a position from an earlier call (``--state``), resumes the stream there
+    (:class:`MixedEpochs`). ``start``, a position from an earlier call (``--state``), resumes the stream there
     instead of at the first document again, so a run split over calls sees its data in the order of one
     uninterrupted run.
     """
@@ -287,35 +287,35 @@ def train_rows(epoch_docs, tokenizer, seq_len: int, seed: int, start: tuple[int,
         epoch, done = epoch + 1, 0
 
 
-def mixed_epochs(written: list[dict], sampled: list[dict], share: float, seed: int):
+class MixedEpochs:
     """Epochs of every human-written solution plus sampled ones making ``share`` of the epoch, taken in turn from
     the sample pool (shuffled once, seeded): successive epochs see new samples until the pool is used up, then it
     goes round again. Why: a mix mostly of the teacher's own text did worse on human-written held-out text at equal
     steps (``axolotl_m1/README.md``, stop 18) than a half-and-half one, but a large pool still keeps the student
-    from memorising its training text.
+    from memorising its training text. Called with an epoch, it gives that epoch's documents (:func:`train_rows`).
 
     Example::
 
-        >>> epochs = mixed_epochs([{"w": 0}, {"w": 1}], [{"s": i} for i in range(5)], 0.5, seed=0)
-        >>> [len(epochs(e)) for e in range(3)]  # the 2 written solutions and 2 sampled ones each
-        [4, 4, 4]
+        >>> epochs = MixedEpochs([{"w": 0}, {"w": 1}], [{"s": i} for i in range(5)], 0.5, seed=0)
+        >>> epochs.per_epoch, [len(epochs(e)) for e in range(3)]  # the 2 written solutions and 2 sampled ones each
+        (2, [4, 4, 4])
         >>> len({d["s"] for e in (0, 1) for d in epochs(e) if "s" in d})  # epochs 0 and 1 share no sample
         4
     """
-    if not 0 < share < 1:
-        raise ValueError(f"--samples-share {share}: give a fraction of each epoch between 0 and 1")
-    if not sampled:
-        raise ValueError("--samples-share needs --samples: there are no sampled solutions to mix in")
-    per_epoch = min(len(sampled), round(share / (1 - share) * len(written)))
-    pool = list(sampled)
-    random.Random(seed).shuffle(pool)
 
-    def epoch_docs(epoch: int) -> list[dict]:
-        first = epoch * per_epoch
-        return written + [pool[(first + i) % len(pool)] for i in range(per_epoch)]
+    def __init__(self, written: list[dict], sampled: list[dict], share: float, seed: int):
+        if not 0 < share < 1:
+            raise ValueError(f"--samples-share {share}: give a fraction of each epoch between 0 and 1")
+        if not sampled:
+            raise ValueError("--samples-share needs --samples: there are no sampled solutions to mix in")
+        self.written = written
+        self.per_epoch = min(len(sampled), round(share / (1 - share) * len(written)))
+        self.pool = list(sampled)
+        random.Random(seed).shuffle(self.pool)
 
-    epoch_docs.per_epoch = per_epoch
-    return epoch_docs
+    def __call__(self, epoch: int) -> list[dict]:
+        first = epoch * self.per_epoch
+        return self.written + [self.pool[(first + i) % len(self.pool)] for i in range(self.per_epoch)]
 
 
 def to_batch(rows, device) -> dict[str, torch.Tensor]:
@@ -768,7 +768,7 @@ def main(argv=None) -> dict:
     train_data = written + sampled
     epochs = train_data
     if args.samples_share is not None:
-        epochs = mixed_epochs(written, sampled, args.samples_share, args.seed)
+        epochs = MixedEpochs(written, sampled, args.samples_share, args.seed)
         print(f"each epoch: {len(written)} written solutions + {epochs.per_epoch} of {len(sampled)} sampled")
     else:
         print(f"training on {len(train_data)} solutions ({len(sampled)} sampled from the teacher)")
@@ -926,7 +926,7 @@ def main(argv=None) -> dict:
     summary["align"] = {"steps": len(align_log), "last": align_log[-1] if align_log else None}
     summary["substitution_kl"] = layer_scores or None
     summary["teacher_samples"], summary["train_solutions"] = len(sampled), len(train_data)
-    summary["samples_per_epoch"] = epochs.per_epoch if callable(epochs) else len(sampled)
+    summary["samples_per_epoch"] = epochs.per_epoch if isinstance(epochs, MixedEpochs) else len(sampled)
     summary["data_parallel_ranks"] = dp.world
     dp.check_replicas(student)
     positions = dp.gather(list(next_batch.position or data_start))  # the next call's data starts after this one's

@@ -351,16 +351,16 @@ def test_the_script_examples_hold():
 def test_mixed_epochs_keep_the_share_and_go_through_the_pool():
     """``--samples-share``: every epoch holds all written solutions plus sampled ones at the asked share, new
     ones each epoch until the pool is used up, then round again; the same epochs for the same seed."""
-    mixed_epochs = _script().mixed_epochs
+    MixedEpochs = _script().MixedEpochs
     written, sampled = [{"w": i} for i in range(6)], [{"s": i} for i in range(10)]
-    epochs = mixed_epochs(written, sampled, 0.25, seed=1)
+    epochs = MixedEpochs(written, sampled, 0.25, seed=1)
     assert epochs.per_epoch == 2  # 2 / (6 + 2) = 0.25
     drawn = [[d["s"] for d in epochs(e) if "s" in d] for e in range(6)]
     assert all(epochs(e)[:6] == written for e in range(6))
     assert sorted(s for e in range(5) for s in drawn[e]) == list(range(10))  # five epochs: each sample once
     assert drawn[5] == drawn[0]  # then round again
-    assert drawn == [[d["s"] for d in mixed_epochs(written, sampled, 0.25, seed=1)(e) if "s" in d] for e in range(6)]
+    assert drawn == [[d["s"] for d in MixedEpochs(written, sampled, 0.25, seed=1)(e) if "s" in d] for e in range(6)]
     with pytest.raises(ValueError, match="between 0 and 1"):
-        mixed_epochs(written, sampled, 1.0, seed=1)
+        MixedEpochs(written, sampled, 1.0, seed=1)
     with pytest.raises(ValueError, match="needs --samples"):
-        mixed_epochs(written, [], 0.5, seed=1)
+        MixedEpochs(written, [], 0.5, seed=1)
