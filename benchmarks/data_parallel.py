@@ -8,7 +8,7 @@ Launched by torchrun (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and th
 Why replicas and not FSDP: the 135M student, its optimizer and the teacher fit one GPU many times over; what one
 GPU lacks is tokens per minute (``axolotl_m1/README.md``). Why a hand-written gradient average and not
 ``DistributedDataParallel``: the alignment stage trains the mixers on local losses, outside the student's
-``forward`` that DDP hooks, so both stages share one explicit average (one flat all-reduce per step, ~0.5 GB in
+``forward`` that DDP hooks, so both stages share one explicit average (one flat all-reduce per step, ~0.57 GB in
 fp32 for SmolLM2-135M). Replicas stay identical only if every rank takes the same steps with the same learning
 rate, so wall-clock decisions (the time-based schedule, when to stop) are rank 0's, broadcast over a CPU (gloo)
 group that never waits for the GPUs; :meth:`DataParallel.check_replicas` verifies the result.

@@ -464,21 +464,28 @@ def measure_loss_memory(student, teacher, batch, settings, autocast) -> list[dic
     return rows
 
 
-def ranks_mean_metrics(stats: torch.Tensor, dp: DataParallel) -> torch.Tensor:
-    """Per-step metrics rows ``(counted tokens, kl, ce, top1, grad norm)`` of this rank -> those of the whole
-    data-parallel step: tokens summed over the ranks, kl / ce / top1 their token-weighted means. The gradient
-    norm is already the same on every rank (taken after the average).
+def metric_sums(out) -> torch.Tensor:
+    """A micro-batch's ``(counted tokens, kl, ce, top1)`` as sums over its counted tokens (fp32, on the device):
+    sums add up over micro-batches and ranks; :func:`step_metrics` turns them into means."""
+    n = torch.as_tensor(out.num_tokens, dtype=torch.float32, device=out.kl.device)
+    return torch.stack([n, *(torch.as_tensor(v, dtype=torch.float32, device=n.device) * n
+                             for v in (out.kl, out.ce, out.top1))]).detach()  # fmt: skip
+
+
+def step_metrics(sums: torch.Tensor, dp: DataParallel) -> torch.Tensor:
+    """Rows ``(counted tokens, kl, ce, top1 as token sums, grad norm)`` of this rank's steps -> the steps' metrics
+    ``(counted tokens, kl, ce, top1, grad norm)`` over all ranks: tokens summed, kl / ce / top1 token-weighted
+    means. The gradient norm is already the same on every rank (taken after the average).
 
     Example::
 
         >>> from data_parallel import DataParallel
-        >>> ranks_mean_metrics(torch.tensor([[4.0, 0.5, 2.0, 0.75, 1.0]]), DataParallel()).tolist()
+        >>> step_metrics(torch.tensor([[4.0, 2.0, 8.0, 3.0, 1.0]]), DataParallel()).tolist()
         [[4.0, 0.5, 2.0, 0.75, 1.0]]
     """
-    counted = stats[:, :1]
-    totals = dp.sum(torch.cat([counted, stats[:, 1:4] * counted], dim=1))
+    totals = dp.sum(sums[:, :4])
     means = totals[:, 1:4] / totals[:, :1].clamp(min=1)
-    return torch.cat([totals[:, :1], means, stats[:, 4:]], dim=1)
+    return torch.cat([totals[:, :1], means, sums[:, 4:]], dim=1)
 
 
 def _sync(cuda: bool):
@@ -634,6 +641,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-rows", type=int, default=8)
+    p.add_argument(
+        "--accum-steps",
+        type=int,
+        default=1,
+        metavar="K",
+        help="KL stage: K micro-batches of --batch-rows per optimizer step (gradients averaged, as K data-parallel "
+        "ranks would)",
+    )
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -731,6 +746,8 @@ def main(argv=None) -> dict:
         tokenizer.pad_token = "<|im_end|>"
     teacher = load_teacher(str(teacher_dir), torch.float32, "cpu")  # m1_varlen: packed rows through flash
     n_layers = teacher.config.num_hidden_layers
+    if args.accum_steps < 1:
+        raise SystemExit(f"--accum-steps {args.accum_steps}: give at least one micro-batch per step")
     state = load_state(args.state)
     if state is not None and args.init_student:
         raise SystemExit(f"{args.state} holds a training state to resume: drop --init-student (or use a new --state)")
@@ -865,7 +882,7 @@ def main(argv=None) -> dict:
         nonlocal t_window
         if not window:
             return
-        values = ranks_mean_metrics(torch.stack([w[-1] for w in window]), dp).tolist()
+        values = step_metrics(torch.stack([w[-1] for w in window]), dp).tolist()
         now = time.perf_counter()
         tok_per_s = sum(w[2] for w in window) / (now - t_window)
         for (w_step, w_lr, _, w_tokens, _), (n, kl, ce, top1, gnorm) in zip(window, values):
@@ -884,22 +901,25 @@ def main(argv=None) -> dict:
     for step, lr in schedule:
         if args.profile_steps and step == start_step + PROFILE_AFTER + 1:
             prof = start_profile()
-        batch = next_batch()
-        db = distill_batch(teacher, batch, settings)
-        with autocast():
-            out = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"], m1_distill=db)
-        out.loss.backward()
+        # The step's gradient is the mean of its micro-batches' (each a mean over its counted tokens), over
+        # --accum-steps micro-batches and then over the ranks: K ranks and K micro-batches are the same step.
+        # Metrics stay on the device until the window is flushed: no per-step sync, so the CPU can queue
+        # the next step's kernels while this one runs.
+        sums, step_tokens = 0.0, 0
+        for _ in range(args.accum_steps):
+            batch = next_batch()
+            db = distill_batch(teacher, batch, settings)
+            with autocast():
+                out = student(input_ids=batch["input_ids"], position_ids=batch["position_ids"], m1_distill=db)
+            (out.loss / args.accum_steps).backward()
+            sums = sums + metric_sums(out)
+            step_tokens += batch["input_ids"].numel() * dp.world  # the step's tokens over all ranks
         dp.average_gradients([p for _, p in params])
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        step_tokens = batch["input_ids"].numel() * dp.world  # the step's tokens over all ranks
         tokens += step_tokens
-        # Metrics stay on the device until the window is flushed: no per-step sync, so the CPU can queue
-        # the next step's kernels while this one runs.
-        stats = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=out.kl.device).detach()
-                             for v in (out.num_tokens, out.kl, out.ce, out.top1, grad_norm)])  # fmt: skip
-        window.append((step, lr, step_tokens, tokens, stats))
+        window.append((step, lr, step_tokens, tokens, torch.cat([sums, grad_norm.float().reshape(1)])))
         if len(window) == LOG_EVERY or step % args.eval_every == 0:
             flush()
         if prof is not None and step == start_step + PROFILE_AFTER + args.profile_steps:

@@ -311,6 +311,28 @@ def test_the_schedule_runs_on_the_agreed_clock():
     assert steps[1][1] == pytest.approx(0.55) and opt.param_groups[0]["lr"] == steps[-1][1]
 
 
+def test_accumulated_micro_batches_make_one_step(tmp_path):
+    """``--accum-steps 2`` of one row trains on the same rows per step as one batch of two rows, and its metrics are
+    those of the whole step: at step 1 (the same weights) counted tokens and token-weighted KL / top-1 agree."""
+    script = _script()
+    script.prepare_data(tmp_path / "data")
+
+    def run(out, *extra):
+        script.main(
+            ["--device", "cpu", "--teacher-slice", "2", "--data-dir", str(tmp_path / "data"), "--seq-len", "384",
+             "--max-steps", "2", "--eval-docs", "2", "--no-memory", "--out", str(tmp_path / out), *extra]
+        )  # fmt: skip
+        return _rows(tmp_path / out / "distill_log.csv")
+
+    whole, accumulated = run("whole", "--batch-rows", "2"), run("accum", "--batch-rows", "1", "--accum-steps", "2")
+    assert [r["tokens"] for r in accumulated] == [r["tokens"] for r in whole] == ["768", "1536"]
+    assert [r["counted_tokens"] for r in accumulated] == [r["counted_tokens"] for r in whole]
+    for key in ("kl", "ce", "top1"):
+        assert float(accumulated[0][key]) == pytest.approx(float(whole[0][key]), rel=1e-5)
+    with pytest.raises(SystemExit, match="at least one micro-batch"):
+        run("none", "--accum-steps", "0")
+
+
 def test_data_parallel_ranks_share_out_every_epoch():
     """``shard=(rank, ranks)``: the ranks' rows hold disjoint documents that together are the whole epoch, and a
     rank's stream resumes at its own positions."""
