@@ -57,11 +57,12 @@ def main(argv=None) -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for spec in args.run:
+    for i, spec in enumerate(args.run):
         label, _, dirs = spec.partition("=")
         pts = chain_points([Path(d) for d in dirs.split(",")])
         label = f"{label} (end {100 * pts[-1][1]:.1f}%)"
-        ax.plot([x for x, _ in pts], [100 * y for _, y in pts], marker=".", label=label)
+        style = "-" if i < 10 else "--"  # the colour cycle has ten colours: later runs dashed, never look-alikes
+        ax.plot([x for x, _ in pts], [100 * y for _, y in pts], style, marker=".", label=label)
     ax.axhline(100 * args.target, color="k", ls=":", lw=1, label=f"target {100 * args.target:.0f}%")
     ax.set_xlabel("KL-stage minutes (summed over continued stages)")
     ax.set_ylabel("held-out top-1 agreement (%), 200 MATH500 solutions")
