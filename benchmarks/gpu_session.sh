@@ -4,7 +4,9 @@
 #   smoke  carry .gpu .gpu_tok .gpu_verl   install vLLM + VeRL wheels; GPU smoke of distill_gpu.py and
 #                                          grpo_gpu.py on tiny random models (catch bugs before the real run)
 #   stash  carry .gpu_teacher_a            keep the first part of the teacher GGUF
-#   teacher carry .gpu_teacher_b .gpu_data join the teacher (exported to an HF folder) and keep the data in $HOME/data
+#   teacher carry .gpu_teacher_b           join the teacher (exported to an HF folder)
+#   (any stage that carries .gpu_data keeps it in $HOME/data first: with the teacher's part b it no longer fits
+#   the 64 MiB a call carries, so it travels with a later call, e.g. samples or final)
 #   sample carry .gpu                      sample solutions to the training problems from the teacher through vLLM
 #                                          (sample_teacher.py; SAMPLE_ARGS) into $HOME/samples; the parts come back
 #                                          joined in $OUT/samples/samples_{0,1,2}.jsonl.xz. To finish on a new machine
@@ -35,6 +37,7 @@ stage=${1:?usage: gpu_session.sh smoke|stash|teacher|sample|samples|final|more|g
 DEST=${OUT:-runs/gpu_session}
 OUT=$HOME/gpu_session/$stage
 mkdir -p "$OUT" "$DEST"
+if [ -d .gpu_data ]; then rm -rf "$HOME/data" && cp -r .gpu_data "$HOME/data"; fi  # the training data, kept
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 M1_CACHE_DIR=$HOME/m1cache
 quiet() { grep -v -E "register_constant|warnings.warn|UserWarning|FutureWarning" ; }
 teacher_dir() {  # the HF folder the teacher stage exported (m1_hybrid.teacher.smollm2_path, cached in M1_CACHE_DIR)
@@ -81,10 +84,9 @@ PY
   teacher)
     tp=$(bash benchmarks/gpu_teacher.sh assemble) || exit 3
     export PYTHONPATH="$PWD:$PWD/kernels:$tp"
-    python3 -c "from m1_hybrid.teacher import smollm2_path; print('teacher:', smollm2_path())" 2>&1 | quiet | tail -1
-    rm -rf "$HOME/data" && cp -r .gpu_data "$HOME/data" && ls -la "$HOME/data" ;;
+    python3 -c "from m1_hybrid.teacher import smollm2_path; print('teacher:', smollm2_path())" 2>&1 | quiet | tail -1 ;;
   sample)
-    [ -d "$HOME/data" ] || { echo "no data on this machine: run the teacher stage first" >&2; exit 3; }
+    [ -d "$HOME/data" ] || { echo "no data on this machine: carry .gpu_data in this call or an earlier one" >&2; exit 3; }
     source .gpu/setup.sh .gpu
     export PYTHONPATH="$PWD:$PWD/kernels:$HOME/teacher:$HOME/site_gguf:${PYTHONPATH:-}"
     if [ -d .gpu_parts ]; then  # parts done on an earlier machine (their part_NNN.json): --resume skips them
@@ -100,7 +102,7 @@ PY
   samples)
     rm -rf "$HOME/samples" && cp -r .gpu_samples "$HOME/samples" && ls -la "$HOME/samples" ;;
   final)
-    [ -d "$HOME/data" ] || { echo "no teacher/data on this machine: run the stash and teacher stages first" >&2; exit 3; }
+    [ -d "$HOME/data" ] || { echo "no teacher/data on this machine: run the stash and teacher stages first, and carry .gpu_data" >&2; exit 3; }
     vllm_env "$HOME/none"
     export PYTHONPATH="$PYTHONPATH:$HOME/teacher:$HOME/site_gguf"
     distill --teacher "$(teacher_dir)" --data-dir "$HOME/data" --minutes "${DISTILL_MINUTES:-3.5}" \
