@@ -837,6 +837,7 @@ def main(argv=None) -> dict:
         for param in mamba_parameters(student):
             param.requires_grad_(True)
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    trained = [p for _, p in params]  # averaged over the ranks and clipped every step
     decay = [p for n, p in params if p.dim() >= 2 and "A_log" not in n]
     no_decay = [p for n, p in params if p.dim() < 2 or "A_log" in n]
     print(f"training {sum(p.numel() for _, p in params) / 1e6:.1f} M of "
@@ -914,8 +915,8 @@ def main(argv=None) -> dict:
             (out.loss / args.accum_steps).backward()
             sums = sums + metric_sums(out)
             step_tokens += batch["input_ids"].numel() * dp.world  # the step's tokens over all ranks
-        dp.average_gradients([p for _, p in params])
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        dp.average_gradients(trained)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += step_tokens
