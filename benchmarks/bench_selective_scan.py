@@ -6,10 +6,10 @@ forward and forward+backward median time (``triton.testing.do_bench``, quantiles
 peak extra memory. mamba-ssm's ``selective_scan_fn`` has no varlen: it runs the padded equivalent
 (rows of ``--doc-len``) with B and C repeated to G_C groups in its ``(b, G, N, L)`` layout.
 
-The Triton op is timed in one or more variants (``--variants``): a label, optionally with settings of
-``triton_scan``'s module constants, ``LABEL[:NAME=INT[,NAME=INT...]]``. The label is the row's ``provider``.
-By default: ``triton`` alone (the op as shipped); e.g. ``seq_fwd:SEQUENTIAL_FWD_MIN_PROGRAMS=0`` forces the
-sequential forward kernel.
+Our op is timed in one or more variants (``--variants``): a label, optionally with settings of the kernel module's
+constants, ``LABEL[:NAME=INT[,NAME=INT...]]``. The label is the row's ``provider``; labels starting with ``cuda`` run
+the CUDA kernels (``cuda_scan``, e.g. ``cuda_i16:ITEMS=16``), the others the Triton ones (``triton_scan``, e.g.
+``seq_fwd:SEQUENTIAL_FWD_MIN_PROGRAMS=0`` forces the sequential forward kernel). By default: ``triton`` and ``cuda``.
 
 Before timing, each variant is checked against the reference on the GPU and the result printed.
 Rows are appended to ``<out>/selective_scan.csv`` and a PNG plot is written next to it.
@@ -37,7 +37,7 @@ from results_io import pyplot
 
 D_INNER, D_STATE, G_C, G_B = 3072, 16, 192, 64
 HBM_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, achievable order of magnitude
-DEFAULT_VARIANTS = ["triton"]
+DEFAULT_VARIANTS = ["triton", "cuda"]
 
 
 def parse_args(argv=None):
@@ -81,7 +81,8 @@ def parse_args(argv=None):
         "--variants",
         nargs="+",
         default=DEFAULT_VARIANTS,
-        help="Triton variants: LABEL[:NAME=INT,...] setting triton_scan constants (default: %(default)s)",
+        help="variants: LABEL[:NAME=INT,...] setting constants of cuda_scan (labels cuda*) or triton_scan\n"
+        "(default: %(default)s)",
     )
     args = p.parse_args(argv)
     try:
@@ -103,15 +104,27 @@ def parse_variant(spec):
     return label, values
 
 
-@contextlib.contextmanager
-def variant_settings(values):
-    """Set triton_scan module constants for the duration of the block (the op reads them at each call)."""
+def variant_module(label):
+    """The kernel module a variant runs: ``cuda_scan`` for labels starting with ``cuda``, else ``triton_scan``."""
     import importlib
 
-    scan = importlib.import_module("m1_kernels.selective_scan.triton_scan")
+    name = "cuda_scan" if label.startswith("cuda") else "triton_scan"
+    return importlib.import_module(f"m1_kernels.selective_scan.{name}")
+
+
+def variant_fn(label):
+    """The scan function a variant times."""
+    module = variant_module(label)
+    return module.selective_scan_cuda if label.startswith("cuda") else module.selective_scan_triton
+
+
+@contextlib.contextmanager
+def variant_settings(label, values):
+    """Set the variant's module constants for the duration of the block (the op reads them at each call)."""
+    scan = variant_module(label)
     unknown = [name for name in values if not name.isupper() or not hasattr(scan, name)]
     if unknown:
-        raise SystemExit(f"--variants: {unknown} are not module constants of triton_scan")
+        raise SystemExit(f"--variants: {unknown} are not module constants of {scan.__name__}")
     saved = {name: getattr(scan, name) for name in values}
     for name, value in values.items():
         setattr(scan, name, type(saved[name])(value))
@@ -183,18 +196,17 @@ def hbm_bytes(T, d, N, gc, gb, elt):
 
 
 def correctness_check(device, dtype, d=D_INNER, N=D_STATE, gc=G_C, gb=G_B, label="triton"):
-    """Triton vs reference on the GPU (packed, initial states, all gradients); prints relative errors."""
+    """A variant vs the reference on the GPU (packed, initial states, all gradients); prints relative errors."""
     from m1_kernels.selective_scan.naive import selective_scan_ref
-    from m1_kernels.selective_scan.triton_scan import selective_scan_triton
 
     torch.manual_seed(0)
-    lengths = [1, 200, 0, 311]
+    lengths = [1, 200, 0, 311, 700]
     T = sum(lengths)
     _, ins, _ = make_inputs(T, T, d, N, gc, gb, dtype, device)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     h0 = torch.randn(len(lengths), d, N, device=device)
     results = []
-    for fn in (selective_scan_ref, selective_scan_triton):
+    for fn in (selective_scan_ref, variant_fn(label)):
         leaves = {k: v.detach().clone().requires_grad_() for k, v in {**ins, "initial_state": h0}.items()}
         y, hf = fn(**{k: leaves[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")},
                    dt_softplus=True, cu_seqlens=cu, initial_state=leaves["initial_state"],
@@ -255,7 +267,6 @@ def import_mamba_selective_scan_fn():
 def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
     """All providers at one packed size."""
     from m1_kernels.selective_scan.naive import selective_scan_ref
-    from m1_kernels.selective_scan.triton_scan import selective_scan_triton
 
     d, N, gc, gb = shape
     fused, ins, cu = make_inputs(T, doc_len, d, N, gc, gb, dtype, device, args.mixed_docs)
@@ -277,13 +288,14 @@ def bench_size(T, args, shape, dtype, device, doc_len, mamba_fn, record):
     record("hbm_floor", "fwd+bwd", T, (full_floor / HBM_BYTES_PER_S * 1e3,) * 3, None, f"{full_floor / 1e9:.2f} GB")
 
     for label, values in args.variants:
-        with variant_settings(values):
+        scan = variant_fn(label)
+        with variant_settings(label, values):
             with torch.no_grad():
-                ms, peak = bench(lambda: call(selective_scan_triton))
+                ms, peak = bench(lambda scan=scan: call(scan))
             docs = [f"docs=mixed {cu.numel() - 1}"] if args.mixed_docs else []
             note = ",".join([f"{k}={v}" for k, v in values.items()] + [f"inputs={args.inputs}"] + docs)
             record(label, "fwd", T, ms, peak, note)
-            ms, peak = bench(lambda: call(selective_scan_triton).backward(dy), grad_to_none=grads)
+            ms, peak = bench(lambda scan=scan: call(scan).backward(dy), grad_to_none=grads)
             record(label, "fwd+bwd", T, ms, peak, note)
 
     if T <= args.ref_max_tokens:
@@ -368,7 +380,7 @@ def main(argv=None):
     print(f"Machine: {gpu} | torch {torch.__version__} | triton {triton.__version__} | dtype {args.dtype}")
     ok = True
     for label, values in args.variants:
-        with variant_settings(values):
+        with variant_settings(label, values):
             ok &= correctness_check(device, dtype, d, N, gc, gb, label)
     mamba_fn = import_mamba_selective_scan_fn()
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -34,3 +35,47 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if impl not in ("", "auto"):
         raise ValueError(f"{_IMPL_ENV} must be 'torch', 'triton' or 'auto', got {impl!r}")
     return tensor.is_cuda and triton_available()
+
+
+_SCAN_ENV = "M1_KERNELS_SCAN"
+
+
+@functools.cache
+def _warn_scan_fallback(reason: str) -> None:
+    warnings.warn(f"selective scan: running the Triton kernels, not the CUDA ones: {reason}", stacklevel=3)
+
+
+def use_cuda_scan(x: torch.Tensor, dt, A, B, C, z) -> bool:
+    """Whether a selective scan on these inputs runs the CUDA kernels (``selective_scan/csrc``) rather than Triton.
+
+    ``M1_KERNELS_SCAN=auto`` (default): CUDA tensors take them when they build (nvcc, once) and cover the inputs,
+    else Triton, with one warning per reason. ``=cuda`` makes that an error, ``=triton`` keeps Triton.
+    ``M1_KERNELS_IMPL=torch`` or ``=triton`` also keeps them off.
+
+    Example::
+
+        >>> import torch
+        >>> use_cuda_scan(torch.zeros(1, 2, 8), None, torch.zeros(8, 4), None, None, None)  # a CPU tensor
+        False
+    """
+    choice = os.environ.get(_SCAN_ENV, "auto").lower()
+    if choice not in ("auto", "cuda", "triton"):
+        raise ValueError(f"{_SCAN_ENV} must be 'auto', 'cuda' or 'triton', got {choice!r}")
+    if choice == "triton" or os.environ.get(_IMPL_ENV, "").lower() in ("torch", "triton"):
+        return False
+    if not x.is_cuda:
+        if choice == "cuda":
+            raise ValueError(f"{_SCAN_ENV}=cuda needs CUDA tensors, got {x.device}")
+        return False
+    from m1_kernels.selective_scan import cuda_scan
+
+    try:
+        reason = cuda_scan.unsupported_reason(x, dt, A, B, C, z)
+    except RuntimeError as exc:  # no nvcc, or the build failed
+        reason = str(exc)
+    if reason is None:
+        return True
+    if choice == "cuda":
+        raise ValueError(f"{_SCAN_ENV}=cuda, but {reason}")
+    _warn_scan_fallback(reason)
+    return False

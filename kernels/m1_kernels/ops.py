@@ -1,7 +1,9 @@
-"""Public M1 ops: one function per op, dispatching to Triton (CUDA) or the PyTorch reference."""
+"""Public M1 ops: one function per op, dispatching to the GPU kernels (Triton; CUDA C++ for the scan) or the
+PyTorch reference."""
 
 from m1_kernels.conv1d.naive import causal_conv1d_ref
 from m1_kernels.conv1d.naive import causal_conv1d_update_ref
+from m1_kernels.dispatch import use_cuda_scan
 from m1_kernels.dispatch import use_triton
 from m1_kernels.selective_scan.naive import selective_scan_ref
 from m1_kernels.selective_scan.naive import selective_state_update_ref
@@ -45,6 +47,10 @@ def selective_scan(
         torch.Size([1, 4, 8])
     """
     args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, cu_seqlens, initial_state, return_final_state)
+    if use_cuda_scan(x, dt, A, B, C, z):
+        from m1_kernels.selective_scan.cuda_scan import selective_scan_cuda
+
+        return selective_scan_cuda(*args)
     if use_triton(x):
         from m1_kernels.selective_scan.triton_scan import selective_scan_triton
 

@@ -1,4 +1,4 @@
-"""Selective scan: reference vs a float64 loop and vs mamba-ssm, and the Triton kernel vs the reference.
+"""Selective scan: reference vs a float64 loop and vs mamba-ssm, and the Triton and CUDA kernels vs the reference.
 
 The Triton kernels run on CUDA when there is a GPU, and on CPU under ``TRITON_INTERPRET=1``. That
 variable must be set before ``triton`` itself is imported, not just before our kernel module: the
@@ -234,7 +234,7 @@ def _triton_devices():
 
 # Relative Frobenius error allowed against the fp32 reference on the same inputs. fp32: accumulation order
 # only. bf16: outputs/gradients of x, dt, z are rounded to bf16 (2^-8 relative), B/C grads are fp32 sums.
-REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+REL_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture
@@ -385,8 +385,7 @@ def test_documents_are_handed_out_longest_first(monkeypatch):
     assert scan._longest_first(cu).tolist() == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("device", _triton_devices())
-def test_triton_strided_views_without_optionals(triton_scan, device):
+def _strided_views_case(scan, device):
     """Token-major slices of one fused projection output (as in the model), N=12 (masked state tile), no D/z/bias
     and no softplus (dt used as is), no initial state, padded."""
     b, L, d, N, G_C, G_B = 2, 40, 32, 12, 2, 1
@@ -423,24 +422,32 @@ def test_triton_strided_views_without_optionals(triton_scan, device):
             g = fused_leaf.grad
         return {"y": y, "final": final, "dfused": g, "dA": ins["A"].grad}
 
-    _compare(grads(selective_scan_ref), grads(triton_scan.selective_scan_triton), torch.float32)
+    _compare(grads(selective_scan_ref), grads(scan), torch.float32)
+
+
+@pytest.mark.parametrize("device", _triton_devices())
+def test_triton_strided_views_without_optionals(triton_scan, device):
+    _strided_views_case(triton_scan.selective_scan_triton, device)
+
+
+def _packed_equals_padded_case(f, device, L):
+    """Two equal-length documents packed in one row == the same two as padded rows (with initial states)."""
+    inputs = make_inputs(2, L, 32, 16, 2, 1, device=device)
+    packed = {
+        k: (v.reshape(1, 2 * L, *v.shape[2:]) if v.ndim >= 3 and k not in ("initial_state",) else v)
+        for k, v in inputs.items()
+    }
+    cu = random_cu_seqlens([L, L], device)
+    out_pad = run_and_grad(f, leaves(inputs))
+    out_pack = run_and_grad(f, leaves(packed), cu)
+    assert_close("y", out_pad["y"].reshape(1, 2 * L, -1), out_pack["y"], atol=1e-6, rtol=1e-5)
+    assert_close("final", out_pad["final"], out_pack["final"], atol=1e-6, rtol=1e-5)
+    assert_close("dA", out_pad["dA"], out_pack["dA"], atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", _triton_devices())
 def test_triton_packed_equals_padded(triton_scan, device):
-    """Two equal-length documents packed in one row == the same two as padded rows (with initial states)."""
-    inputs = make_inputs(2, 20, 32, 16, 2, 1, device=device)
-    packed = {
-        k: (v.reshape(1, 40, *v.shape[2:]) if v.ndim >= 3 and k not in ("initial_state",) else v)
-        for k, v in inputs.items()
-    }
-    cu = random_cu_seqlens([20, 20], device)
-    f = triton_scan.selective_scan_triton
-    out_pad = run_and_grad(f, leaves(inputs))
-    out_pack = run_and_grad(f, leaves(packed), cu)
-    assert_close("y", out_pad["y"].reshape(1, 40, -1), out_pack["y"], atol=1e-6, rtol=1e-5)
-    assert_close("final", out_pad["final"], out_pack["final"], atol=1e-6, rtol=1e-5)
-    assert_close("dA", out_pad["dA"], out_pack["dA"], atol=1e-4, rtol=1e-5)
+    _packed_equals_padded_case(triton_scan.selective_scan_triton, device, 20)
 
 
 @pytest.mark.skipif(INTERPRET, reason="already inside the TRITON_INTERPRET=1 child")
@@ -463,3 +470,84 @@ def test_triton_cpu_under_interpreter():
     print(proc.stdout[-4000:], proc.stderr[-2000:])
     assert proc.returncode == 0, f"interpreted Triton tests failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the CUDA kernel (csrc/selective_scan.cu): 256-token chunks, one warp per channel, 8 or 16 channels per block
+
+
+@pytest.fixture
+def cuda_scan():
+    if not HAS_CUDA:
+        pytest.skip("no CUDA GPU on this machine (the CUDA scan's source is compiled and checked on CPU below)")
+    mod = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
+    if mod.find_nvcc() is None:
+        pytest.skip("no nvcc: the CUDA scan is built on first use")
+    return mod
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "dtype, b, L, d, N, G_C, G_B, lengths",
+    [
+        # 16 channels per C group: 16-warp blocks, dC written directly; two chunks per row.
+        pytest.param(torch.float32, 2, 300, 32, 16, 2, 1, None, id="fp32-padded-b2-T300-cpc16"),
+        # Documents of 0, 1, 256 + 1 tokens and several chunks, 3 C groups over 1 B group.
+        pytest.param(torch.float32, 1, 700, 48, 16, 3, 1, [1, 300, 0, 257, 1, 141], id="fp32-packed-T700-docs6"),
+        # 8 channels per C group: 8-warp blocks; 2 B groups.
+        pytest.param(torch.bfloat16, 1, 600, 32, 16, 4, 2, [256, 1, 343], id="bf16-packed-T600-cpc8"),
+        # 32 channels per C group: two blocks per group, dC through fp32 atomics; 12 states.
+        pytest.param(torch.float32, 1, 513, 64, 12, 2, 1, None, id="fp32-padded-T513-cpc32-N12"),
+        pytest.param(torch.float16, 1, 400, 32, 16, 2, 1, [399, 1], id="fp16-packed-T400"),
+        # M1-3B layout: 192 C groups, 64 B groups.
+        pytest.param(torch.bfloat16, 1, 1100, 3072, 16, 192, 64, [513, 70, 517], id="bf16-M1-3B-T1100"),
+    ],
+)
+def test_cuda_matches_reference(cuda_scan, dtype, b, L, d, N, G_C, G_B, lengths):
+    cu = random_cu_seqlens(lengths, "cuda") if lengths else None
+    inputs = make_inputs(b, L, d, N, G_C, G_B, dtype, "cuda", n_states=len(lengths) if lengths else b)
+    ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
+    got = run_and_grad(cuda_scan.selective_scan_cuda, leaves(inputs), cu)
+    _compare(ref, got, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_strided_views_without_optionals(cuda_scan):
+    _strided_views_case(cuda_scan.selective_scan_cuda, "cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_packed_equals_padded(cuda_scan):
+    _packed_equals_padded_case(cuda_scan.selective_scan_cuda, "cuda", 300)
+
+
+@pytest.mark.gpu
+def test_cuda_is_the_default_scan_on_gpu(cuda_scan, monkeypatch):
+    """m1_kernels.selective_scan takes the CUDA kernels when they build; M1_KERNELS_SCAN=triton keeps Triton."""
+    import m1_kernels
+
+    inputs = leaves(make_inputs(1, 40, 32, 16, 2, 1, torch.float32, "cuda"))
+    calls = []
+    real = cuda_scan.CudaScanFunction.apply
+    monkeypatch.setattr(cuda_scan.CudaScanFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    m1_kernels.selective_scan(**{k: inputs[k] for k in ("x", "dt", "A", "B", "C")})
+    assert calls == [1]
+    monkeypatch.setenv("M1_KERNELS_SCAN", "triton")
+    m1_kernels.selective_scan(**{k: inputs[k] for k in ("x", "dt", "A", "B", "C")})
+    assert calls == [1]
+
+
+def test_cuda_unsupported_layouts_say_why(monkeypatch):
+    """Inputs the CUDA kernels do not take are named with the reason (the dispatcher then runs Triton)."""
+    scan = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
+    x = torch.zeros(1, 4, 24)
+    assert "CUDA" in scan.unsupported_reason(x, x, torch.zeros(24, 16), None, torch.zeros(1, 4, 2, 16), None)
+    if HAS_CUDA:
+        xc = x.cuda()
+        reason = scan.unsupported_reason(xc, xc, torch.zeros(24, 16), None, torch.zeros(1, 4, 2, 16).cuda(), None)
+        assert "multiple of 8" in reason  # 12 channels per C group
+        reason = scan.unsupported_reason(xc, xc.half(), torch.zeros(24, 16), None, xc, None)
+        assert "share one of" in reason
+    monkeypatch.setenv("M1_KERNELS_SCAN", "fast")
+    with pytest.raises(ValueError, match="M1_KERNELS_SCAN must be"):
+        importlib.import_module("m1_kernels.dispatch").use_cuda_scan(x, x, None, None, None, None)

@@ -62,6 +62,15 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
         raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {length}, got {cu_seqlens.tolist()}")
 
 
+def documents_longest_first(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Packed document indices by decreasing length (stable, int32), sorted on the device: no host sync.
+
+    The scan kernels hand documents to the GPU in this order, so that a long document does not start last
+    and run on alone (kernels/m1_kernels/selective_scan/README.md, "Longest documents first").
+    """
+    return torch.argsort(cu_seqlens[1:] - cu_seqlens[:-1], descending=True, stable=True).to(torch.int32)
+
+
 def selective_scan_ref(
     x,
     dt,

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from m1_kernels.selective_scan.naive import check_cu_seqlens
+from m1_kernels.selective_scan.naive import documents_longest_first
 from m1_kernels.selective_scan.naive import group_index
 from m1_kernels.selective_scan.naive import selective_scan_ref
 from m1_kernels.triton_math import LN2
@@ -874,7 +875,7 @@ def _longest_first(cu):
         return None
     if not LONGEST_FIRST:
         return torch.arange(cu.numel() - 1, device=cu.device, dtype=torch.int32)
-    return torch.argsort(cu[1:] - cu[:-1], descending=True, stable=True).to(torch.int32)
+    return documents_longest_first(cu)
 
 
 def _launch_fwd(x, dt, A, B, C, D, z, dt_bias, h0, cu, order, out, final, ckpt, n_seqs, n_ckpt_per_row, meta, num_warps,

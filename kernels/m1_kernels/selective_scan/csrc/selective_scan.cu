@@ -1,0 +1,522 @@
+// SPDX-License-Identifier: Apache-2.0
+// Selective scan (Mamba-1 recurrence, Gu & Dao 2023, arXiv 2312.00752) in the M1 layout (arXiv 2504.10449):
+// time-parallel CUDA forward and backward. Written for m1-suite; the maths (recurrence, gradients) is in
+// ../README.md, the layout and the reason for this kernel in ../README_cuda.md, the Python side in ../cuda_scan.py.
+//
+// One block per (sequence, W consecutive channels of one C group); one warp per channel. A warp takes a chunk of
+// TOK = 32 * ITEMS tokens, each lane ITEMS consecutive ones, and runs the linear recurrence
+//     h_t = a_t h_{t-1} + b_t,   a_t = exp(delta_t A[d, n]),   b_t = delta_t x_t B_t[n]
+// for one state n at a time: the lane composes its ITEMS maps (h -> P h + S), a warp scan (5 shuffle steps)
+// composes the lanes', and a second pass over the items gives every h_t. The state loop is outermost, so the
+// registers hold ITEMS values per quantity, not ITEMS * N. Chunks follow each other, carrying the state.
+//
+// The inputs are token-major (b, L, d) with any token stride: a block loads its chunk's (TOK, W) tile of x, dt,
+// z (and dout) and the (TOK, N) tile of its B and C group row by row (coalesced) into shared memory, transposed
+// so that a lane reads its ITEMS tokens with one 16-byte load. B and C keep their G_B / G_C groups: the block
+// reads its own group's rows, nothing is repeated.
+//
+// Backward, chunks last to first: recompute h from the state the forward saved at the chunk's start, then the
+// adjoint dh_t = g_t C_t + a_{t+1} dh_{t+1} (g = dout * silu(z)) with a reverse warp scan, and per token
+//     dx_t += dh_t B_t delta_t,  ddelta_t += dh_t (x_t B_t + h_{t-1} a_t A),  dA += dh_t h_{t-1} a_t delta_t,
+//     dB_t[n] = sum over channels of dh_t delta_t x_t,  dC_t[n] = sum over channels of g_t h_t.
+// The channel sums of dB/dC are taken in shared memory across the block's warps (one barrier per state), then
+// added to global fp32 buffers once per chunk (coalesced atomics: several blocks share a B group).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace m1_scan {
+
+#ifndef M1_SCAN_ITEMS
+#define M1_SCAN_ITEMS 8
+#endif
+#ifndef M1_SCAN_BWD_MIN_BLOCKS  // blocks per SM the backward's register allocation must allow (0: no bound)
+#define M1_SCAN_BWD_MIN_BLOCKS 0
+#endif
+constexpr int ITEMS = M1_SCAN_ITEMS;  // consecutive tokens per lane
+constexpr int TOK = 32 * ITEMS;    // tokens per chunk
+constexpr int TP = TOK + 8;        // shared row length: +8 elements spreads the transposed writes over banks
+constexpr unsigned FULL = 0xffffffffu;
+constexpr float LOG2E = 1.4426950408889634f;
+
+// Mirrored field by field by cuda_scan.ScanParams (ctypes). Strides are in elements; the channel and state
+// strides of the inputs are 1. Outputs and gradients of x, dt, z are contiguous (b, L, d_inner); dB_acc / dC_acc
+// are contiguous fp32 (b, L, G, N); states are contiguous fp32 (seqs or slots, d_inner, N).
+struct ScanParams {
+    const void* x;
+    const void* dt;
+    const void* z;
+    const void* B;
+    const void* C;
+    const float* A;
+    const float* D;
+    const float* dt_bias;
+    const float* h0;
+    const int* cu;
+    const int* order;
+    void* out;
+    float* final_state;
+    float* ckpt;
+    const void* dout;
+    const float* dfinal;
+    void* dx;
+    void* ddt;
+    void* dz;
+    void* dC_direct;
+    float* dB_acc;
+    float* dC_acc;
+    float* dA;
+    float* dD;
+    float* dbias;
+    float* dh0;
+    int64_t x_b, x_l, dt_b, dt_l, z_b, z_l, B_b, B_l, B_g, C_b, C_l, C_g, do_b, do_l;
+    int L, d_inner, N, G_B, G_C, cpc, cpb, n_chunks_row;
+    int has_z, softplus, save_ckpt;
+};
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
+
+// ITEMS consecutive elements of a shared row (16-byte aligned) to / from fp32 registers, 16 bytes at a time.
+template <typename T> __device__ __forceinline__ void load_items(const T* s, float (&v)[ITEMS]) {
+    constexpr int PER = 16 / sizeof(T);
+    static_assert(ITEMS % PER == 0, "a lane's items must fill whole 16-byte loads");
+#pragma unroll
+    for (int k = 0; k < ITEMS / PER; ++k) {
+        const uint4 u = reinterpret_cast<const uint4*>(s)[k];
+        const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int j = 0; j < PER; ++j) v[k * PER + j] = to_f(e[j]);
+    }
+}
+template <typename T> __device__ __forceinline__ void store_items(T* s, const float (&v)[ITEMS]) {
+    constexpr int PER = 16 / sizeof(T);
+#pragma unroll
+    for (int k = 0; k < ITEMS / PER; ++k) {
+        uint4 u;
+        T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+        for (int j = 0; j < PER; ++j) e[j] = from_f<T>(v[k * PER + j]);
+        reinterpret_cast<uint4*>(s)[k] = u;
+    }
+}
+
+// (TOK, cols) tile of a token-major tensor -> shared [cols][TP]; tokens past `valid` read as 0 (delta = 0 and
+// x = 0 there make a = 1, b = 0: the padding leaves the state unchanged).
+template <typename T, int THREADS>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t tok_stride, int cols, int valid) {
+    for (int e = threadIdx.x; e < TOK * cols; e += THREADS) {
+        const int t = e / cols, c = e - t * cols;
+        s[c * TP + t] = t < valid ? g[t * tok_stride + c] : from_f<T>(0.f);
+    }
+}
+// shared [W][TP] -> the first `valid` rows of a contiguous (tokens, d_inner) output.
+template <typename T, int W>
+__device__ __forceinline__ void store_tile(T* g, const T* s, int64_t tok_stride, int valid) {
+    for (int e = threadIdx.x; e < valid * W; e += W * 32) {
+        const int t = e / W, c = e - t * W;
+        g[t * tok_stride + c] = s[c * TP + t];
+    }
+}
+
+__device__ __forceinline__ float softplus_f(float v) { return v <= 20.f ? __logf(1.f + __expf(v)) : v; }
+__device__ __forceinline__ float sigmoid_f(float v) { return __frcp_rn(1.f + __expf(-v)); }
+
+// Inclusive scan of the maps h -> P h + S over the lanes, lane 0 first: lane l ends with lanes 0..l composed.
+__device__ __forceinline__ void compose_up(float& P, float& S, int lane) {
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const float Pu = __shfl_up_sync(FULL, P, off), Su = __shfl_up_sync(FULL, S, off);
+        if (lane >= off) {
+            S = fmaf(P, Su, S);
+            P *= Pu;
+        }
+    }
+}
+// The same from lane 31 down: lane l ends with f_l o f_{l+1} o ... o f_31 (the adjoint runs backwards in time).
+__device__ __forceinline__ void compose_down(float& P, float& S, int lane) {
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const float Pd = __shfl_down_sync(FULL, P, off), Sd = __shfl_down_sync(FULL, S, off);
+        if (lane + off < 32) {
+            S = fmaf(P, Sd, S);
+            P *= Pd;
+        }
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
+    return v;
+}
+
+// The sequence a block works on: batch row, first token, length, first checkpoint slot.
+struct Seq {
+    int64_t batch, start;
+    int len, slot0;
+};
+__device__ __forceinline__ Seq sequence_of(const ScanParams& p, int s) {
+    if (p.cu) {
+        const int a = p.cu[s], b = p.cu[s + 1];
+        // Slots cu[s] / TOK + s + c never overlap between documents (see ../README.md, "varlen").
+        return {0, a, b - a, a / TOK + s};
+    }
+    return {s, 0, p.L, s * p.n_chunks_row};
+}
+
+// Block -> (sequence, channel block): a sequence's channel blocks are consecutive, sequences in `order`
+// (longest first) when given.
+struct Place {
+    int seq, d0, warp, lane;
+};
+template <int W> __device__ __forceinline__ Place place_of(const ScanParams& p) {
+    const int n_dblk = p.d_inner / W;
+    const int k = int(blockIdx.x) / n_dblk;
+    return {p.order ? p.order[k] : k, (int(blockIdx.x) - k * n_dblk) * W, int(threadIdx.x) / 32, int(threadIdx.x) % 32};
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(W * 32) scan_fwd_kernel(const ScanParams p) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int N = p.N;
+    T* s_x = reinterpret_cast<T*>(smem);  // [W][TP]; reused for the output tile
+    T* s_dt = s_x + W * TP;
+    T* s_z = s_dt + W * TP;
+    T* s_B = s_z + W * TP;                                 // [N][TP]
+    T* s_C = s_B + N * TP;                                 // [N][TP]
+    float* s_h = reinterpret_cast<float*>(s_C + N * TP);  // [W][N] state carried between chunks
+    float* s_A = s_h + W * N;                              // [W][N] A * log2(e)
+
+    const Place w = place_of<W>(p);
+    const Seq q = sequence_of(p, w.seq);
+    const int d = w.d0 + w.warp;
+    const int gC = w.d0 / p.cpc, gB = gC / p.cpb;
+    for (int n = w.lane; n < N; n += 32) {
+        s_h[w.warp * N + n] = p.h0 ? p.h0[(int64_t(w.seq) * p.d_inner + d) * N + n] : 0.f;
+        s_A[w.warp * N + n] = p.A[int64_t(d) * N + n] * LOG2E;
+    }
+    const float Dd = p.D ? p.D[d] : 0.f, bias = p.dt_bias ? p.dt_bias[d] : 0.f;
+    const T* x = static_cast<const T*>(p.x) + q.batch * p.x_b + q.start * p.x_l + w.d0;
+    const T* dt = static_cast<const T*>(p.dt) + q.batch * p.dt_b + q.start * p.dt_l + w.d0;
+    const T* z = p.has_z ? static_cast<const T*>(p.z) + q.batch * p.z_b + q.start * p.z_l + w.d0 : nullptr;
+    const T* Bg = static_cast<const T*>(p.B) + q.batch * p.B_b + q.start * p.B_l + gB * p.B_g;
+    const T* Cg = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + gC * p.C_g;
+    T* out = static_cast<T*>(p.out) + (q.batch * p.L + q.start) * p.d_inner + w.d0;
+    const int n_chunks = (q.len + TOK - 1) / TOK;
+
+    for (int c = 0; c < n_chunks; ++c) {
+        const int t0 = c * TOK, valid = min(TOK, q.len - t0);
+        __syncthreads();  // the previous chunk's output tile has been stored
+        load_tile<T, W * 32>(s_x, x + t0 * p.x_l, p.x_l, W, valid);
+        load_tile<T, W * 32>(s_dt, dt + t0 * p.dt_l, p.dt_l, W, valid);
+        if (z) load_tile<T, W * 32>(s_z, z + t0 * p.z_l, p.z_l, W, valid);
+        load_tile<T, W * 32>(s_B, Bg + t0 * p.B_l, p.B_l, N, valid);
+        load_tile<T, W * 32>(s_C, Cg + t0 * p.C_l, p.C_l, N, valid);
+        if (p.save_ckpt)  // the state entering the chunk, from which the backward recomputes it
+            for (int n = w.lane; n < N; n += 32)
+                p.ckpt[(int64_t(q.slot0 + c) * p.d_inner + d) * N + n] = s_h[w.warp * N + n];
+        __syncthreads();
+
+        const int row = w.warp * TP + w.lane * ITEMS;
+        float xv[ITEMS], delta[ITEMS], y[ITEMS];
+        load_items(s_x + row, xv);
+        load_items(s_dt + row, delta);
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const float v = delta[i] + bias;
+            delta[i] = w.lane * ITEMS + i < valid ? (p.softplus ? softplus_f(v) : v) : 0.f;
+            y[i] = Dd * xv[i];
+            xv[i] *= delta[i];  // delta x from here on
+        }
+        for (int n = 0; n < N; ++n) {
+            const float A2 = s_A[w.warp * N + n], hc = s_h[w.warp * N + n];
+            float Bv[ITEMS], Cv[ITEMS], a[ITEMS];
+            load_items(s_B + n * TP + w.lane * ITEMS, Bv);
+            load_items(s_C + n * TP + w.lane * ITEMS, Cv);
+            float P = 1.f, S = 0.f;
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) {
+                a[i] = exp2f(delta[i] * A2);
+                Bv[i] *= xv[i];  // b_t = delta_t x_t B_t
+                S = fmaf(a[i], S, Bv[i]);
+                P *= a[i];
+            }
+            compose_up(P, S, w.lane);
+            const float Pe = __shfl_up_sync(FULL, P, 1), Se = __shfl_up_sync(FULL, S, 1);
+            const float Pl = __shfl_sync(FULL, P, 31), Sl = __shfl_sync(FULL, S, 31);
+            float h = w.lane ? fmaf(Pe, hc, Se) : hc;
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) {
+                h = fmaf(a[i], h, Bv[i]);
+                y[i] = fmaf(Cv[i], h, y[i]);
+            }
+            if (w.lane == 0) s_h[w.warp * N + n] = fmaf(Pl, hc, Sl);  // every lane has read hc (shuffles above)
+        }
+        if (z) {
+            float zv[ITEMS];
+            load_items(s_z + row, zv);
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) y[i] *= zv[i] * sigmoid_f(zv[i]);
+        }
+        store_items(s_x + row, y);  // this warp's own row: no other warp reads it before the barrier
+        __syncthreads();
+        store_tile<T, W>(out + int64_t(t0) * p.d_inner, s_x, p.d_inner, valid);
+    }
+    __syncwarp();
+    for (int n = w.lane; n < N; n += 32)
+        p.final_state[(int64_t(w.seq) * p.d_inner + d) * N + n] = s_h[w.warp * N + n];
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(W * 32, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kernel(const ScanParams p) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int N = p.N;
+    T* s_x = reinterpret_cast<T*>(smem);  // [W][TP] each; x, dt, z reused for dx, ddt, dz
+    T* s_dt = s_x + W * TP;
+    T* s_z = s_dt + W * TP;
+    T* s_do = s_z + W * TP;
+    T* s_B = s_do + W * TP;                                  // [N][TP]
+    T* s_C = s_B + N * TP;                                   // [N][TP]
+    float* s_red = reinterpret_cast<float*>(s_C + N * TP);  // [2 buffers][dB, dC][W][TOK]
+    float* s_dB = s_red + 4 * W * TOK;                       // [TOK][N + 1] channel sums of the chunk
+    float* s_dC = s_dB + TOK * (N + 1);
+    float* s_dh = s_dC + TOK * (N + 1);  // [W][N] adjoint entering from the next chunk (a_next dh_next)
+    float* s_dA = s_dh + W * N;          // [W][N]
+    float* s_hs = s_dA + W * N;          // [W][N] state entering the chunk (checkpoint)
+    float* s_A = s_hs + W * N;           // [W][N]
+
+    const Place w = place_of<W>(p);
+    const Seq q = sequence_of(p, w.seq);
+    const int d = w.d0 + w.warp;
+    const int gC = w.d0 / p.cpc, gB = gC / p.cpb;
+    for (int n = w.lane; n < N; n += 32) {
+        s_dh[w.warp * N + n] = p.dfinal ? p.dfinal[(int64_t(w.seq) * p.d_inner + d) * N + n] : 0.f;
+        s_dA[w.warp * N + n] = 0.f;
+        s_A[w.warp * N + n] = p.A[int64_t(d) * N + n];
+    }
+    const float Dd = p.D ? p.D[d] : 0.f, bias = p.dt_bias ? p.dt_bias[d] : 0.f;
+    const T* x = static_cast<const T*>(p.x) + q.batch * p.x_b + q.start * p.x_l + w.d0;
+    const T* dt = static_cast<const T*>(p.dt) + q.batch * p.dt_b + q.start * p.dt_l + w.d0;
+    const T* z = p.has_z ? static_cast<const T*>(p.z) + q.batch * p.z_b + q.start * p.z_l + w.d0 : nullptr;
+    const T* dout = static_cast<const T*>(p.dout) + q.batch * p.do_b + q.start * p.do_l + w.d0;
+    const T* Bg = static_cast<const T*>(p.B) + q.batch * p.B_b + q.start * p.B_l + gB * p.B_g;
+    const T* Cg = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + gC * p.C_g;
+    const int64_t tok0 = q.batch * p.L + q.start;  // row of the sequence's first token in (b, L, ...) outputs
+    T* dx = static_cast<T*>(p.dx) + tok0 * p.d_inner + w.d0;
+    T* ddt = static_cast<T*>(p.ddt) + tok0 * p.d_inner + w.d0;
+    T* dz = p.has_z ? static_cast<T*>(p.dz) + tok0 * p.d_inner + w.d0 : nullptr;
+    float dD_acc = 0.f, dbias_acc = 0.f;
+    const int n_chunks = (q.len + TOK - 1) / TOK;
+
+    for (int c = n_chunks - 1; c >= 0; --c) {
+        const int t0 = c * TOK, valid = min(TOK, q.len - t0);
+        __syncthreads();  // the previous chunk's gradient tiles and channel sums have been stored
+        load_tile<T, W * 32>(s_x, x + t0 * p.x_l, p.x_l, W, valid);
+        load_tile<T, W * 32>(s_dt, dt + t0 * p.dt_l, p.dt_l, W, valid);
+        if (z) load_tile<T, W * 32>(s_z, z + t0 * p.z_l, p.z_l, W, valid);
+        load_tile<T, W * 32>(s_do, dout + t0 * p.do_l, p.do_l, W, valid);
+        load_tile<T, W * 32>(s_B, Bg + t0 * p.B_l, p.B_l, N, valid);
+        load_tile<T, W * 32>(s_C, Cg + t0 * p.C_l, p.C_l, N, valid);
+        for (int n = w.lane; n < N; n += 32)
+            s_hs[w.warp * N + n] = p.ckpt[(int64_t(q.slot0 + c) * p.d_inner + d) * N + n];
+        __syncthreads();
+
+        const int row = w.warp * TP + w.lane * ITEMS;
+        float xv[ITEMS], delta[ITEMS], g[ITEMS], y[ITEMS], S1[ITEMS], S2[ITEMS];
+        load_items(s_x + row, xv);
+        load_items(s_dt + row, delta);
+        load_items(s_do + row, g);
+        if (z) {
+            float zv[ITEMS];
+            load_items(s_z + row, zv);
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) g[i] *= zv[i] * sigmoid_f(zv[i]);  // g = dout * silu(z)
+        }
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            const float v = delta[i] + bias;
+            delta[i] = w.lane * ITEMS + i < valid ? (p.softplus ? softplus_f(v) : v) : 0.f;
+            y[i] = Dd * xv[i];
+            S1[i] = 0.f;  // sum_n dh B
+            S2[i] = 0.f;  // sum_n dh h_{t-1} a A
+        }
+        float* red = s_red;
+        for (int n = 0; n < N; ++n) {
+            const float An = s_A[w.warp * N + n], A2 = An * LOG2E;
+            float Bv[ITEMS], Cv[ITEMS], a[ITEMS], hp[ITEMS], o[ITEMS];
+            load_items(s_B + n * TP + w.lane * ITEMS, Bv);
+            load_items(s_C + n * TP + w.lane * ITEMS, Cv);
+            // Forward within the chunk, from the saved state.
+            float P = 1.f, S = 0.f;
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) {
+                a[i] = exp2f(delta[i] * A2);
+                o[i] = delta[i] * xv[i] * Bv[i];  // b_t
+                S = fmaf(a[i], S, o[i]);
+                P *= a[i];
+            }
+            compose_up(P, S, w.lane);
+            const float hs = s_hs[w.warp * N + n];
+            const float Pe = __shfl_up_sync(FULL, P, 1), Se = __shfl_up_sync(FULL, S, 1);
+            float h = w.lane ? fmaf(Pe, hs, Se) : hs;
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) {
+                hp[i] = h;
+                h = fmaf(a[i], h, o[i]);
+                y[i] = fmaf(Cv[i], h, y[i]);
+                o[i] = g[i] * h;          // this channel's share of dC_t[n]
+                Cv[i] *= g[i];            // g_t C_t: the adjoint's input
+            }
+            store_items(red + (W + w.warp) * TOK + w.lane * ITEMS, o);
+            // Adjoint, backwards: dh_t = g_t C_t + a_{t+1} dh_{t+1}; past the chunk's last token the carry
+            // R = a dh of the next chunk's first token (or d final_state) enters with factor 1.
+            const float R = s_dh[w.warp * N + n];
+            const float a_next = w.lane < 31 ? __shfl_down_sync(FULL, a[0], 1) : 1.f;
+            float Pr = a_next, Sr = Cv[ITEMS - 1];
+#pragma unroll
+            for (int i = ITEMS - 2; i >= 0; --i) {
+                Sr = fmaf(a[i + 1], Sr, Cv[i]);
+                Pr *= a[i + 1];
+            }
+            compose_down(Pr, Sr, w.lane);
+            const float Pn = __shfl_down_sync(FULL, Pr, 1), Sn = __shfl_down_sync(FULL, Sr, 1);
+            float dh = w.lane < 31 ? fmaf(Pn, R, Sn) : R;  // dh of the first token after this lane's items
+            float dA_lane = 0.f;
+#pragma unroll
+            for (int i = ITEMS - 1; i >= 0; --i) {
+                dh = fmaf(i == ITEMS - 1 ? a_next : a[i + 1], dh, Cv[i]);
+                S1[i] = fmaf(dh, Bv[i], S1[i]);
+                const float wv = dh * hp[i] * a[i];
+                S2[i] = fmaf(wv, An, S2[i]);
+                dA_lane = fmaf(wv, delta[i], dA_lane);
+                o[i] = dh * delta[i] * xv[i];  // this channel's share of dB_t[n]
+            }
+            store_items(red + w.warp * TOK + w.lane * ITEMS, o);
+            const float carry = __shfl_sync(FULL, a[0] * dh, 0);  // a dh of the chunk's first token
+            dA_lane = warp_sum(dA_lane);
+            if (w.lane == 0) {
+                s_dh[w.warp * N + n] = carry;
+                s_dA[w.warp * N + n] += dA_lane;
+            }
+            __syncthreads();
+            // Channel sums of this state's dB / dC over the block's W warps. Two buffers: the next state writes
+            // the other one, and reuses this one only after the next barrier, when every thread is past here.
+            for (int e = threadIdx.x; e < 2 * TOK; e += W * 32) {
+                const int k = e / TOK, t = e - k * TOK;
+                float acc = 0.f;
+#pragma unroll
+                for (int v = 0; v < W; ++v) acc += red[(k * W + v) * TOK + t];
+                (k ? s_dC : s_dB)[t * (N + 1) + n] = acc;
+            }
+            red = red == s_red ? s_red + 2 * W * TOK : s_red;
+        }
+        // Per-token gradients of the chunk.
+        {
+            float v[ITEMS], zv[ITEMS], dov[ITEMS];
+            load_items(s_dt + row, v);
+            load_items(s_do + row, dov);
+            if (z) load_items(s_z + row, zv);
+            float gx[ITEMS], gdt[ITEMS], gz[ITEMS];
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) {
+                const bool in = w.lane * ITEMS + i < valid;
+                const float u = v[i] + bias;
+                const float ddelta = fmaf(xv[i], S1[i], S2[i]);
+                gx[i] = fmaf(delta[i], S1[i], Dd * g[i]);
+                gdt[i] = in ? (p.softplus && u <= 20.f ? ddelta * sigmoid_f(u) : ddelta) : 0.f;
+                dD_acc = fmaf(g[i], xv[i], dD_acc);
+                dbias_acc += gdt[i];
+                if (z) {
+                    const float sg = sigmoid_f(zv[i]);
+                    gz[i] = dov[i] * y[i] * sg * (1.f + zv[i] * (1.f - sg));
+                }
+            }
+            store_items(s_x + row, gx);
+            store_items(s_dt + row, gdt);
+            if (z) store_items(s_z + row, gz);
+        }
+        __syncthreads();
+        store_tile<T, W>(dx + int64_t(t0) * p.d_inner, s_x, p.d_inner, valid);
+        store_tile<T, W>(ddt + int64_t(t0) * p.d_inner, s_dt, p.d_inner, valid);
+        if (z) store_tile<T, W>(dz + int64_t(t0) * p.d_inner, s_z, p.d_inner, valid);
+        for (int e = threadIdx.x; e < valid * N; e += W * 32) {
+            const int t = e / N, n = e - t * N;
+            const int64_t r = tok0 + t0 + t;
+            atomicAdd(p.dB_acc + (r * p.G_B + gB) * N + n, s_dB[t * (N + 1) + n]);
+            if (p.dC_direct)  // the block holds the whole C group: its sum is final
+                static_cast<T*>(p.dC_direct)[(r * p.G_C + gC) * N + n] = from_f<T>(s_dC[t * (N + 1) + n]);
+            else
+                atomicAdd(p.dC_acc + (r * p.G_C + gC) * N + n, s_dC[t * (N + 1) + n]);
+        }
+    }
+    __syncwarp();
+    for (int n = w.lane; n < N; n += 32) {
+        p.dh0[(int64_t(w.seq) * p.d_inner + d) * N + n] = s_dh[w.warp * N + n];  // a_0 dh_0 = d initial_state
+        atomicAdd(p.dA + int64_t(d) * N + n, s_dA[w.warp * N + n]);
+    }
+    dD_acc = warp_sum(dD_acc);
+    dbias_acc = warp_sum(dbias_acc);
+    if (w.lane == 0) {
+        if (p.dD) atomicAdd(p.dD + d, dD_acc);
+        if (p.dbias) atomicAdd(p.dbias + d, dbias_acc);
+    }
+}
+
+// Dynamic shared memory of a block: the tiles above in the inputs' element size, the rest fp32.
+int smem_bytes(int esize, int W, int N, bool backward) {
+    const int tiles = ((backward ? 4 : 3) * W + 2 * N) * TP * esize;
+    return tiles + (backward ? 4 * W * TOK + 2 * TOK * (N + 1) + 4 * W * N : 2 * W * N) * 4;
+}
+
+template <typename T, int W> int launch(const ScanParams& p, int n_blocks, bool backward, cudaStream_t stream) {
+    const int bytes = smem_bytes(int(sizeof(T)), W, p.N, backward);
+    auto kernel = backward ? scan_bwd_kernel<T, W> : scan_fwd_kernel<T, W>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err != cudaSuccess) return int(err);
+    kernel<<<n_blocks, W * 32, bytes, stream>>>(p);
+    return int(cudaGetLastError());
+}
+
+template <int W> int dispatch_dtype(const ScanParams& p, int dtype, int n_blocks, bool backward, cudaStream_t s) {
+    switch (dtype) {
+        case 0: return launch<float, W>(p, n_blocks, backward, s);
+        case 1: return launch<__half, W>(p, n_blocks, backward, s);
+        case 2: return launch<__nv_bfloat16, W>(p, n_blocks, backward, s);
+        default: return int(cudaErrorInvalidValue);
+    }
+}
+
+int run(const ScanParams* p, int dtype, int width, int n_blocks, bool backward, void* stream) {
+    if (n_blocks == 0) return 0;
+    const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    switch (width) {
+        case 8: return dispatch_dtype<8>(*p, dtype, n_blocks, backward, s);
+        case 16: return dispatch_dtype<16>(*p, dtype, n_blocks, backward, s);
+        default: return int(cudaErrorInvalidValue);
+    }
+}
+
+}  // namespace m1_scan
+
+// C entry points for ctypes (cuda_scan.py). dtype: 0 fp32, 1 fp16, 2 bf16; width: channels per block (8 or 16).
+// Return a cudaError_t code (0 = launched).
+extern "C" int m1_scan_fwd(const m1_scan::ScanParams* p, int dtype, int width, int n_blocks, void* stream) {
+    return m1_scan::run(p, dtype, width, n_blocks, false, stream);
+}
+extern "C" int m1_scan_bwd(const m1_scan::ScanParams* p, int dtype, int width, int n_blocks, void* stream) {
+    return m1_scan::run(p, dtype, width, n_blocks, true, stream);
+}
+extern "C" int m1_scan_smem_bytes(int dtype, int width, int N, int backward) {
+    return m1_scan::smem_bytes(dtype == 0 ? 4 : 2, width, N, backward != 0);
+}
+extern "C" int m1_scan_tokens_per_chunk() { return m1_scan::TOK; }
+extern "C" const char* m1_scan_error_string(int code) { return cudaGetErrorString(cudaError_t(code)); }

@@ -1,0 +1,301 @@
+# SPDX-License-Identifier: Apache-2.0
+"""CUDA selective scan: the time-parallel kernels of ``csrc/selective_scan.cu``, built on first use.
+
+The Triton kernels (:mod:`m1_kernels.selective_scan.triton_scan`) walk time token by token, one program per
+(sequence, channel block); with the M1-3B shapes they stay latency-bound and missed mamba-ssm's CUDA scan
+(README_cuda.md). These kernels spread each chunk of 256 tokens over a warp's lanes and scan along time with
+warp shuffles, like mamba-ssm, while keeping M1's token-major layout, its GQA groups and packed documents.
+
+Build: ``nvcc`` (``$CUDA_HOME/bin``, ``PATH`` or torch's ``CUDA_HOME``) compiles the one source file for the
+GPU's architecture into a shared library under ``$M1_KERNELS_CACHE`` (default ``~/.cache/m1_kernels``), keyed by
+a hash of the source, the flags and the nvcc version; the library is written under a temporary name and renamed,
+so concurrent processes (``torchrun`` ranks) never load a half-written file. It is called through ``ctypes`` with
+torch's current stream: no torch C++ headers, so the same build serves any torch version.
+
+Example::
+
+    >>> from m1_kernels.selective_scan.cuda_scan import selective_scan_cuda  # doctest: +SKIP
+    >>> y, h = selective_scan_cuda(  # doctest: +SKIP
+    ...     x, dt, A, B, C, D, z, dt_bias, cu_seqlens=cu, return_final_state=True)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from m1_kernels.selective_scan.naive import check_cu_seqlens
+from m1_kernels.selective_scan.naive import documents_longest_first
+from m1_kernels.selective_scan.naive import group_index
+
+SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cu"
+# Compile-time knobs (benchmarks/bench_selective_scan.py varies them): tokens per lane (a chunk is 32 of them), and
+# the blocks per SM the backward's register allocation must allow (0: let ptxas choose).
+ITEMS = 8
+BWD_MIN_BLOCKS = 0
+# Channels (warps) per block: 0 picks 16 when the channels per C group allow it, else 8.
+WIDTH = 0
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-Xcompiler", "-fPIC", "-shared"]
+
+
+class ScanParams(ctypes.Structure):
+    """Mirror of ``ScanParams`` in csrc/selective_scan.cu (same fields, same order)."""
+
+    _fields_ = (
+        [
+            (name, ctypes.c_void_p)
+            for name in (
+                "x dt z B C A D dt_bias h0 cu order out final_state ckpt dout dfinal dx ddt dz dC_direct dB_acc dC_acc "
+                "dA dD dbias dh0"
+            ).split()
+        ]
+        + [(name, ctypes.c_int64) for name in "x_b x_l dt_b dt_l z_b z_l B_b B_l B_g C_b C_l C_g do_b do_l".split()]
+        + [(name, ctypes.c_int) for name in "L d_inner N G_B G_C cpc cpb n_chunks_row has_z softplus save_ckpt".split()]
+    )
+
+
+def find_nvcc() -> str | None:
+    """Path of nvcc: ``$CUDA_HOME/bin/nvcc``, then ``PATH``, then the toolkit torch found (None if none)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    for home in homes:
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    if shutil.which("nvcc"):
+        return shutil.which("nvcc")
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception:  # torch without its C++ extension tooling
+        return None
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return None
+
+
+def build_library(arch: str, items: int = ITEMS, bwd_min_blocks: int = BWD_MIN_BLOCKS, nvcc: str | None = None) -> Path:
+    """Compile csrc/selective_scan.cu for ``arch`` (e.g. ``"90"``) once; return the cached library's path.
+
+    Raises:
+        RuntimeError: no nvcc, or the compiler failed (its output is in the message).
+    """
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise RuntimeError(
+            "the CUDA selective scan needs nvcc to build once: install the CUDA toolkit (or set CUDA_HOME), "
+            "or run the Triton scan with M1_KERNELS_IMPL=triton"
+        )
+    flags = NVCC_FLAGS + [f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-DM1_SCAN_ITEMS={items}",
+                          f"-DM1_SCAN_BWD_MIN_BLOCKS={bwd_min_blocks}"]  # fmt: skip
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("M1_KERNELS_CACHE", Path.home() / ".cache" / "m1_kernels"))
+    lib = cache / f"selective_scan_sm{arch}_{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+    os.close(fd)
+    proc = subprocess.run([nvcc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"nvcc failed to build {SOURCE.name}:\n{proc.stderr[-4000:]}")
+    os.replace(tmp, lib)  # atomic: another process sees the whole file or none
+    return lib
+
+
+class _Library:
+    def __init__(self, path: Path):
+        self.lib = ctypes.CDLL(str(path))
+        for name in ("m1_scan_fwd", "m1_scan_bwd"):
+            getattr(self.lib, name).argtypes = [ctypes.POINTER(ScanParams), ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                                ctypes.c_void_p]  # fmt: skip
+        self.lib.m1_scan_smem_bytes.argtypes = [ctypes.c_int] * 4
+        self.lib.m1_scan_error_string.restype = ctypes.c_char_p
+        self.tokens_per_chunk = self.lib.m1_scan_tokens_per_chunk()
+
+    def launch(self, backward: bool, params: ScanParams, dtype: torch.dtype, width: int, n_blocks: int, device):
+        fn = self.lib.m1_scan_bwd if backward else self.lib.m1_scan_fwd
+        stream = torch.cuda.current_stream(device).cuda_stream
+        err = fn(ctypes.byref(params), _DTYPES[dtype], width, n_blocks, ctypes.c_void_p(stream))
+        if err:
+            msg = self.lib.m1_scan_error_string(err).decode()
+            raise RuntimeError(f"CUDA selective scan {'backward' if backward else 'forward'} launch failed: {msg}")
+
+
+@functools.cache
+def _library(arch: str, items: int, bwd_min_blocks: int) -> _Library:
+    return _Library(build_library(arch, items, bwd_min_blocks))
+
+
+def library(device: torch.device) -> _Library:
+    """The built library for ``device``'s architecture (built on the first call)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return _library(f"{major}{minor}", ITEMS, BWD_MIN_BLOCKS)
+
+
+def block_width(cpc: int) -> int:
+    """Channels per block (one warp each): a block must stay inside one C group; 0 when none fits."""
+    if WIDTH:
+        return WIDTH if cpc % WIDTH == 0 else 0
+    return 16 if cpc % 16 == 0 else 8 if cpc % 8 == 0 else 0
+
+
+def unsupported_reason(x, dt, A, B, C, z) -> str | None:
+    """Why these inputs cannot take the CUDA scan (None when they can): dtypes, group layout, shared memory."""
+    if not x.is_cuda:
+        return "inputs are not on a CUDA device"
+    if x.dtype not in _DTYPES or any(t is not None and t.dtype != x.dtype for t in (dt, z, B, C)):
+        return f"x, dt, z, B, C must share one of {list(_DTYPES)} (got {[t.dtype for t in (x, dt, B, C)]})"
+    d, N = A.shape
+    width = block_width(d // C.shape[2])
+    if not width:
+        return f"channels per C group ({d // C.shape[2]}) is not a multiple of 8"
+    smem = library(x.device).lib.m1_scan_smem_bytes(_DTYPES[x.dtype], width, N, 1)
+    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    if smem > limit:
+        return f"d_state {N} needs {smem} bytes of shared memory per block, the GPU allows {limit}"
+    return None
+
+
+def _lastdim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _f32(t):
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _ptr(t) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class CudaScanFunction(torch.autograd.Function):
+    """Autograd wrapper of the CUDA forward (saving the state every 256 tokens) and backward."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, return_final_state):
+        x, dt, z, B, C = (_lastdim_contiguous(t) for t in (x, dt, z, B, C))
+        b, L, d = x.shape
+        N = A.shape[1]
+        lib = library(x.device)
+        tok = lib.tokens_per_chunk
+        width = block_width(d // C.shape[2])
+        cu = None if cu_seqlens is None else cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
+        n_seqs = b if cu is None else cu.numel() - 1
+        order = None if cu is None else documents_longest_first(cu)
+        n_chunks_row = 0 if cu is not None else -(-L // tok)
+        n_slots = L // tok + n_seqs + 1 if cu is not None else b * n_chunks_row
+        save = any(ctx.needs_input_grad)
+        A32, D32, bias32, h0 = _f32(A), _f32(D), _f32(dt_bias), _f32(initial_state)
+        out = torch.empty((b, L, d), device=x.device, dtype=x.dtype)
+        final = torch.empty((n_seqs, d, N), device=x.device, dtype=torch.float32)
+        ckpt = torch.empty((max(n_slots, 1) if save else 1, d, N), device=x.device, dtype=torch.float32)
+        p = ScanParams(
+            x=_ptr(x), dt=_ptr(dt), z=_ptr(z), B=_ptr(B), C=_ptr(C), A=_ptr(A32), D=_ptr(D32), dt_bias=_ptr(bias32),
+            h0=_ptr(h0), cu=_ptr(cu), order=_ptr(order), out=_ptr(out), final_state=_ptr(final), ckpt=_ptr(ckpt),
+            x_b=x.stride(0), x_l=x.stride(1), dt_b=dt.stride(0), dt_l=dt.stride(1),
+            z_b=z.stride(0) if z is not None else 0, z_l=z.stride(1) if z is not None else 0,
+            B_b=B.stride(0), B_l=B.stride(1), B_g=B.stride(2), C_b=C.stride(0), C_l=C.stride(1), C_g=C.stride(2),
+            L=L, d_inner=d, N=N, G_B=B.shape[2], G_C=C.shape[2], cpc=d // C.shape[2], cpb=C.shape[2] // B.shape[2],
+            n_chunks_row=n_chunks_row, has_z=z is not None, softplus=bool(dt_softplus), save_ckpt=save,
+        )  # fmt: skip
+        lib.launch(False, p, x.dtype, width, n_seqs * (d // width), x.device)
+        ctx.save_for_backward(x, dt, A32, B, C, D32, z, bias32, cu, order, ckpt)
+        ctx.params, ctx.width, ctx.n_seqs = p, width, n_seqs
+        ctx.dtypes = (A.dtype, None if D is None else D.dtype, None if dt_bias is None else dt_bias.dtype)
+        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
+        ctx.return_final_state = return_final_state
+        return (out, final) if return_final_state else out
+
+    @staticmethod
+    def backward(ctx, dout, *rest):
+        x, dt, A32, B, C, D32, z, bias32, cu, order, ckpt = ctx.saved_tensors
+        dfinal = _f32(rest[0]) if ctx.return_final_state and rest and rest[0] is not None else None
+        dout = _lastdim_contiguous(dout.to(x.dtype))
+        b, L, d = x.shape
+        N, G_B, G_C = A32.shape[1], B.shape[2], C.shape[2]
+        dev, width = x.device, ctx.width
+        dx = torch.empty((b, L, d), device=dev, dtype=x.dtype)
+        ddt = torch.empty_like(dx)
+        dz = torch.empty_like(dx) if z is not None else None
+        dB = torch.zeros((b, L, G_B, N), device=dev, dtype=torch.float32)
+        direct = d // G_C == width  # one block per C group: its channel sum is the whole dC
+        dC = torch.empty((b, L, G_C, N), device=dev, dtype=C.dtype if direct else torch.float32)
+        if not direct:
+            dC.zero_()
+        dA = torch.zeros((d, N), device=dev, dtype=torch.float32)
+        dD = torch.zeros(d, device=dev, dtype=torch.float32) if D32 is not None else None
+        dbias = torch.zeros(d, device=dev, dtype=torch.float32) if bias32 is not None else None
+        dh0 = torch.empty((ctx.n_seqs, d, N), device=dev, dtype=torch.float32)
+        p = ctx.params  # the forward's pointers stay valid: every tensor they name is saved or is an input
+        p.x, p.dt, p.z, p.B, p.C, p.A, p.D, p.dt_bias = (_ptr(t) for t in (x, dt, z, B, C, A32, D32, bias32))
+        p.cu, p.order, p.ckpt = _ptr(cu), _ptr(order), _ptr(ckpt)
+        p.dout, p.dfinal, p.do_b, p.do_l = _ptr(dout), _ptr(dfinal), dout.stride(0), dout.stride(1)
+        p.dx, p.ddt, p.dz, p.dB_acc = _ptr(dx), _ptr(ddt), _ptr(dz), _ptr(dB)
+        p.dC_direct, p.dC_acc = (_ptr(dC), None) if direct else (None, _ptr(dC))
+        p.dA, p.dD, p.dbias, p.dh0 = _ptr(dA), _ptr(dD), _ptr(dbias), _ptr(dh0)
+        library(dev).launch(True, p, x.dtype, width, ctx.n_seqs * (d // width), dev)
+        A_dtype, D_dtype, bias_dtype = ctx.dtypes
+        return (
+            dx,
+            ddt,
+            dA.to(A_dtype),
+            dB.to(B.dtype),
+            dC.to(C.dtype),
+            dD.to(D_dtype) if dD is not None else None,
+            dz,
+            dbias.to(bias_dtype) if dbias is not None else None,
+            dh0.to(ctx.initial_dtype) if ctx.initial_dtype is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def selective_scan_cuda(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus: bool = True,
+    cu_seqlens=None,
+    initial_state=None,
+    return_final_state: bool = False,
+):
+    """CUDA selective scan; arguments, shapes and returns as :func:`m1_kernels.selective_scan`.
+
+    Inputs may be token-major views with any token stride (slices of a fused projection); x, dt, z, B and C
+    share one dtype (fp32, fp16 or bf16) and accumulate in fp32. Differentiable in every tensor input.
+
+    Raises:
+        ValueError: inputs this kernel does not take (:func:`unsupported_reason` says why).
+
+    Example::
+
+        >>> y = selective_scan_cuda(x, dt, A, B, C, D, z, dt_bias, cu_seqlens=cu)  # doctest: +SKIP
+    """
+    b, L, d = x.shape
+    group_index(d, C.shape[2], B.shape[2])  # validates the group layout
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, b, L)
+    reason = unsupported_reason(x, dt, A, B, C, z)
+    if reason:
+        raise ValueError(f"the CUDA selective scan does not take these inputs: {reason}; use the Triton scan")
+    n_seqs = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (n_seqs, d, A.shape[1]):
+        raise ValueError(f"initial_state must be {(n_seqs, d, A.shape[1])}, got {tuple(initial_state.shape)}")
+    return CudaScanFunction.apply(
+        x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, return_final_state
+    )
