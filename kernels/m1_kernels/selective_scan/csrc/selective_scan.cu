@@ -380,7 +380,8 @@ __global__ void __launch_bounds__(W * 32, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
             // Adjoint, backwards: dh_t = g_t C_t + a_{t+1} dh_{t+1}; past the chunk's last token the carry
             // R = a dh of the next chunk's first token (or d final_state) enters with factor 1.
             const float R = s_dh[w.warp * N + n];
-            const float a_next = w.lane < 31 ? __shfl_down_sync(FULL, a[0], 1) : 1.f;
+            const float a_up = __shfl_down_sync(FULL, a[0], 1);  // every lane takes part in a shuffle
+            const float a_next = w.lane < 31 ? a_up : 1.f;
             float Pr = a_next, Sr = Cv[ITEMS - 1];
 #pragma unroll
             for (int i = ITEMS - 2; i >= 0; --i) {
