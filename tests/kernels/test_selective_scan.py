@@ -473,7 +473,7 @@ def test_triton_cpu_under_interpreter():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the CUDA kernel (csrc/selective_scan.cu): 256-token chunks, one warp per channel, 8 or 16 channels per block
+# the CUDA kernel (csrc/selective_scan.cu): 256-token chunks, one warp per channel, 16 channels per block
 
 
 @pytest.fixture
@@ -494,10 +494,10 @@ def cuda_scan():
         pytest.param(torch.float32, 2, 300, 32, 16, 2, 1, None, id="fp32-padded-b2-T300-cpc16"),
         # Documents of 0, 1, 256 + 1 tokens and several chunks, 3 C groups over 1 B group.
         pytest.param(torch.float32, 1, 700, 48, 16, 3, 1, [1, 300, 0, 257, 1, 141], id="fp32-packed-T700-docs6"),
-        # 8 channels per C group: 8-warp blocks; 2 B groups.
-        pytest.param(torch.bfloat16, 1, 600, 32, 16, 4, 2, [256, 1, 343], id="bf16-packed-T600-cpc8"),
-        # 32 channels per C group: two blocks per group, dC through fp32 atomics; 12 states.
-        pytest.param(torch.float32, 1, 513, 64, 12, 2, 1, None, id="fp32-padded-T513-cpc32-N12"),
+        # 2 B groups; a document of exactly one chunk.
+        pytest.param(torch.bfloat16, 1, 600, 64, 16, 4, 2, [256, 1, 343], id="bf16-packed-T600-GB2"),
+        # 32 channels per C group: two blocks per group, dC through fp32 atomics; 32 states.
+        pytest.param(torch.float32, 1, 513, 64, 32, 2, 1, None, id="fp32-padded-T513-cpc32-N32"),
         pytest.param(torch.float16, 1, 400, 32, 16, 2, 1, [399, 1], id="fp16-packed-T400"),
         # M1-3B layout: 192 C groups, 64 B groups.
         pytest.param(torch.bfloat16, 1, 1100, 3072, 16, 192, 64, [513, 70, 517], id="bf16-M1-3B-T1100"),
@@ -540,14 +540,17 @@ def test_cuda_is_the_default_scan_on_gpu(cuda_scan, monkeypatch):
 def test_cuda_unsupported_layouts_say_why(monkeypatch):
     """Inputs the CUDA kernels do not take are named with the reason (the dispatcher then runs Triton)."""
     scan = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
-    x = torch.zeros(1, 4, 24)
-    assert "CUDA" in scan.unsupported_reason(x, x, torch.zeros(24, 16), None, torch.zeros(1, 4, 2, 16), None)
+    x = torch.zeros(1, 4, 32)
+    assert "CUDA" in scan.unsupported_reason(x, x, torch.zeros(32, 16), x, torch.zeros(1, 4, 2, 16), None)
     if HAS_CUDA:
         xc = x.cuda()
-        reason = scan.unsupported_reason(xc, xc, torch.zeros(24, 16), None, torch.zeros(1, 4, 2, 16).cuda(), None)
-        assert "multiple of 8" in reason  # 12 channels per C group
-        reason = scan.unsupported_reason(xc, xc.half(), torch.zeros(24, 16), None, xc, None)
+        reason = scan.unsupported_reason(xc, xc.half(), torch.zeros(32, 16), xc, xc, None)
         assert "share one of" in reason
+        reason = scan.unsupported_reason(xc, xc, torch.zeros(32, 12), xc, xc, None)
+        assert "d_state 12" in reason
+        if scan.find_nvcc() is not None:
+            reason = scan.unsupported_reason(xc, xc, torch.zeros(32, 16), xc, torch.zeros(1, 4, 4, 16).cuda(), None)
+            assert "multiple of 16" in reason  # 8 channels per C group
     monkeypatch.setenv("M1_KERNELS_SCAN", "fast")
     with pytest.raises(ValueError, match="M1_KERNELS_SCAN must be"):
         importlib.import_module("m1_kernels.dispatch").use_cuda_scan(x, x, None, None, None, None)

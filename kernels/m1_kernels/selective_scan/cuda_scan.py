@@ -37,12 +37,14 @@ from m1_kernels.selective_scan.naive import documents_longest_first
 from m1_kernels.selective_scan.naive import group_index
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cu"
-# Compile-time knobs (benchmarks/bench_selective_scan.py varies them): tokens per lane (a chunk is 32 of them), and
-# the blocks per SM the backward's register allocation must allow (0: let ptxas choose).
+# Compile-time knobs (benchmarks/bench_selective_scan.py varies them): tokens per lane (a chunk is 32 of them), the
+# blocks per SM the backward's register allocation must allow (0: let ptxas choose), and whether the backward loads
+# the next chunk's tiles while computing one (the forward always does).
 ITEMS = 8
 BWD_MIN_BLOCKS = 0
-# Channels (warps) per block: 0 picks 16 when the channels per C group allow it, else 8.
-WIDTH = 0
+BWD_PREFETCH = 0
+# State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
+STATE_SIZES = (16, 32)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-Xcompiler", "-fPIC", "-shared"]
 
@@ -80,8 +82,11 @@ def find_nvcc() -> str | None:
     return None
 
 
-def build_library(arch: str, items: int = ITEMS, bwd_min_blocks: int = BWD_MIN_BLOCKS, nvcc: str | None = None) -> Path:
+def build_library(arch: str, defines: dict | None = None, nvcc: str | None = None) -> Path:
     """Compile csrc/selective_scan.cu for ``arch`` (e.g. ``"90"``) once; return the cached library's path.
+
+    ``defines``: the source's compile-time knobs (default: this module's ``ITEMS``, ``BWD_MIN_BLOCKS``,
+    ``BWD_PREFETCH``) as ``{"M1_SCAN_ITEMS": 8, ...}``.
 
     Raises:
         RuntimeError: no nvcc, or the compiler failed (its output is in the message).
@@ -92,8 +97,8 @@ def build_library(arch: str, items: int = ITEMS, bwd_min_blocks: int = BWD_MIN_B
             "the CUDA selective scan needs nvcc to build once: install the CUDA toolkit (or set CUDA_HOME), "
             "or run the Triton scan with M1_KERNELS_IMPL=triton"
         )
-    flags = NVCC_FLAGS + [f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-DM1_SCAN_ITEMS={items}",
-                          f"-DM1_SCAN_BWD_MIN_BLOCKS={bwd_min_blocks}"]  # fmt: skip
+    defines = _defines() if defines is None else defines
+    flags = NVCC_FLAGS + [f"-gencode=arch=compute_{arch},code=sm_{arch}"] + [f"-D{k}={v}" for k, v in defines.items()]
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("M1_KERNELS_CACHE", Path.home() / ".cache" / "m1_kernels"))
@@ -111,62 +116,78 @@ def build_library(arch: str, items: int = ITEMS, bwd_min_blocks: int = BWD_MIN_B
     return lib
 
 
-class _Library:
+def _defines() -> dict:
+    return {"M1_SCAN_ITEMS": ITEMS, "M1_SCAN_BWD_MIN_BLOCKS": BWD_MIN_BLOCKS, "M1_SCAN_BWD_PREFETCH": BWD_PREFETCH}
+
+
+class ScanLibrary:
+    """The built kernels, called through ctypes: launch, and the layout facts the wrapper needs."""
+
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
         for name in ("m1_scan_fwd", "m1_scan_bwd"):
-            getattr(self.lib, name).argtypes = [ctypes.POINTER(ScanParams), ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                                ctypes.c_void_p]  # fmt: skip
-        self.lib.m1_scan_smem_bytes.argtypes = [ctypes.c_int] * 4
+            getattr(self.lib, name).argtypes = [ctypes.POINTER(ScanParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        self.lib.m1_scan_smem_bytes.argtypes = [ctypes.c_int] * 3
         self.lib.m1_scan_error_string.restype = ctypes.c_char_p
+        if self.lib.m1_scan_params_bytes() != ctypes.sizeof(ScanParams):
+            raise RuntimeError(f"{path} and cuda_scan.ScanParams disagree on the parameter block: rebuild (delete it)")
         self.tokens_per_chunk = self.lib.m1_scan_tokens_per_chunk()
+        self.channels_per_block = self.lib.m1_scan_channels_per_block()
 
-    def launch(self, backward: bool, params: ScanParams, dtype: torch.dtype, width: int, n_blocks: int, device):
+    def smem_bytes(self, dtype: torch.dtype, N: int, backward: bool) -> int:
+        """Dynamic shared memory one block of the forward or backward kernel needs."""
+        return self.lib.m1_scan_smem_bytes(_DTYPES[dtype], N, int(backward))
+
+    def launch(self, backward: bool, params: ScanParams, dtype: torch.dtype, n_blocks: int, device):
+        """Run the forward or backward kernel on torch's current stream (asynchronous, like any CUDA op)."""
         fn = self.lib.m1_scan_bwd if backward else self.lib.m1_scan_fwd
         stream = torch.cuda.current_stream(device).cuda_stream
-        err = fn(ctypes.byref(params), _DTYPES[dtype], width, n_blocks, ctypes.c_void_p(stream))
+        err = fn(ctypes.byref(params), _DTYPES[dtype], n_blocks, ctypes.c_void_p(stream))
         if err:
             msg = self.lib.m1_scan_error_string(err).decode()
             raise RuntimeError(f"CUDA selective scan {'backward' if backward else 'forward'} launch failed: {msg}")
 
 
 @functools.cache
-def _library(arch: str, items: int, bwd_min_blocks: int) -> _Library:
-    return _Library(build_library(arch, items, bwd_min_blocks))
+def _library(arch: str, defines: tuple) -> ScanLibrary:
+    return ScanLibrary(build_library(arch, dict(defines)))
 
 
-def library(device: torch.device) -> _Library:
-    """The built library for ``device``'s architecture (built on the first call)."""
+def library(device: torch.device) -> ScanLibrary:
+    """The built library for ``device``'s architecture and the current knobs (built on the first call)."""
     major, minor = torch.cuda.get_device_capability(device)
-    return _library(f"{major}{minor}", ITEMS, BWD_MIN_BLOCKS)
-
-
-def block_width(cpc: int) -> int:
-    """Channels per block (one warp each): a block must stay inside one C group; 0 when none fits."""
-    if WIDTH:
-        return WIDTH if cpc % WIDTH == 0 else 0
-    return 16 if cpc % 16 == 0 else 8 if cpc % 8 == 0 else 0
+    return _library(f"{major}{minor}", tuple(_defines().items()))
 
 
 def unsupported_reason(x, dt, A, B, C, z) -> str | None:
-    """Why these inputs cannot take the CUDA scan (None when they can): dtypes, group layout, shared memory."""
+    """Why these inputs cannot take the CUDA scan (None when they can): device, dtypes, group layout, state size,
+    shared memory. Builds the library on the first call that gets that far."""
     if not x.is_cuda:
         return "inputs are not on a CUDA device"
     if x.dtype not in _DTYPES or any(t is not None and t.dtype != x.dtype for t in (dt, z, B, C)):
-        return f"x, dt, z, B, C must share one of {list(_DTYPES)} (got {[t.dtype for t in (x, dt, B, C)]})"
+        got = [None if t is None else t.dtype for t in (x, dt, z, B, C)]
+        return f"x, dt, z, B, C must share one of {list(_DTYPES)} (got {got})"
     d, N = A.shape
-    width = block_width(d // C.shape[2])
-    if not width:
-        return f"channels per C group ({d // C.shape[2]}) is not a multiple of 8"
-    smem = library(x.device).lib.m1_scan_smem_bytes(_DTYPES[x.dtype], width, N, 1)
+    if N not in STATE_SIZES:
+        return f"d_state {N} is not one the kernels are built for {STATE_SIZES}"
+    lib = library(x.device)
+    if (d // C.shape[2]) % lib.channels_per_block:
+        return f"channels per C group ({d // C.shape[2]}) is not a multiple of {lib.channels_per_block}"
+    smem = lib.smem_bytes(x.dtype, N, backward=True)
     limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
     if smem > limit:
-        return f"d_state {N} needs {smem} bytes of shared memory per block, the GPU allows {limit}"
+        return f"d_state {N} in {x.dtype} needs {smem} bytes of shared memory per block, the GPU allows {limit}"
     return None
 
 
-def _lastdim_contiguous(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+def _aligned(t):
+    """The kernels read token rows in 16-byte vectors: unit stride along the last dimension, 16-byte aligned
+    start, and every other stride a multiple of 16 bytes. Tensors that are not (odd slices) are copied."""
+    if t is None:
+        return None
+    per = 16 // t.element_size()
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % per == 0 for s in t.stride()[:-1])
+    return t if ok else t.contiguous()
 
 
 def _f32(t):
@@ -182,12 +203,11 @@ class CudaScanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens, dt_softplus, return_final_state):
-        x, dt, z, B, C = (_lastdim_contiguous(t) for t in (x, dt, z, B, C))
+        x, dt, z, B, C = (_aligned(t) for t in (x, dt, z, B, C))
         b, L, d = x.shape
         N = A.shape[1]
         lib = library(x.device)
         tok = lib.tokens_per_chunk
-        width = block_width(d // C.shape[2])
         cu = None if cu_seqlens is None else cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
         n_seqs = b if cu is None else cu.numel() - 1
         order = None if cu is None else documents_longest_first(cu)
@@ -207,9 +227,10 @@ class CudaScanFunction(torch.autograd.Function):
             L=L, d_inner=d, N=N, G_B=B.shape[2], G_C=C.shape[2], cpc=d // C.shape[2], cpb=C.shape[2] // B.shape[2],
             n_chunks_row=n_chunks_row, has_z=z is not None, softplus=bool(dt_softplus), save_ckpt=save,
         )  # fmt: skip
-        lib.launch(False, p, x.dtype, width, n_seqs * (d // width), x.device)
+        n_blocks = n_seqs * (d // lib.channels_per_block)
+        lib.launch(False, p, x.dtype, n_blocks, x.device)
         ctx.save_for_backward(x, dt, A32, B, C, D32, z, bias32, cu, order, ckpt)
-        ctx.params, ctx.width, ctx.n_seqs = p, width, n_seqs
+        ctx.params, ctx.n_seqs, ctx.n_blocks = p, n_seqs, n_blocks
         ctx.dtypes = (A.dtype, None if D is None else D.dtype, None if dt_bias is None else dt_bias.dtype)
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         ctx.return_final_state = return_final_state
@@ -219,15 +240,15 @@ class CudaScanFunction(torch.autograd.Function):
     def backward(ctx, dout, *rest):
         x, dt, A32, B, C, D32, z, bias32, cu, order, ckpt = ctx.saved_tensors
         dfinal = _f32(rest[0]) if ctx.return_final_state and rest and rest[0] is not None else None
-        dout = _lastdim_contiguous(dout.to(x.dtype))
+        dout = _aligned(dout.to(x.dtype))
         b, L, d = x.shape
         N, G_B, G_C = A32.shape[1], B.shape[2], C.shape[2]
-        dev, width = x.device, ctx.width
+        dev, lib = x.device, library(x.device)
         dx = torch.empty((b, L, d), device=dev, dtype=x.dtype)
         ddt = torch.empty_like(dx)
         dz = torch.empty_like(dx) if z is not None else None
         dB = torch.zeros((b, L, G_B, N), device=dev, dtype=torch.float32)
-        direct = d // G_C == width  # one block per C group: its channel sum is the whole dC
+        direct = d // G_C == lib.channels_per_block  # one block per C group: its channel sum is the whole dC
         dC = torch.empty((b, L, G_C, N), device=dev, dtype=C.dtype if direct else torch.float32)
         if not direct:
             dC.zero_()
@@ -242,7 +263,7 @@ class CudaScanFunction(torch.autograd.Function):
         p.dx, p.ddt, p.dz, p.dB_acc = _ptr(dx), _ptr(ddt), _ptr(dz), _ptr(dB)
         p.dC_direct, p.dC_acc = (_ptr(dC), None) if direct else (None, _ptr(dC))
         p.dA, p.dD, p.dbias, p.dh0 = _ptr(dA), _ptr(dD), _ptr(dbias), _ptr(dh0)
-        library(dev).launch(True, p, x.dtype, width, ctx.n_seqs * (d // width), dev)
+        lib.launch(True, p, x.dtype, ctx.n_blocks, dev)
         A_dtype, D_dtype, bias_dtype = ctx.dtypes
         return (
             dx,

@@ -36,9 +36,14 @@ namespace m1_scan {
 #ifndef M1_SCAN_BWD_MIN_BLOCKS  // blocks per SM the backward's register allocation must allow (0: no bound)
 #define M1_SCAN_BWD_MIN_BLOCKS 0
 #endif
+#ifndef M1_SCAN_BWD_PREFETCH  // 1: the backward loads chunk c-1's tiles while it computes chunk c (as the forward)
+#define M1_SCAN_BWD_PREFETCH 0
+#endif
 constexpr int ITEMS = M1_SCAN_ITEMS;  // consecutive tokens per lane
 constexpr int TOK = 32 * ITEMS;    // tokens per chunk
 constexpr int TP = TOK + 8;        // shared row length: +8 elements spreads the transposed writes over banks
+constexpr int W = 16;               // channels (warps) per block
+constexpr int THREADS = 32 * W;
 constexpr unsigned FULL = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -109,21 +114,52 @@ template <typename T> __device__ __forceinline__ void store_items(T* s, const fl
     }
 }
 
-// (TOK, cols) tile of a token-major tensor -> shared [cols][TP]; tokens past `valid` read as 0 (delta = 0 and
-// x = 0 there make a = 1, b = 0: the padding leaves the state unchanged).
-template <typename T, int THREADS>
-__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t tok_stride, int cols, int valid) {
-    for (int e = threadIdx.x; e < TOK * cols; e += THREADS) {
-        const int t = e / cols, c = e - t * cols;
-        s[c * TP + t] = t < valid ? g[t * tok_stride + c] : from_f<T>(0.f);
+// A (TOK, COLS) tile of a token-major tensor, moved in 16-byte vectors: `fetch` issues every load of the tile into
+// registers (a thread's share is NV vectors), `commit` writes them to shared memory transposed, [COLS][TP], so that
+// a lane later reads its ITEMS tokens of one column with one 16-byte load. Fetching the next chunk's tiles before
+// computing the current one keeps the loads in flight during the arithmetic. Tokens past `valid` read as 0 (delta = 0
+// and x = 0 there make a = 1, b = 0: the padding leaves the state unchanged). Rows must be 16-byte aligned
+// (cuda_scan.py copies inputs that are not).
+template <typename T, int COLS> struct Tile {
+    static constexpr int PER = 16 / int(sizeof(T));  // elements per vector
+    static constexpr int VPR = COLS / PER;           // vectors per token row
+    static constexpr int NV = (TOK * VPR + THREADS - 1) / THREADS;
+    static_assert(COLS % PER == 0, "a row must be whole 16-byte vectors");
+    uint4 v[NV];
+
+    __device__ __forceinline__ void fetch(const T* g, int64_t tok_stride, int valid) {
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            const int e = int(threadIdx.x) + k * THREADS, t = e / VPR, j = e % VPR;
+            v[k] = e < TOK * VPR && t < valid ? *reinterpret_cast<const uint4*>(g + t * tok_stride + j * PER)
+                                              : make_uint4(0, 0, 0, 0);
+        }
     }
-}
-// shared [W][TP] -> the first `valid` rows of a contiguous (tokens, d_inner) output.
-template <typename T, int W>
-__device__ __forceinline__ void store_tile(T* g, const T* s, int64_t tok_stride, int valid) {
-    for (int e = threadIdx.x; e < valid * W; e += W * 32) {
-        const int t = e / W, c = e - t * W;
-        g[t * tok_stride + c] = s[c * TP + t];
+    __device__ __forceinline__ void commit(T* s) const {
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            const int e = int(threadIdx.x) + k * THREADS, t = e / VPR, j = e % VPR;
+            const T* x = reinterpret_cast<const T*>(&v[k]);
+            if (e < TOK * VPR)
+#pragma unroll
+                for (int i = 0; i < PER; ++i) s[(j * PER + i) * TP + t] = x[i];
+        }
+    }
+};
+
+// Shared [W][TP] -> the first `valid` token rows of a contiguous (tokens, d_inner) output, 16 bytes per store.
+template <typename T> __device__ __forceinline__ void store_tile(T* g, const T* s, int64_t tok_stride, int valid) {
+    using Rows = Tile<T, W>;
+#pragma unroll
+    for (int k = 0; k < Rows::NV; ++k) {
+        const int e = int(threadIdx.x) + k * THREADS, t = e / Rows::VPR, j = e % Rows::VPR;
+        if (e < TOK * Rows::VPR && t < valid) {
+            uint4 u;
+            T* x = reinterpret_cast<T*>(&u);
+#pragma unroll
+            for (int i = 0; i < Rows::PER; ++i) x[i] = s[(j * Rows::PER + i) * TP + t];
+            *reinterpret_cast<uint4*>(g + t * tok_stride + j * Rows::PER) = u;
+        }
     }
 }
 
@@ -178,16 +214,15 @@ __device__ __forceinline__ Seq sequence_of(const ScanParams& p, int s) {
 struct Place {
     int seq, d0, warp, lane;
 };
-template <int W> __device__ __forceinline__ Place place_of(const ScanParams& p) {
+__device__ __forceinline__ Place place_of(const ScanParams& p) {
     const int n_dblk = p.d_inner / W;
     const int k = int(blockIdx.x) / n_dblk;
     return {p.order ? p.order[k] : k, (int(blockIdx.x) - k * n_dblk) * W, int(threadIdx.x) / 32, int(threadIdx.x) % 32};
 }
 
-template <typename T, int W>
-__global__ void __launch_bounds__(W * 32) scan_fwd_kernel(const ScanParams p) {
+template <typename T, int N>
+__global__ void __launch_bounds__(THREADS, 1) scan_fwd_kernel(const ScanParams p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int N = p.N;
     T* s_x = reinterpret_cast<T*>(smem);  // [W][TP]; reused for the output tile
     T* s_dt = s_x + W * TP;
     T* s_z = s_dt + W * TP;
@@ -196,7 +231,7 @@ __global__ void __launch_bounds__(W * 32) scan_fwd_kernel(const ScanParams p) {
     float* s_h = reinterpret_cast<float*>(s_C + N * TP);  // [W][N] state carried between chunks
     float* s_A = s_h + W * N;                              // [W][N] A * log2(e)
 
-    const Place w = place_of<W>(p);
+    const Place w = place_of(p);
     const Seq q = sequence_of(p, w.seq);
     const int d = w.d0 + w.warp;
     const int gC = w.d0 / p.cpc, gB = gC / p.cpb;
@@ -212,15 +247,27 @@ __global__ void __launch_bounds__(W * 32) scan_fwd_kernel(const ScanParams p) {
     const T* Cg = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + gC * p.C_g;
     T* out = static_cast<T*>(p.out) + (q.batch * p.L + q.start) * p.d_inner + w.d0;
     const int n_chunks = (q.len + TOK - 1) / TOK;
+    Tile<T, W> tx, tdt, tz;
+    Tile<T, N> tB, tC;
+    auto fetch = [&](int c) {
+        const int t0 = c * TOK, valid = min(TOK, q.len - t0);
+        tx.fetch(x + t0 * p.x_l, p.x_l, valid);
+        tdt.fetch(dt + t0 * p.dt_l, p.dt_l, valid);
+        if (z) tz.fetch(z + t0 * p.z_l, p.z_l, valid);
+        tB.fetch(Bg + t0 * p.B_l, p.B_l, valid);
+        tC.fetch(Cg + t0 * p.C_l, p.C_l, valid);
+    };
+    if (n_chunks > 0) fetch(0);
 
     for (int c = 0; c < n_chunks; ++c) {
         const int t0 = c * TOK, valid = min(TOK, q.len - t0);
         __syncthreads();  // the previous chunk's output tile has been stored
-        load_tile<T, W * 32>(s_x, x + t0 * p.x_l, p.x_l, W, valid);
-        load_tile<T, W * 32>(s_dt, dt + t0 * p.dt_l, p.dt_l, W, valid);
-        if (z) load_tile<T, W * 32>(s_z, z + t0 * p.z_l, p.z_l, W, valid);
-        load_tile<T, W * 32>(s_B, Bg + t0 * p.B_l, p.B_l, N, valid);
-        load_tile<T, W * 32>(s_C, Cg + t0 * p.C_l, p.C_l, N, valid);
+        tx.commit(s_x);
+        tdt.commit(s_dt);
+        if (z) tz.commit(s_z);
+        tB.commit(s_B);
+        tC.commit(s_C);
+        if (c + 1 < n_chunks) fetch(c + 1);  // in flight while this chunk is computed
         if (p.save_ckpt)  // the state entering the chunk, from which the backward recomputes it
             for (int n = w.lane; n < N; n += 32)
                 p.ckpt[(int64_t(q.slot0 + c) * p.d_inner + d) * N + n] = s_h[w.warp * N + n];
@@ -269,17 +316,16 @@ __global__ void __launch_bounds__(W * 32) scan_fwd_kernel(const ScanParams p) {
         }
         store_items(s_x + row, y);  // this warp's own row: no other warp reads it before the barrier
         __syncthreads();
-        store_tile<T, W>(out + int64_t(t0) * p.d_inner, s_x, p.d_inner, valid);
+        store_tile(out + int64_t(t0) * p.d_inner, s_x, p.d_inner, valid);
     }
     __syncwarp();
     for (int n = w.lane; n < N; n += 32)
         p.final_state[(int64_t(w.seq) * p.d_inner + d) * N + n] = s_h[w.warp * N + n];
 }
 
-template <typename T, int W>
-__global__ void __launch_bounds__(W * 32, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kernel(const ScanParams p) {
+template <typename T, int N>
+__global__ void __launch_bounds__(THREADS, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kernel(const ScanParams p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int N = p.N;
     T* s_x = reinterpret_cast<T*>(smem);  // [W][TP] each; x, dt, z reused for dx, ddt, dz
     T* s_dt = s_x + W * TP;
     T* s_z = s_dt + W * TP;
@@ -294,7 +340,7 @@ __global__ void __launch_bounds__(W * 32, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
     float* s_hs = s_dA + W * N;          // [W][N] state entering the chunk (checkpoint)
     float* s_A = s_hs + W * N;           // [W][N]
 
-    const Place w = place_of<W>(p);
+    const Place w = place_of(p);
     const Seq q = sequence_of(p, w.seq);
     const int d = w.d0 + w.warp;
     const int gC = w.d0 / p.cpc, gB = gC / p.cpb;
@@ -316,16 +362,30 @@ __global__ void __launch_bounds__(W * 32, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
     T* dz = p.has_z ? static_cast<T*>(p.dz) + tok0 * p.d_inner + w.d0 : nullptr;
     float dD_acc = 0.f, dbias_acc = 0.f;
     const int n_chunks = (q.len + TOK - 1) / TOK;
+    Tile<T, W> tx, tdt, tz, tdo;
+    Tile<T, N> tB, tC;
+    auto fetch = [&](int c) {
+        const int t0 = c * TOK, valid = min(TOK, q.len - t0);
+        tx.fetch(x + t0 * p.x_l, p.x_l, valid);
+        tdt.fetch(dt + t0 * p.dt_l, p.dt_l, valid);
+        if (z) tz.fetch(z + t0 * p.z_l, p.z_l, valid);
+        tdo.fetch(dout + t0 * p.do_l, p.do_l, valid);
+        tB.fetch(Bg + t0 * p.B_l, p.B_l, valid);
+        tC.fetch(Cg + t0 * p.C_l, p.C_l, valid);
+    };
+    if (M1_SCAN_BWD_PREFETCH && n_chunks > 0) fetch(n_chunks - 1);
 
     for (int c = n_chunks - 1; c >= 0; --c) {
         const int t0 = c * TOK, valid = min(TOK, q.len - t0);
+        if (!M1_SCAN_BWD_PREFETCH) fetch(c);
         __syncthreads();  // the previous chunk's gradient tiles and channel sums have been stored
-        load_tile<T, W * 32>(s_x, x + t0 * p.x_l, p.x_l, W, valid);
-        load_tile<T, W * 32>(s_dt, dt + t0 * p.dt_l, p.dt_l, W, valid);
-        if (z) load_tile<T, W * 32>(s_z, z + t0 * p.z_l, p.z_l, W, valid);
-        load_tile<T, W * 32>(s_do, dout + t0 * p.do_l, p.do_l, W, valid);
-        load_tile<T, W * 32>(s_B, Bg + t0 * p.B_l, p.B_l, N, valid);
-        load_tile<T, W * 32>(s_C, Cg + t0 * p.C_l, p.C_l, N, valid);
+        tx.commit(s_x);
+        tdt.commit(s_dt);
+        if (z) tz.commit(s_z);
+        tdo.commit(s_do);
+        tB.commit(s_B);
+        tC.commit(s_C);
+        if (M1_SCAN_BWD_PREFETCH && c > 0) fetch(c - 1);
         for (int n = w.lane; n < N; n += 32)
             s_hs[w.warp * N + n] = p.ckpt[(int64_t(q.slot0 + c) * p.d_inner + d) * N + n];
         __syncthreads();
@@ -411,7 +471,7 @@ __global__ void __launch_bounds__(W * 32, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
             __syncthreads();
             // Channel sums of this state's dB / dC over the block's W warps. Two buffers: the next state writes
             // the other one, and reuses this one only after the next barrier, when every thread is past here.
-            for (int e = threadIdx.x; e < 2 * TOK; e += W * 32) {
+            for (int e = threadIdx.x; e < 2 * TOK; e += THREADS) {
                 const int k = e / TOK, t = e - k * TOK;
                 float acc = 0.f;
 #pragma unroll
@@ -446,10 +506,10 @@ __global__ void __launch_bounds__(W * 32, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
             if (z) store_items(s_z + row, gz);
         }
         __syncthreads();
-        store_tile<T, W>(dx + int64_t(t0) * p.d_inner, s_x, p.d_inner, valid);
-        store_tile<T, W>(ddt + int64_t(t0) * p.d_inner, s_dt, p.d_inner, valid);
-        if (z) store_tile<T, W>(dz + int64_t(t0) * p.d_inner, s_z, p.d_inner, valid);
-        for (int e = threadIdx.x; e < valid * N; e += W * 32) {
+        store_tile(dx + int64_t(t0) * p.d_inner, s_x, p.d_inner, valid);
+        store_tile(ddt + int64_t(t0) * p.d_inner, s_dt, p.d_inner, valid);
+        if (z) store_tile(dz + int64_t(t0) * p.d_inner, s_z, p.d_inner, valid);
+        for (int e = threadIdx.x; e < valid * N; e += THREADS) {
             const int t = e / N, n = e - t * N;
             const int64_t r = tok0 + t0 + t;
             atomicAdd(p.dB_acc + (r * p.G_B + gB) * N + n, s_dB[t * (N + 1) + n]);
@@ -473,51 +533,52 @@ __global__ void __launch_bounds__(W * 32, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
 }
 
 // Dynamic shared memory of a block: the tiles above in the inputs' element size, the rest fp32.
-int smem_bytes(int esize, int W, int N, bool backward) {
+int smem_bytes(int esize, int N, bool backward) {
     const int tiles = ((backward ? 4 : 3) * W + 2 * N) * TP * esize;
     return tiles + (backward ? 4 * W * TOK + 2 * TOK * (N + 1) + 4 * W * N : 2 * W * N) * 4;
 }
 
-template <typename T, int W> int launch(const ScanParams& p, int n_blocks, bool backward, cudaStream_t stream) {
-    const int bytes = smem_bytes(int(sizeof(T)), W, p.N, backward);
-    auto kernel = backward ? scan_bwd_kernel<T, W> : scan_fwd_kernel<T, W>;
+template <typename T, int N> int launch(const ScanParams& p, int n_blocks, bool backward, cudaStream_t stream) {
+    const int bytes = smem_bytes(int(sizeof(T)), N, backward);
+    auto kernel = backward ? scan_bwd_kernel<T, N> : scan_fwd_kernel<T, N>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return int(err);
-    kernel<<<n_blocks, W * 32, bytes, stream>>>(p);
+    kernel<<<n_blocks, THREADS, bytes, stream>>>(p);
     return int(cudaGetLastError());
 }
 
-template <int W> int dispatch_dtype(const ScanParams& p, int dtype, int n_blocks, bool backward, cudaStream_t s) {
-    switch (dtype) {
-        case 0: return launch<float, W>(p, n_blocks, backward, s);
-        case 1: return launch<__half, W>(p, n_blocks, backward, s);
-        case 2: return launch<__nv_bfloat16, W>(p, n_blocks, backward, s);
+template <typename T> int dispatch_states(const ScanParams& p, int n_blocks, bool backward, cudaStream_t s) {
+    switch (p.N) {
+        case 16: return launch<T, 16>(p, n_blocks, backward, s);
+        case 32: return launch<T, 32>(p, n_blocks, backward, s);
         default: return int(cudaErrorInvalidValue);
     }
 }
 
-int run(const ScanParams* p, int dtype, int width, int n_blocks, bool backward, void* stream) {
+int run(const ScanParams* p, int dtype, int n_blocks, bool backward, void* stream) {
     if (n_blocks == 0) return 0;
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
-    switch (width) {
-        case 8: return dispatch_dtype<8>(*p, dtype, n_blocks, backward, s);
-        case 16: return dispatch_dtype<16>(*p, dtype, n_blocks, backward, s);
+    switch (dtype) {
+        case 0: return dispatch_states<float>(*p, n_blocks, backward, s);
+        case 1: return dispatch_states<__half>(*p, n_blocks, backward, s);
+        case 2: return dispatch_states<__nv_bfloat16>(*p, n_blocks, backward, s);
         default: return int(cudaErrorInvalidValue);
     }
 }
 
 }  // namespace m1_scan
 
-// C entry points for ctypes (cuda_scan.py). dtype: 0 fp32, 1 fp16, 2 bf16; width: channels per block (8 or 16).
-// Return a cudaError_t code (0 = launched).
-extern "C" int m1_scan_fwd(const m1_scan::ScanParams* p, int dtype, int width, int n_blocks, void* stream) {
-    return m1_scan::run(p, dtype, width, n_blocks, false, stream);
+// C entry points for ctypes (cuda_scan.py). dtype: 0 fp32, 1 fp16, 2 bf16. Return a cudaError_t code (0: launched).
+extern "C" int m1_scan_fwd(const m1_scan::ScanParams* p, int dtype, int n_blocks, void* stream) {
+    return m1_scan::run(p, dtype, n_blocks, false, stream);
 }
-extern "C" int m1_scan_bwd(const m1_scan::ScanParams* p, int dtype, int width, int n_blocks, void* stream) {
-    return m1_scan::run(p, dtype, width, n_blocks, true, stream);
+extern "C" int m1_scan_bwd(const m1_scan::ScanParams* p, int dtype, int n_blocks, void* stream) {
+    return m1_scan::run(p, dtype, n_blocks, true, stream);
 }
-extern "C" int m1_scan_smem_bytes(int dtype, int width, int N, int backward) {
-    return m1_scan::smem_bytes(dtype == 0 ? 4 : 2, width, N, backward != 0);
+extern "C" int m1_scan_smem_bytes(int dtype, int N, int backward) {
+    return m1_scan::smem_bytes(dtype == 0 ? 4 : 2, N, backward != 0);
 }
 extern "C" int m1_scan_tokens_per_chunk() { return m1_scan::TOK; }
+extern "C" int m1_scan_channels_per_block() { return m1_scan::W; }
+extern "C" int m1_scan_params_bytes() { return int(sizeof(m1_scan::ScanParams)); }
 extern "C" const char* m1_scan_error_string(int code) { return cudaGetErrorString(cudaError_t(code)); }
