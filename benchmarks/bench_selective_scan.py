@@ -379,9 +379,16 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name()
     print(f"Machine: {gpu} | torch {torch.__version__} | triton {triton.__version__} | dtype {args.dtype}")
     ok = True
+    runnable = []
     for label, values in args.variants:
         with variant_settings(label, values):
-            ok &= correctness_check(device, dtype, d, N, gc, gb, label)
+            try:
+                ok &= correctness_check(device, dtype, d, N, gc, gb, label)
+            except ValueError as err:  # a variant that does not take these shapes (e.g. too much shared memory)
+                print(f"{label}: skipped ({err})")
+                continue
+        runnable.append((label, values))
+    args.variants = runnable
     mamba_fn = import_mamba_selective_scan_fn()
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []

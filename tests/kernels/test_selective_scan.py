@@ -497,7 +497,7 @@ def cuda_scan():
         # 2 B groups; a document of exactly one chunk.
         pytest.param(torch.bfloat16, 1, 600, 64, 16, 4, 2, [256, 1, 343], id="bf16-packed-T600-GB2"),
         # 32 channels per C group: two blocks per group, dC through fp32 atomics; 32 states.
-        pytest.param(torch.float32, 1, 513, 64, 32, 2, 1, None, id="fp32-padded-T513-cpc32-N32"),
+        pytest.param(torch.bfloat16, 1, 513, 64, 32, 2, 1, None, id="bf16-padded-T513-cpc32-N32"),
         pytest.param(torch.float16, 1, 400, 32, 16, 2, 1, [399, 1], id="fp16-packed-T400"),
         # M1-3B layout: 192 C groups, 64 B groups.
         pytest.param(torch.bfloat16, 1, 1100, 3072, 16, 192, 64, [513, 70, 517], id="bf16-M1-3B-T1100"),
