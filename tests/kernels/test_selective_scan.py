@@ -385,10 +385,10 @@ def test_documents_are_handed_out_longest_first(monkeypatch):
     assert scan._longest_first(cu).tolist() == [0, 1, 2, 3, 4]
 
 
-def _strided_views_case(scan, device):
-    """Token-major slices of one fused projection output (as in the model), N=12 (masked state tile), no D/z/bias
-    and no softplus (dt used as is), no initial state, padded."""
-    b, L, d, N, G_C, G_B = 2, 40, 32, 12, 2, 1
+def _strided_views_case(scan, device, N=12, L=40):
+    """Token-major slices of one fused projection output (as in the model), no D/z/bias and no softplus (dt used
+    as is), no initial state, padded; N=12 leaves part of the Triton state tile masked."""
+    b, d, G_C, G_B = 2, 32, 2, 1
     gen = torch.Generator().manual_seed(3)
     fused = torch.randn(b, L, 2 * d + (G_B + G_C) * N, generator=gen).to(device)
     fused[..., d : 2 * d] = fused[..., d : 2 * d].abs() * 0.2  # dt > 0 without softplus
@@ -513,7 +513,7 @@ def test_cuda_matches_reference(cuda_scan, dtype, b, L, d, N, G_C, G_B, lengths)
 
 @pytest.mark.gpu
 def test_cuda_strided_views_without_optionals(cuda_scan):
-    _strided_views_case(cuda_scan.selective_scan_cuda, "cuda")
+    _strided_views_case(cuda_scan.selective_scan_cuda, "cuda", N=16, L=300)
 
 
 @pytest.mark.gpu
