@@ -43,6 +43,7 @@ SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cu"
 ITEMS = 8
 BWD_MIN_BLOCKS = 0
 BWD_PREFETCH = 0
+FWD_UNROLL = 1
 # State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
 STATE_SIZES = (16, 32)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -117,7 +118,8 @@ def build_library(arch: str, defines: dict | None = None, nvcc: str | None = Non
 
 
 def _defines() -> dict:
-    return {"M1_SCAN_ITEMS": ITEMS, "M1_SCAN_BWD_MIN_BLOCKS": BWD_MIN_BLOCKS, "M1_SCAN_BWD_PREFETCH": BWD_PREFETCH}
+    return {"M1_SCAN_ITEMS": ITEMS, "M1_SCAN_BWD_MIN_BLOCKS": BWD_MIN_BLOCKS, "M1_SCAN_BWD_PREFETCH": BWD_PREFETCH,
+            "M1_SCAN_FWD_UNROLL": FWD_UNROLL}  # fmt: skip
 
 
 class ScanLibrary:

@@ -36,10 +36,14 @@ namespace m1_scan {
 #ifndef M1_SCAN_BWD_MIN_BLOCKS  // blocks per SM the backward's register allocation must allow (0: no bound)
 #define M1_SCAN_BWD_MIN_BLOCKS 0
 #endif
+#ifndef M1_SCAN_FWD_UNROLL  // states the forward works on side by side (independent chains hide latency)
+#define M1_SCAN_FWD_UNROLL 1
+#endif
 #ifndef M1_SCAN_BWD_PREFETCH  // 1: the backward loads chunk c-1's tiles while it computes chunk c (as the forward)
 #define M1_SCAN_BWD_PREFETCH 0
 #endif
 constexpr int ITEMS = M1_SCAN_ITEMS;  // consecutive tokens per lane
+constexpr int FWD_UNROLL = M1_SCAN_FWD_UNROLL;
 constexpr int TOK = 32 * ITEMS;    // tokens per chunk
 constexpr int TP = TOK + 8;        // shared row length: +8 elements spreads the transposed writes over banks
 constexpr int W = 16;               // channels (warps) per block
@@ -284,6 +288,7 @@ __global__ void __launch_bounds__(THREADS, 1) scan_fwd_kernel(const ScanParams p
             y[i] = Dd * xv[i];
             xv[i] *= delta[i];  // delta x from here on
         }
+#pragma unroll FWD_UNROLL
         for (int n = 0; n < N; ++n) {
             const float A2 = s_A[w.warp * N + n], hc = s_h[w.warp * N + n];
             float Bv[ITEMS], Cv[ITEMS], a[ITEMS];
