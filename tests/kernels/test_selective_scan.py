@@ -554,3 +554,22 @@ def test_cuda_unsupported_layouts_say_why(monkeypatch):
     monkeypatch.setenv("M1_KERNELS_SCAN", "fast")
     with pytest.raises(ValueError, match="M1_KERNELS_SCAN must be"):
         importlib.import_module("m1_kernels.dispatch").use_cuda_scan(x, x, None, None, None, None)
+
+
+@pytest.mark.gpu
+def test_cuda_scan_under_torch_compile(cuda_scan):
+    """The model runs under torch.compile (distillation's --compile): the CUDA scan, called through ctypes, must give
+    the eager results there too (dynamo runs it as an opaque call)."""
+    import m1_kernels
+
+    inputs = make_inputs(1, 300, 32, 16, 2, 1, torch.bfloat16, "cuda", n_states=2)
+    cu = random_cu_seqlens([100, 200], "cuda")
+
+    def scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, cu_seqlens, initial_state, return_final_state):
+        y, h = m1_kernels.selective_scan(x, dt, A, B, C, D, z, dt_bias, dt_softplus, cu_seqlens, initial_state, True)
+        return y * 2, h
+
+    eager = run_and_grad(scan, leaves(inputs), cu)
+    compiled = run_and_grad(torch.compile(scan), leaves(inputs), cu)
+    for name, want in eager.items():
+        assert torch.equal(want, compiled[name]), name

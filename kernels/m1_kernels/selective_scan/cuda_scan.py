@@ -43,7 +43,7 @@ SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cu"
 ITEMS = 8
 BWD_MIN_BLOCKS = 0
 BWD_PREFETCH = 0
-FWD_UNROLL = 1
+FWD_UNROLL = 4
 # State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
 STATE_SIZES = (16, 32)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -37,7 +37,7 @@ namespace m1_scan {
 #define M1_SCAN_BWD_MIN_BLOCKS 0
 #endif
 #ifndef M1_SCAN_FWD_UNROLL  // states the forward works on side by side (independent chains hide latency)
-#define M1_SCAN_FWD_UNROLL 1
+#define M1_SCAN_FWD_UNROLL 4
 #endif
 #ifndef M1_SCAN_BWD_PREFETCH  // 1: the backward loads chunk c-1's tiles while it computes chunk c (as the forward)
 #define M1_SCAN_BWD_PREFETCH 0
