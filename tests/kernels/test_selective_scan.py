@@ -559,7 +559,8 @@ def test_cuda_unsupported_layouts_say_why(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_scan_under_torch_compile(cuda_scan):
     """The model runs under torch.compile (distillation's --compile): the CUDA scan, called through ctypes, must give
-    the eager results there too (dynamo runs it as an opaque call)."""
+    the eager results there too (dynamo runs it as an opaque call). Not bit for bit: dB and the parameter gradients
+    are summed over blocks with float atomics, whose order varies from run to run (as in mamba-ssm)."""
     import m1_kernels
 
     inputs = make_inputs(1, 300, 32, 16, 2, 1, torch.bfloat16, "cuda", n_states=2)
@@ -572,4 +573,5 @@ def test_cuda_scan_under_torch_compile(cuda_scan):
     eager = run_and_grad(scan, leaves(inputs), cu)
     compiled = run_and_grad(torch.compile(scan), leaves(inputs), cu)
     for name, want in eager.items():
-        assert torch.equal(want, compiled[name]), name
+        err = rel_err(want, compiled[name])
+        assert err < 1e-3, f"{name}: rel err {err:.1e} between eager and compiled"
