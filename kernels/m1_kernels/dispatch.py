@@ -45,6 +45,7 @@ def _warn_scan_fallback(reason: str) -> None:
     warnings.warn(f"selective scan: running the Triton kernels, not the CUDA ones: {reason}", stacklevel=3)
 
 
+@torch.compiler.disable  # builds and loads a library, reads pointers: not traceable, so eager under torch.compile
 def use_cuda_scan(x: torch.Tensor, dt, A, B, C, z) -> bool:
     """Whether a selective scan on these inputs runs the CUDA kernels (``selective_scan/csrc``) rather than Triton.
 

@@ -283,6 +283,9 @@ class CudaScanFunction(torch.autograd.Function):
         )
 
 
+# Dynamo cannot trace a ctypes launch (nor the raw pointers it passes): under torch.compile the scan is a graph
+# break and runs eagerly, with its autograd.Function as usual.
+@torch.compiler.disable
 def selective_scan_cuda(
     x,
     dt,
