@@ -43,7 +43,10 @@ setup(
     + ["m1_kernels"]
     + [f"m1_kernels.{p}" for p in find_packages("kernels/m1_kernels")],
     package_dir={"m1_kernels": "kernels/m1_kernels"},
-    package_data={"m1_eval": ["data/*/*.jsonl", "data/*/*.jsonl.gz", "data/*.md", "data/LICENSE*"]},
+    package_data={
+        "m1_eval": ["data/*/*.jsonl", "data/*/*.jsonl.gz", "data/*.md", "data/LICENSE*"],
+        "m1_kernels.selective_scan": ["csrc/*.cu"],  # the CUDA scan is compiled on first use
+    },
     install_requires=["transformers>=5.0", "safetensors", "tqdm", "numpy"],
     extras_require=EXTRAS,
     entry_points={

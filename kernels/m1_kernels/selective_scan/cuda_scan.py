@@ -3,7 +3,7 @@
 
 The Triton kernels (:mod:`m1_kernels.selective_scan.triton_scan`) walk time token by token, one program per
 (sequence, channel block); with the M1-3B shapes they stay latency-bound and missed mamba-ssm's CUDA scan
-(README_cuda.md). These kernels spread each chunk of 256 tokens over a warp's lanes and scan along time with
+(README.md, "CUDA kernels"). These kernels spread each chunk of 256 tokens over a warp's lanes and scan along time with
 warp shuffles, like mamba-ssm, while keeping M1's token-major layout, its GQA groups and packed documents.
 
 Build: ``nvcc`` (``$CUDA_HOME/bin``, ``PATH`` or torch's ``CUDA_HOME``) compiles the one source file for the

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Selective scan (Mamba-1 recurrence, Gu & Dao 2023, arXiv 2312.00752) in the M1 layout (arXiv 2504.10449):
 // time-parallel CUDA forward and backward. Written for m1-suite; the maths (recurrence, gradients) is in
-// ../README.md, the layout and the reason for this kernel in ../README_cuda.md, the Python side in ../cuda_scan.py.
+// ../README.md (sections "Gradients" and "CUDA kernels"), the Python side in ../cuda_scan.py.
 //
 // One block per (sequence, W consecutive channels of one C group); one warp per channel. A warp takes a chunk of
 // TOK = 32 * ITEMS tokens, each lane ITEMS consecutive ones, and runs the linear recurrence
