@@ -44,6 +44,7 @@ ITEMS = 8
 BWD_MIN_BLOCKS = 0
 BWD_PREFETCH = 0
 FWD_UNROLL = 4
+FWD_WIDTH = 16  # channels per forward block (8: two blocks per SM)
 # State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
 STATE_SIZES = (16, 32)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -125,7 +126,7 @@ def build_library(arch: str, defines: dict | None = None, nvcc: str | None = Non
 
 def _defines() -> dict:
     return {"M1_SCAN_ITEMS": ITEMS, "M1_SCAN_BWD_MIN_BLOCKS": BWD_MIN_BLOCKS, "M1_SCAN_BWD_PREFETCH": BWD_PREFETCH,
-            "M1_SCAN_FWD_UNROLL": FWD_UNROLL}  # fmt: skip
+            "M1_SCAN_FWD_UNROLL": FWD_UNROLL, "M1_SCAN_FWD_WIDTH": FWD_WIDTH}  # fmt: skip
 
 
 class ScanLibrary:
@@ -146,11 +147,11 @@ class ScanLibrary:
         """Dynamic shared memory one block of the forward or backward kernel needs."""
         return self.lib.m1_scan_smem_bytes(_DTYPES[dtype], N, int(backward))
 
-    def launch(self, backward: bool, params: ScanParams, dtype: torch.dtype, n_blocks: int, device):
+    def launch(self, backward: bool, params: ScanParams, dtype: torch.dtype, n_seqs: int, device):
         """Run the forward or backward kernel on torch's current stream (asynchronous, like any CUDA op)."""
         fn = self.lib.m1_scan_bwd if backward else self.lib.m1_scan_fwd
         stream = torch.cuda.current_stream(device).cuda_stream
-        err = fn(ctypes.byref(params), _DTYPES[dtype], n_blocks, ctypes.c_void_p(stream))
+        err = fn(ctypes.byref(params), _DTYPES[dtype], n_seqs, ctypes.c_void_p(stream))
         if err:
             msg = self.lib.m1_scan_error_string(err).decode()
             raise RuntimeError(f"CUDA selective scan {'backward' if backward else 'forward'} launch failed: {msg}")
@@ -235,10 +236,9 @@ class CudaScanFunction(torch.autograd.Function):
             L=L, d_inner=d, N=N, G_B=B.shape[2], G_C=C.shape[2], cpc=d // C.shape[2], cpb=C.shape[2] // B.shape[2],
             n_chunks_row=n_chunks_row, has_z=z is not None, softplus=bool(dt_softplus), save_ckpt=save,
         )  # fmt: skip
-        n_blocks = n_seqs * (d // lib.channels_per_block)
-        lib.launch(False, p, x.dtype, n_blocks, x.device)
+        lib.launch(False, p, x.dtype, n_seqs, x.device)
         ctx.save_for_backward(x, dt, A32, B, C, D32, z, bias32, cu, order, ckpt)
-        ctx.params, ctx.n_seqs, ctx.n_blocks = p, n_seqs, n_blocks
+        ctx.params, ctx.n_seqs = p, n_seqs
         ctx.dtypes = (A.dtype, None if D is None else D.dtype, None if dt_bias is None else dt_bias.dtype)
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         ctx.return_final_state = return_final_state
@@ -271,7 +271,7 @@ class CudaScanFunction(torch.autograd.Function):
         p.dx, p.ddt, p.dz, p.dB_acc = _ptr(dx), _ptr(ddt), _ptr(dz), _ptr(dB)
         p.dC_direct, p.dC_acc = (_ptr(dC), None) if direct else (None, _ptr(dC))
         p.dA, p.dD, p.dbias, p.dh0 = _ptr(dA), _ptr(dD), _ptr(dbias), _ptr(dh0)
-        lib.launch(True, p, x.dtype, ctx.n_blocks, dev)
+        lib.launch(True, p, x.dtype, ctx.n_seqs, dev)
         A_dtype, D_dtype, bias_dtype = ctx.dtypes
         return (
             dx,

@@ -39,6 +39,9 @@ namespace m1_scan {
 #ifndef M1_SCAN_FWD_UNROLL  // states the forward works on side by side (independent chains hide latency)
 #define M1_SCAN_FWD_UNROLL 4
 #endif
+#ifndef M1_SCAN_FWD_WIDTH  // channels (warps) per forward block; the backward's is W below
+#define M1_SCAN_FWD_WIDTH 16
+#endif
 #ifndef M1_SCAN_BWD_PREFETCH  // 1: the backward loads chunk c-1's tiles while it computes chunk c (as the forward)
 #define M1_SCAN_BWD_PREFETCH 0
 #endif
@@ -46,8 +49,8 @@ constexpr int ITEMS = M1_SCAN_ITEMS;  // consecutive tokens per lane
 constexpr int FWD_UNROLL = M1_SCAN_FWD_UNROLL;
 constexpr int TOK = 32 * ITEMS;    // tokens per chunk
 constexpr int TP = TOK + 8;        // shared row length: +8 elements spreads the transposed writes over banks
-constexpr int W = 16;               // channels (warps) per block
-constexpr int THREADS = 32 * W;
+constexpr int W = 16;  // channels (warps) per backward block: one C group of M1-3B, whose dC sum is then final
+constexpr int WF = M1_SCAN_FWD_WIDTH;
 constexpr unsigned FULL = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;
 
@@ -124,17 +127,17 @@ template <typename T> __device__ __forceinline__ void store_items(T* s, const fl
 // computing the current one keeps the loads in flight during the arithmetic. Tokens past `valid` read as 0 (delta = 0
 // and x = 0 there make a = 1, b = 0: the padding leaves the state unchanged). Rows must be 16-byte aligned
 // (cuda_scan.py copies inputs that are not).
-template <typename T, int COLS> struct Tile {
+template <typename T, int COLS, int NT> struct Tile {
     static constexpr int PER = 16 / int(sizeof(T));  // elements per vector
     static constexpr int VPR = COLS / PER;           // vectors per token row
-    static constexpr int NV = (TOK * VPR + THREADS - 1) / THREADS;
+    static constexpr int NV = (TOK * VPR + NT - 1) / NT;
     static_assert(COLS % PER == 0, "a row must be whole 16-byte vectors");
     uint4 v[NV];
 
     __device__ __forceinline__ void fetch(const T* g, int64_t tok_stride, int valid) {
 #pragma unroll
         for (int k = 0; k < NV; ++k) {
-            const int e = int(threadIdx.x) + k * THREADS, t = e / VPR, j = e % VPR;
+            const int e = int(threadIdx.x) + k * NT, t = e / VPR, j = e % VPR;
             v[k] = e < TOK * VPR && t < valid ? *reinterpret_cast<const uint4*>(g + t * tok_stride + j * PER)
                                               : make_uint4(0, 0, 0, 0);
         }
@@ -142,7 +145,7 @@ template <typename T, int COLS> struct Tile {
     __device__ __forceinline__ void commit(T* s) const {
 #pragma unroll
         for (int k = 0; k < NV; ++k) {
-            const int e = int(threadIdx.x) + k * THREADS, t = e / VPR, j = e % VPR;
+            const int e = int(threadIdx.x) + k * NT, t = e / VPR, j = e % VPR;
             const T* x = reinterpret_cast<const T*>(&v[k]);
             if (e < TOK * VPR)
 #pragma unroll
@@ -151,12 +154,13 @@ template <typename T, int COLS> struct Tile {
     }
 };
 
-// Shared [W][TP] -> the first `valid` token rows of a contiguous (tokens, d_inner) output, 16 bytes per store.
-template <typename T> __device__ __forceinline__ void store_tile(T* g, const T* s, int64_t tok_stride, int valid) {
-    using Rows = Tile<T, W>;
+// Shared [WD][TP] -> the first `valid` token rows of a contiguous (tokens, d_inner) output, 16 bytes per store.
+template <typename T, int WD>
+__device__ __forceinline__ void store_tile(T* g, const T* s, int64_t tok_stride, int valid) {
+    using Rows = Tile<T, WD, 32 * WD>;
 #pragma unroll
     for (int k = 0; k < Rows::NV; ++k) {
-        const int e = int(threadIdx.x) + k * THREADS, t = e / Rows::VPR, j = e % Rows::VPR;
+        const int e = int(threadIdx.x) + k * 32 * WD, t = e / Rows::VPR, j = e % Rows::VPR;
         if (e < TOK * Rows::VPR && t < valid) {
             uint4 u;
             T* x = reinterpret_cast<T*>(&u);
@@ -218,24 +222,24 @@ __device__ __forceinline__ Seq sequence_of(const ScanParams& p, int s) {
 struct Place {
     int seq, d0, warp, lane;
 };
-__device__ __forceinline__ Place place_of(const ScanParams& p) {
-    const int n_dblk = p.d_inner / W;
+template <int WD> __device__ __forceinline__ Place place_of(const ScanParams& p) {
+    const int n_dblk = p.d_inner / WD;
     const int k = int(blockIdx.x) / n_dblk;
-    return {p.order ? p.order[k] : k, (int(blockIdx.x) - k * n_dblk) * W, int(threadIdx.x) / 32, int(threadIdx.x) % 32};
+    return {p.order ? p.order[k] : k, (int(blockIdx.x) - k * n_dblk) * WD, int(threadIdx.x) / 32, int(threadIdx.x) % 32};
 }
 
 template <typename T, int N>
-__global__ void __launch_bounds__(THREADS, 1) scan_fwd_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(32 * WF, 16 / WF) scan_fwd_kernel(const ScanParams p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    T* s_x = reinterpret_cast<T*>(smem);  // [W][TP]; reused for the output tile
-    T* s_dt = s_x + W * TP;
-    T* s_z = s_dt + W * TP;
-    T* s_B = s_z + W * TP;                                 // [N][TP]
+    T* s_x = reinterpret_cast<T*>(smem);  // [WF][TP]; reused for the output tile
+    T* s_dt = s_x + WF * TP;
+    T* s_z = s_dt + WF * TP;
+    T* s_B = s_z + WF * TP;                                 // [N][TP]
     T* s_C = s_B + N * TP;                                 // [N][TP]
-    float* s_h = reinterpret_cast<float*>(s_C + N * TP);  // [W][N] state carried between chunks
-    float* s_A = s_h + W * N;                              // [W][N] A * log2(e)
+    float* s_h = reinterpret_cast<float*>(s_C + N * TP);  // [WF][N] state carried between chunks
+    float* s_A = s_h + WF * N;                              // [WF][N] A * log2(e)
 
-    const Place w = place_of(p);
+    const Place w = place_of<WF>(p);
     const Seq q = sequence_of(p, w.seq);
     const int d = w.d0 + w.warp;
     const int gC = w.d0 / p.cpc, gB = gC / p.cpb;
@@ -251,8 +255,8 @@ __global__ void __launch_bounds__(THREADS, 1) scan_fwd_kernel(const ScanParams p
     const T* Cg = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + gC * p.C_g;
     T* out = static_cast<T*>(p.out) + (q.batch * p.L + q.start) * p.d_inner + w.d0;
     const int n_chunks = (q.len + TOK - 1) / TOK;
-    Tile<T, W> tx, tdt, tz;
-    Tile<T, N> tB, tC;
+    Tile<T, WF, 32 * WF> tx, tdt, tz;
+    Tile<T, N, 32 * WF> tB, tC;
     auto fetch = [&](int c) {
         const int t0 = c * TOK, valid = min(TOK, q.len - t0);
         tx.fetch(x + t0 * p.x_l, p.x_l, valid);
@@ -321,7 +325,7 @@ __global__ void __launch_bounds__(THREADS, 1) scan_fwd_kernel(const ScanParams p
         }
         store_items(s_x + row, y);  // this warp's own row: no other warp reads it before the barrier
         __syncthreads();
-        store_tile(out + int64_t(t0) * p.d_inner, s_x, p.d_inner, valid);
+        store_tile<T, WF>(out + int64_t(t0) * p.d_inner, s_x, p.d_inner, valid);
     }
     __syncwarp();
     for (int n = w.lane; n < N; n += 32)
@@ -329,7 +333,7 @@ __global__ void __launch_bounds__(THREADS, 1) scan_fwd_kernel(const ScanParams p
 }
 
 template <typename T, int N>
-__global__ void __launch_bounds__(THREADS, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kernel(const ScanParams p) {
     extern __shared__ __align__(16) unsigned char smem[];
     T* s_x = reinterpret_cast<T*>(smem);  // [W][TP] each; x, dt, z reused for dx, ddt, dz
     T* s_dt = s_x + W * TP;
@@ -345,7 +349,7 @@ __global__ void __launch_bounds__(THREADS, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kern
     float* s_hs = s_dA + W * N;          // [W][N] state entering the chunk (checkpoint)
     float* s_A = s_hs + W * N;           // [W][N]
 
-    const Place w = place_of(p);
+    const Place w = place_of<W>(p);
     const Seq q = sequence_of(p, w.seq);
     const int d = w.d0 + w.warp;
     const int gC = w.d0 / p.cpc, gB = gC / p.cpb;
@@ -367,8 +371,8 @@ __global__ void __launch_bounds__(THREADS, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kern
     T* dz = p.has_z ? static_cast<T*>(p.dz) + tok0 * p.d_inner + w.d0 : nullptr;
     float dD_acc = 0.f, dbias_acc = 0.f;
     const int n_chunks = (q.len + TOK - 1) / TOK;
-    Tile<T, W> tx, tdt, tz, tdo;
-    Tile<T, N> tB, tC;
+    Tile<T, W, 32 * W> tx, tdt, tz, tdo;
+    Tile<T, N, 32 * W> tB, tC;
     auto fetch = [&](int c) {
         const int t0 = c * TOK, valid = min(TOK, q.len - t0);
         tx.fetch(x + t0 * p.x_l, p.x_l, valid);
@@ -476,7 +480,7 @@ __global__ void __launch_bounds__(THREADS, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kern
             __syncthreads();
             // Channel sums of this state's dB / dC over the block's W warps. Two buffers: the next state writes
             // the other one, and reuses this one only after the next barrier, when every thread is past here.
-            for (int e = threadIdx.x; e < 2 * TOK; e += THREADS) {
+            for (int e = threadIdx.x; e < 2 * TOK; e += 32 * W) {
                 const int k = e / TOK, t = e - k * TOK;
                 float acc = 0.f;
 #pragma unroll
@@ -511,10 +515,10 @@ __global__ void __launch_bounds__(THREADS, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kern
             if (z) store_items(s_z + row, gz);
         }
         __syncthreads();
-        store_tile(dx + int64_t(t0) * p.d_inner, s_x, p.d_inner, valid);
-        store_tile(ddt + int64_t(t0) * p.d_inner, s_dt, p.d_inner, valid);
-        if (z) store_tile(dz + int64_t(t0) * p.d_inner, s_z, p.d_inner, valid);
-        for (int e = threadIdx.x; e < valid * N; e += THREADS) {
+        store_tile<T, W>(dx + int64_t(t0) * p.d_inner, s_x, p.d_inner, valid);
+        store_tile<T, W>(ddt + int64_t(t0) * p.d_inner, s_dt, p.d_inner, valid);
+        if (z) store_tile<T, W>(dz + int64_t(t0) * p.d_inner, s_z, p.d_inner, valid);
+        for (int e = threadIdx.x; e < valid * N; e += 32 * W) {
             const int t = e / N, n = e - t * N;
             const int64_t r = tok0 + t0 + t;
             atomicAdd(p.dB_acc + (r * p.G_B + gB) * N + n, s_dB[t * (N + 1) + n]);
@@ -539,34 +543,35 @@ __global__ void __launch_bounds__(THREADS, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kern
 
 // Dynamic shared memory of a block: the tiles above in the inputs' element size, the rest fp32.
 int smem_bytes(int esize, int N, bool backward) {
-    const int tiles = ((backward ? 4 : 3) * W + 2 * N) * TP * esize;
-    return tiles + (backward ? 4 * W * TOK + 2 * TOK * (N + 1) + 4 * W * N : 2 * W * N) * 4;
+    if (!backward) return (3 * WF + 2 * N) * TP * esize + 2 * WF * N * 4;
+    return (4 * W + 2 * N) * TP * esize + (4 * W * TOK + 2 * TOK * (N + 1) + 4 * W * N) * 4;
 }
 
-template <typename T, int N> int launch(const ScanParams& p, int n_blocks, bool backward, cudaStream_t stream) {
-    const int bytes = smem_bytes(int(sizeof(T)), N, backward);
+// One block per (sequence, channel block): `n_seqs * d_inner / width` blocks of 32 * width threads.
+template <typename T, int N> int launch(const ScanParams& p, int n_seqs, bool backward, cudaStream_t stream) {
+    const int bytes = smem_bytes(int(sizeof(T)), N, backward), width = backward ? W : WF;
     auto kernel = backward ? scan_bwd_kernel<T, N> : scan_fwd_kernel<T, N>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return int(err);
-    kernel<<<n_blocks, THREADS, bytes, stream>>>(p);
+    kernel<<<n_seqs * (p.d_inner / width), 32 * width, bytes, stream>>>(p);
     return int(cudaGetLastError());
 }
 
-template <typename T> int dispatch_states(const ScanParams& p, int n_blocks, bool backward, cudaStream_t s) {
+template <typename T> int dispatch_states(const ScanParams& p, int n_seqs, bool backward, cudaStream_t s) {
     switch (p.N) {
-        case 16: return launch<T, 16>(p, n_blocks, backward, s);
-        case 32: return launch<T, 32>(p, n_blocks, backward, s);
+        case 16: return launch<T, 16>(p, n_seqs, backward, s);
+        case 32: return launch<T, 32>(p, n_seqs, backward, s);
         default: return int(cudaErrorInvalidValue);
     }
 }
 
-int run(const ScanParams* p, int dtype, int n_blocks, bool backward, void* stream) {
-    if (n_blocks == 0) return 0;
+int run(const ScanParams* p, int dtype, int n_seqs, bool backward, void* stream) {
+    if (n_seqs == 0) return 0;
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
     switch (dtype) {
-        case 0: return dispatch_states<float>(*p, n_blocks, backward, s);
-        case 1: return dispatch_states<__half>(*p, n_blocks, backward, s);
-        case 2: return dispatch_states<__nv_bfloat16>(*p, n_blocks, backward, s);
+        case 0: return dispatch_states<float>(*p, n_seqs, backward, s);
+        case 1: return dispatch_states<__half>(*p, n_seqs, backward, s);
+        case 2: return dispatch_states<__nv_bfloat16>(*p, n_seqs, backward, s);
         default: return int(cudaErrorInvalidValue);
     }
 }
@@ -574,16 +579,16 @@ int run(const ScanParams* p, int dtype, int n_blocks, bool backward, void* strea
 }  // namespace m1_scan
 
 // C entry points for ctypes (cuda_scan.py). dtype: 0 fp32, 1 fp16, 2 bf16. Return a cudaError_t code (0: launched).
-extern "C" int m1_scan_fwd(const m1_scan::ScanParams* p, int dtype, int n_blocks, void* stream) {
-    return m1_scan::run(p, dtype, n_blocks, false, stream);
+extern "C" int m1_scan_fwd(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
+    return m1_scan::run(p, dtype, n_seqs, false, stream);
 }
-extern "C" int m1_scan_bwd(const m1_scan::ScanParams* p, int dtype, int n_blocks, void* stream) {
-    return m1_scan::run(p, dtype, n_blocks, true, stream);
+extern "C" int m1_scan_bwd(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
+    return m1_scan::run(p, dtype, n_seqs, true, stream);
 }
 extern "C" int m1_scan_smem_bytes(int dtype, int N, int backward) {
     return m1_scan::smem_bytes(dtype == 0 ? 4 : 2, N, backward != 0);
 }
 extern "C" int m1_scan_tokens_per_chunk() { return m1_scan::TOK; }
-extern "C" int m1_scan_channels_per_block() { return m1_scan::W; }
+extern "C" int m1_scan_channels_per_block() { return m1_scan::W; }  // the larger width: cpc must be its multiple
 extern "C" int m1_scan_params_bytes() { return int(sizeof(m1_scan::ScanParams)); }
 extern "C" const char* m1_scan_error_string(int code) { return cudaGetErrorString(cudaError_t(code)); }
