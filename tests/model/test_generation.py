@@ -1,5 +1,6 @@
 """Incremental decoding: cached steps == full forward, generate with and without cache, batches."""
 
+import pytest
 import torch
 
 from m1_hybrid.convert import convert_model
@@ -28,13 +29,25 @@ def test_cached_decoding_equals_full_forward_at_every_step():
 
 
 def test_chunked_prefill_against_cache():
-    model = tiny_model(seed=5)
-    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    _check_chunked_prefill(tiny_model(seed=5), 12, 4, tol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU variant skipped")
+def test_chunked_prefill_against_cache_on_gpu():
+    """Prefill in two chunks through the GPU scan: the second starts from the first's final SSM states (its
+    initial_state input), across the CUDA scan's 256-token chunks."""
+    _check_chunked_prefill(tiny_model(seed=5).cuda(), 700, 300, tol=1e-4)
+
+
+def _check_chunked_prefill(model, length, split, tol):
+    device = next(model.parameters()).device
+    ids = torch.randint(0, 97, (1, length), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        first = model(ids[:, :4], use_cache=True)
-        rest = model(ids[:, 4:], past_key_values=first.past_key_values, use_cache=True)
-    assert rel_err(full[:, 4:], rest.logits) < 1e-10
+        first = model(ids[:, :split], use_cache=True)
+        rest = model(ids[:, split:], past_key_values=first.past_key_values, use_cache=True)
+    assert rel_err(full[:, split:], rest.logits) < tol
 
 
 def test_greedy_generate_same_with_and_without_cache_batched_left_padding(teacher, tokenizer):

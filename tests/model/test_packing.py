@@ -9,7 +9,7 @@ from tests.testing import rel_err
 
 def _packed_inputs(docs):
     ids = torch.cat(docs).unsqueeze(0)
-    pos = torch.cat([torch.arange(len(d)) for d in docs]).unsqueeze(0)
+    pos = torch.cat([torch.arange(len(d), device=d.device) for d in docs]).unsqueeze(0)
     return ids, pos
 
 
@@ -20,25 +20,44 @@ def _grads(model):
 @pytest.mark.parametrize("lengths", [[5, 1, 9, 3], [1, 1, 13], [17]], ids=["mixed", "ones", "single"])
 @pytest.mark.parametrize("boundary", ["position_ids", "segment_mask"])
 def test_packed_equals_one_by_one(lengths, boundary):
-    model = tiny_model(seed=1)
+    _check_packed_equals_one_by_one(tiny_model(seed=1), lengths, boundary)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU variant skipped")
+@pytest.mark.parametrize("scan", ["cuda", "triton"])
+def test_packed_equals_one_by_one_on_gpu(monkeypatch, scan):
+    """The model on the GPU kernels (tiny config: 16 channels per C group, d_state 16, which the CUDA scan takes;
+    M1_KERNELS_SCAN=cuda makes any fallback an error), documents across several of its 256-token chunks."""
+    if scan == "cuda":
+        from m1_kernels.selective_scan.cuda_scan import find_nvcc
+
+        if find_nvcc() is None:
+            pytest.skip("no nvcc: the CUDA scan is built on first use")
+    monkeypatch.setenv("M1_KERNELS_SCAN", scan)
+    _check_packed_equals_one_by_one(tiny_model(seed=1).cuda(), [300, 1, 270], "position_ids")
+
+
+def _check_packed_equals_one_by_one(model, lengths, boundary):
+    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(sum(lengths))
-    docs = [torch.randint(0, 97, (n,), generator=g) for n in lengths]
+    docs = [torch.randint(0, 97, (n,), generator=g).to(device) for n in lengths]
     ids, pos = _packed_inputs(docs)
     if boundary == "position_ids":
         kwargs = dict(position_ids=pos)
     else:  # Axolotl's V2 collator: segment ids 1, 2, 3 ... in the attention mask, positions restarting
-        seg = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)]).unsqueeze(0)
+        seg = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)]).unsqueeze(0).to(device)
         kwargs = dict(position_ids=pos, attention_mask=seg)
     # Packed: one forward/backward of the sum of all logits (a loss touching every position).
     model.zero_grad()
     packed = model(ids, **kwargs).logits
-    (packed * torch.linspace(-1, 1, packed.shape[-1], dtype=packed.dtype)).sum().backward()
+    (packed * torch.linspace(-1, 1, packed.shape[-1], dtype=packed.dtype, device=device)).sum().backward()
     packed_grads = _grads(model)
     model.zero_grad()
     singles = []
     for d in docs:
         out = model(d.unsqueeze(0)).logits
-        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype, device=device)).sum().backward()
         singles.append(out.detach())
     single_grads = _grads(model)
     assert rel_err(torch.cat(singles, dim=1), packed.detach()) < 1e-4
