@@ -34,10 +34,15 @@ def test_chunked_prefill_against_cache():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU variant skipped")
-def test_chunked_prefill_against_cache_on_gpu():
-    """Prefill in two chunks through the GPU scan: the second starts from the first's final SSM states (its
-    initial_state input), across the CUDA scan's 256-token chunks."""
-    _check_chunked_prefill(tiny_model(seed=5).cuda(), 700, 300, tol=1e-4)
+def test_chunked_prefill_against_cache_on_gpu(monkeypatch):
+    """Prefill in two chunks through the CUDA scan (fp32; M1_KERNELS_SCAN=cuda: no fallback): the second chunk
+    starts from the first's final SSM states (its initial_state input), across the scan's 256-token chunks."""
+    from m1_kernels.selective_scan.cuda_scan import find_nvcc
+
+    if find_nvcc() is None:
+        pytest.skip("no nvcc: the CUDA scan is built on first use")
+    monkeypatch.setenv("M1_KERNELS_SCAN", "cuda")
+    _check_chunked_prefill(tiny_model(seed=5).float().cuda(), 700, 300, tol=1e-4)
 
 
 def _check_chunked_prefill(model, length, split, tol):

@@ -35,7 +35,8 @@ def test_packed_equals_one_by_one_on_gpu(monkeypatch, scan):
         if find_nvcc() is None:
             pytest.skip("no nvcc: the CUDA scan is built on first use")
     monkeypatch.setenv("M1_KERNELS_SCAN", scan)
-    _check_packed_equals_one_by_one(tiny_model(seed=1).cuda(), [300, 1, 270], "position_ids")
+    # fp32: the tiny test models are float64, which the GPU kernels leave to the reference
+    _check_packed_equals_one_by_one(tiny_model(seed=1).float().cuda(), [300, 1, 270], "position_ids")
 
 
 def _check_packed_equals_one_by_one(model, lengths, boundary):
