@@ -6,7 +6,7 @@ The Triton kernels (:mod:`m1_kernels.selective_scan.triton_scan`) walk time toke
 (README.md, "CUDA kernels"). These kernels spread each chunk of 256 tokens over a warp's lanes and scan along time with
 warp shuffles, like mamba-ssm, while keeping M1's token-major layout, its GQA groups and packed documents.
 
-Build: ``nvcc`` (``$CUDA_HOME/bin``, ``PATH`` or torch's ``CUDA_HOME``) compiles the one source file for the
+Build: ``nvcc`` (``$CUDA_HOME/bin``, ``PATH``, torch's ``CUDA_HOME`` or the ``nvidia-cuda-nvcc`` wheel) compiles the one source file for the
 GPU's architecture into a shared library under ``$M1_KERNELS_CACHE`` (default ``~/.cache/m1_kernels``), keyed by
 a hash of the source, the flags and the nvcc version; the library is written under a temporary name and renamed,
 so concurrent processes (``torchrun`` ranks) never load a half-written file. It is called through ``ctypes`` with
@@ -37,13 +37,11 @@ from m1_kernels.selective_scan.naive import documents_longest_first
 from m1_kernels.selective_scan.naive import group_index
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cu"
-# Compile-time knobs (benchmarks/bench_selective_scan.py varies them): tokens per lane (a chunk is 32 of them), the
-# blocks per SM the backward's register allocation must allow (0: let ptxas choose), and whether the backward loads
-# the next chunk's tiles while computing one (the forward always does).
-ITEMS = 8
-BWD_MIN_BLOCKS = 0
-BWD_PREFETCH = 0
-FWD_UNROLL = 4
+# Compile-time knobs (benchmarks/bench_selective_scan.py varies them; README.md, "CUDA kernels", has the sweeps):
+ITEMS = 8  # tokens per lane; a chunk is 32 of them
+BWD_MIN_BLOCKS = 0  # blocks per SM the backward's register allocation must allow (0: ptxas chooses)
+BWD_PREFETCH = 0  # 1: the backward loads the next chunk's tiles while computing one (the forward always does)
+FWD_UNROLL = 4  # states the forward runs side by side
 FWD_WIDTH = 16  # channels per forward block (8: two blocks per SM)
 # State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
 STATE_SIZES = (16, 32)
@@ -93,8 +91,7 @@ def find_nvcc() -> str | None:
 def build_library(arch: str, defines: dict | None = None, nvcc: str | None = None) -> Path:
     """Compile csrc/selective_scan.cu for ``arch`` (e.g. ``"90"``) once; return the cached library's path.
 
-    ``defines``: the source's compile-time knobs (default: this module's ``ITEMS``, ``BWD_MIN_BLOCKS``,
-    ``BWD_PREFETCH``) as ``{"M1_SCAN_ITEMS": 8, ...}``.
+    ``defines``: the source's compile-time knobs as ``{"M1_SCAN_ITEMS": 8, ...}`` (default: this module's).
 
     Raises:
         RuntimeError: no nvcc, or the compiler failed (its output is in the message).
@@ -103,7 +100,7 @@ def build_library(arch: str, defines: dict | None = None, nvcc: str | None = Non
     if nvcc is None:
         raise RuntimeError(
             "the CUDA selective scan needs nvcc to build once: install the CUDA toolkit (or set CUDA_HOME), "
-            "or run the Triton scan with M1_KERNELS_IMPL=triton"
+            "or keep the Triton scan with M1_KERNELS_SCAN=triton"
         )
     defines = _defines() if defines is None else defines
     flags = NVCC_FLAGS + [f"-gencode=arch=compute_{arch},code=sm_{arch}"] + [f"-D{k}={v}" for k, v in defines.items()]
@@ -264,7 +261,7 @@ class CudaScanFunction(torch.autograd.Function):
         dD = torch.zeros(d, device=dev, dtype=torch.float32) if D32 is not None else None
         dbias = torch.zeros(d, device=dev, dtype=torch.float32) if bias32 is not None else None
         dh0 = torch.empty((ctx.n_seqs, d, N), device=dev, dtype=torch.float32)
-        p = ctx.params  # the forward's pointers stay valid: every tensor they name is saved or is an input
+        p = ctx.params  # the forward's sizes and strides; the pointers are set again from the saved tensors
         p.x, p.dt, p.z, p.B, p.C, p.A, p.D, p.dt_bias = (_ptr(t) for t in (x, dt, z, B, C, A32, D32, bias32))
         p.cu, p.order, p.ckpt = _ptr(cu), _ptr(order), _ptr(ckpt)
         p.dout, p.dfinal, p.do_b, p.do_l = _ptr(dout), _ptr(dfinal), dout.stride(0), dout.stride(1)

@@ -3,16 +3,17 @@
 // time-parallel CUDA forward and backward. Written for m1-suite; the maths (recurrence, gradients) is in
 // ../README.md (sections "Gradients" and "CUDA kernels"), the Python side in ../cuda_scan.py.
 //
-// One block per (sequence, W consecutive channels of one C group); one warp per channel. A warp takes a chunk of
+// One block per (sequence, 16 consecutive channels of one C group; 16 / 8 in the forward, FWD_WIDTH); one warp per
+// channel. A warp takes a chunk of
 // TOK = 32 * ITEMS tokens, each lane ITEMS consecutive ones, and runs the linear recurrence
 //     h_t = a_t h_{t-1} + b_t,   a_t = exp(delta_t A[d, n]),   b_t = delta_t x_t B_t[n]
 // for one state n at a time: the lane composes its ITEMS maps (h -> P h + S), a warp scan (5 shuffle steps)
 // composes the lanes', and a second pass over the items gives every h_t. The state loop is outermost, so the
 // registers hold ITEMS values per quantity, not ITEMS * N. Chunks follow each other, carrying the state.
 //
-// The inputs are token-major (b, L, d) with any token stride: a block loads its chunk's (TOK, W) tile of x, dt,
-// z (and dout) and the (TOK, N) tile of its B and C group row by row (coalesced) into shared memory, transposed
-// so that a lane reads its ITEMS tokens with one 16-byte load. B and C keep their G_B / G_C groups: the block
+// The inputs are token-major (b, L, d) with any 16-byte aligned token stride: a block loads its chunk's
+// (TOK, channels) tiles of x, dt, z (and dout) and the (TOK, N) tiles of its B and C group in 16-byte vectors
+// (coalesced) into shared memory, transposed so that a lane reads its ITEMS tokens with one 16-byte load. B and C keep their G_B / G_C groups: the block
 // reads its own group's rows, nothing is repeated.
 //
 // Backward, chunks last to first: recompute h from the state the forward saved at the chunk's start, then the
@@ -51,6 +52,7 @@ constexpr int TOK = 32 * ITEMS;    // tokens per chunk
 constexpr int TP = TOK + 8;        // shared row length: +8 elements spreads the transposed writes over banks
 constexpr int W = 16;  // channels (warps) per backward block: one C group of M1-3B, whose dC sum is then final
 constexpr int WF = M1_SCAN_FWD_WIDTH;
+static_assert(W % WF == 0, "a forward block must stay inside the backward's channel block (one C group)");
 constexpr unsigned FULL = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;
 
