@@ -6,10 +6,10 @@ The Triton kernels (:mod:`m1_kernels.selective_scan.triton_scan`) walk time toke
 (README.md, "CUDA kernels"). These kernels spread each chunk of 256 tokens over a warp's lanes and scan along time with
 warp shuffles, like mamba-ssm, while keeping M1's token-major layout, its GQA groups and packed documents.
 
-Build: ``nvcc`` (``$CUDA_HOME/bin``, ``PATH``, torch's ``CUDA_HOME`` or the ``nvidia-cuda-nvcc`` wheel) compiles the one source file for the
-GPU's architecture into a shared library under ``$M1_KERNELS_CACHE`` (default ``~/.cache/m1_kernels``), keyed by
-a hash of the source, the flags and the nvcc version; the library is written under a temporary name and renamed,
-so concurrent processes (``torchrun`` ranks) never load a half-written file. It is called through ``ctypes`` with
+Build: ``nvcc`` (:func:`find_nvcc`) compiles the one source file for the GPU's architecture into a shared library
+under ``$M1_KERNELS_CACHE`` (default ``~/.cache/m1_kernels``), keyed by a hash of the source, the flags and the nvcc
+version; the library is written under a temporary name and renamed, so concurrent processes (``torchrun`` ranks)
+never load a half-written file. It is called through ``ctypes`` with
 torch's current stream: no torch C++ headers, so the same build serves any torch version.
 
 Example::
