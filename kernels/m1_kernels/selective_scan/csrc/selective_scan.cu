@@ -173,6 +173,48 @@ __device__ __forceinline__ void store_tile(T* g, const T* s, int64_t tok_stride,
     }
 }
 
+// The sequence a block works on: batch row, first token, length, first checkpoint slot.
+struct Seq {
+    int64_t batch, start;
+    int len, slot0;
+};
+
+// A block's inputs for one chunk: x, dt, z (and dout in the backward) of its WD channels, and its B and C group
+// rows. `fetch(c)` issues chunk c's loads into registers, `commit` writes them to the shared tiles.
+template <typename T, int WD, int N, bool DOUT> struct ChunkInputs {
+    const ScanParams& p;
+    const T *x, *dt, *z, *dout, *B, *C;  // at the sequence's first token
+    int len;
+    Tile<T, WD, 32 * WD> tx, tdt, tz, tdo;
+    Tile<T, N, 32 * WD> tB, tC;
+
+    __device__ ChunkInputs(const ScanParams& p_, const Seq& q, int d0, int gB, int gC) : p(p_), len(q.len) {
+        x = static_cast<const T*>(p.x) + q.batch * p.x_b + q.start * p.x_l + d0;
+        dt = static_cast<const T*>(p.dt) + q.batch * p.dt_b + q.start * p.dt_l + d0;
+        z = p.has_z ? static_cast<const T*>(p.z) + q.batch * p.z_b + q.start * p.z_l + d0 : nullptr;
+        dout = DOUT ? static_cast<const T*>(p.dout) + q.batch * p.do_b + q.start * p.do_l + d0 : nullptr;
+        B = static_cast<const T*>(p.B) + q.batch * p.B_b + q.start * p.B_l + gB * p.B_g;
+        C = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + gC * p.C_g;
+    }
+    __device__ __forceinline__ void fetch(int c) {
+        const int t0 = c * TOK, valid = min(TOK, len - t0);
+        tx.fetch(x + t0 * p.x_l, p.x_l, valid);
+        tdt.fetch(dt + t0 * p.dt_l, p.dt_l, valid);
+        if (z) tz.fetch(z + t0 * p.z_l, p.z_l, valid);
+        if constexpr (DOUT) tdo.fetch(dout + t0 * p.do_l, p.do_l, valid);
+        tB.fetch(B + t0 * p.B_l, p.B_l, valid);
+        tC.fetch(C + t0 * p.C_l, p.C_l, valid);
+    }
+    __device__ __forceinline__ void commit(T* s_x, T* s_dt, T* s_z, T* s_do, T* s_B, T* s_C) const {
+        tx.commit(s_x);
+        tdt.commit(s_dt);
+        if (z) tz.commit(s_z);
+        if constexpr (DOUT) tdo.commit(s_do);
+        tB.commit(s_B);
+        tC.commit(s_C);
+    }
+};
+
 __device__ __forceinline__ float softplus_f(float v) { return v <= 20.f ? __logf(1.f + __expf(v)) : v; }
 __device__ __forceinline__ float sigmoid_f(float v) { return __frcp_rn(1.f + __expf(-v)); }
 
@@ -205,11 +247,6 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// The sequence a block works on: batch row, first token, length, first checkpoint slot.
-struct Seq {
-    int64_t batch, start;
-    int len, slot0;
-};
 __device__ __forceinline__ Seq sequence_of(const ScanParams& p, int s) {
     if (p.cu) {
         const int a = p.cu[s], b = p.cu[s + 1];
@@ -250,34 +287,17 @@ __global__ void __launch_bounds__(32 * WF, 16 / WF) scan_fwd_kernel(const ScanPa
         s_A[w.warp * N + n] = p.A[int64_t(d) * N + n] * LOG2E;
     }
     const float Dd = p.D ? p.D[d] : 0.f, bias = p.dt_bias ? p.dt_bias[d] : 0.f;
-    const T* x = static_cast<const T*>(p.x) + q.batch * p.x_b + q.start * p.x_l + w.d0;
-    const T* dt = static_cast<const T*>(p.dt) + q.batch * p.dt_b + q.start * p.dt_l + w.d0;
-    const T* z = p.has_z ? static_cast<const T*>(p.z) + q.batch * p.z_b + q.start * p.z_l + w.d0 : nullptr;
-    const T* Bg = static_cast<const T*>(p.B) + q.batch * p.B_b + q.start * p.B_l + gB * p.B_g;
-    const T* Cg = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + gC * p.C_g;
     T* out = static_cast<T*>(p.out) + (q.batch * p.L + q.start) * p.d_inner + w.d0;
     const int n_chunks = (q.len + TOK - 1) / TOK;
-    Tile<T, WF, 32 * WF> tx, tdt, tz;
-    Tile<T, N, 32 * WF> tB, tC;
-    auto fetch = [&](int c) {
-        const int t0 = c * TOK, valid = min(TOK, q.len - t0);
-        tx.fetch(x + t0 * p.x_l, p.x_l, valid);
-        tdt.fetch(dt + t0 * p.dt_l, p.dt_l, valid);
-        if (z) tz.fetch(z + t0 * p.z_l, p.z_l, valid);
-        tB.fetch(Bg + t0 * p.B_l, p.B_l, valid);
-        tC.fetch(Cg + t0 * p.C_l, p.C_l, valid);
-    };
-    if (n_chunks > 0) fetch(0);
+    ChunkInputs<T, WF, N, false> in(p, q, w.d0, gB, gC);
+    const bool z = p.has_z;
+    if (n_chunks > 0) in.fetch(0);
 
     for (int c = 0; c < n_chunks; ++c) {
         const int t0 = c * TOK, valid = min(TOK, q.len - t0);
         __syncthreads();  // the previous chunk's output tile has been stored
-        tx.commit(s_x);
-        tdt.commit(s_dt);
-        if (z) tz.commit(s_z);
-        tB.commit(s_B);
-        tC.commit(s_C);
-        if (c + 1 < n_chunks) fetch(c + 1);  // in flight while this chunk is computed
+        in.commit(s_x, s_dt, s_z, nullptr, s_B, s_C);
+        if (c + 1 < n_chunks) in.fetch(c + 1);  // in flight while this chunk is computed
         if (p.save_ckpt)  // the state entering the chunk, from which the backward recomputes it
             for (int n = w.lane; n < N; n += 32)
                 p.ckpt[(int64_t(q.slot0 + c) * p.d_inner + d) * N + n] = s_h[w.warp * N + n];
@@ -361,42 +381,22 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
         s_A[w.warp * N + n] = p.A[int64_t(d) * N + n];
     }
     const float Dd = p.D ? p.D[d] : 0.f, bias = p.dt_bias ? p.dt_bias[d] : 0.f;
-    const T* x = static_cast<const T*>(p.x) + q.batch * p.x_b + q.start * p.x_l + w.d0;
-    const T* dt = static_cast<const T*>(p.dt) + q.batch * p.dt_b + q.start * p.dt_l + w.d0;
-    const T* z = p.has_z ? static_cast<const T*>(p.z) + q.batch * p.z_b + q.start * p.z_l + w.d0 : nullptr;
-    const T* dout = static_cast<const T*>(p.dout) + q.batch * p.do_b + q.start * p.do_l + w.d0;
-    const T* Bg = static_cast<const T*>(p.B) + q.batch * p.B_b + q.start * p.B_l + gB * p.B_g;
-    const T* Cg = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + gC * p.C_g;
     const int64_t tok0 = q.batch * p.L + q.start;  // row of the sequence's first token in (b, L, ...) outputs
     T* dx = static_cast<T*>(p.dx) + tok0 * p.d_inner + w.d0;
     T* ddt = static_cast<T*>(p.ddt) + tok0 * p.d_inner + w.d0;
     T* dz = p.has_z ? static_cast<T*>(p.dz) + tok0 * p.d_inner + w.d0 : nullptr;
     float dD_acc = 0.f, dbias_acc = 0.f;
     const int n_chunks = (q.len + TOK - 1) / TOK;
-    Tile<T, W, 32 * W> tx, tdt, tz, tdo;
-    Tile<T, N, 32 * W> tB, tC;
-    auto fetch = [&](int c) {
-        const int t0 = c * TOK, valid = min(TOK, q.len - t0);
-        tx.fetch(x + t0 * p.x_l, p.x_l, valid);
-        tdt.fetch(dt + t0 * p.dt_l, p.dt_l, valid);
-        if (z) tz.fetch(z + t0 * p.z_l, p.z_l, valid);
-        tdo.fetch(dout + t0 * p.do_l, p.do_l, valid);
-        tB.fetch(Bg + t0 * p.B_l, p.B_l, valid);
-        tC.fetch(Cg + t0 * p.C_l, p.C_l, valid);
-    };
-    if (M1_SCAN_BWD_PREFETCH && n_chunks > 0) fetch(n_chunks - 1);
+    ChunkInputs<T, W, N, true> in(p, q, w.d0, gB, gC);
+    const bool z = p.has_z;
+    if (M1_SCAN_BWD_PREFETCH && n_chunks > 0) in.fetch(n_chunks - 1);
 
     for (int c = n_chunks - 1; c >= 0; --c) {
         const int t0 = c * TOK, valid = min(TOK, q.len - t0);
-        if (!M1_SCAN_BWD_PREFETCH) fetch(c);
+        if (!M1_SCAN_BWD_PREFETCH) in.fetch(c);
         __syncthreads();  // the previous chunk's gradient tiles and channel sums have been stored
-        tx.commit(s_x);
-        tdt.commit(s_dt);
-        if (z) tz.commit(s_z);
-        tdo.commit(s_do);
-        tB.commit(s_B);
-        tC.commit(s_C);
-        if (M1_SCAN_BWD_PREFETCH && c > 0) fetch(c - 1);
+        in.commit(s_x, s_dt, s_z, s_do, s_B, s_C);
+        if (M1_SCAN_BWD_PREFETCH && c > 0) in.fetch(c - 1);
         for (int n = w.lane; n < N; n += 32)
             s_hs[w.warp * N + n] = p.ckpt[(int64_t(q.slot0 + c) * p.d_inner + d) * N + n];
         __syncthreads();
