@@ -241,6 +241,27 @@ __device__ __forceinline__ void compose_down(float& P, float& S, int lane) {
     }
 }
 
+// State n's recurrence over a lane's items: a_t = exp2(delta_t A2) and b_t = dx_t B_t (dx = delta x; `b` holds B_t
+// on entry), the lane's maps composed into h -> P h + S, and the warp scan of those. Returns the state entering the
+// lane's first item, given h_chunk entering the chunk; `h_end` gets the state after the chunk's last token.
+__device__ __forceinline__ float lane_entry_state(const float (&delta)[ITEMS], const float (&dx)[ITEMS], float A2,
+                                                  float h_chunk, int lane, float (&a)[ITEMS], float (&b)[ITEMS],
+                                                  float& h_end) {
+    float P = 1.f, S = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        a[i] = exp2f(delta[i] * A2);
+        b[i] *= dx[i];
+        S = fmaf(a[i], S, b[i]);
+        P *= a[i];
+    }
+    compose_up(P, S, lane);
+    const float Pe = __shfl_up_sync(FULL, P, 1), Se = __shfl_up_sync(FULL, S, 1);
+    const float Pl = __shfl_sync(FULL, P, 31), Sl = __shfl_sync(FULL, S, 31);
+    h_end = fmaf(Pl, h_chunk, Sl);
+    return lane ? fmaf(Pe, h_chunk, Se) : h_chunk;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
@@ -257,14 +278,15 @@ __device__ __forceinline__ Seq sequence_of(const ScanParams& p, int s) {
 }
 
 // Block -> (sequence, channel block): a sequence's channel blocks are consecutive, sequences in `order`
-// (longest first) when given.
+// (longest first) when given. The thread's warp works on channel d, which reads C group gC and B group gB.
 struct Place {
-    int seq, d0, warp, lane;
+    int seq, d0, warp, lane, d, gC, gB;
 };
 template <int WD> __device__ __forceinline__ Place place_of(const ScanParams& p) {
     const int n_dblk = p.d_inner / WD;
     const int k = int(blockIdx.x) / n_dblk;
-    return {p.order ? p.order[k] : k, (int(blockIdx.x) - k * n_dblk) * WD, int(threadIdx.x) / 32, int(threadIdx.x) % 32};
+    const int d0 = (int(blockIdx.x) - k * n_dblk) * WD, warp = int(threadIdx.x) / 32;
+    return {p.order ? p.order[k] : k, d0, warp, int(threadIdx.x) % 32, d0 + warp, d0 / p.cpc, d0 / p.cpc / p.cpb};
 }
 
 template <typename T, int N>
@@ -280,8 +302,7 @@ __global__ void __launch_bounds__(32 * WF, 16 / WF) scan_fwd_kernel(const ScanPa
 
     const Place w = place_of<WF>(p);
     const Seq q = sequence_of(p, w.seq);
-    const int d = w.d0 + w.warp;
-    const int gC = w.d0 / p.cpc, gB = gC / p.cpb;
+    const int d = w.d;
     for (int n = w.lane; n < N; n += 32) {
         s_h[w.warp * N + n] = p.h0 ? p.h0[(int64_t(w.seq) * p.d_inner + d) * N + n] : 0.f;
         s_A[w.warp * N + n] = p.A[int64_t(d) * N + n] * LOG2E;
@@ -289,7 +310,7 @@ __global__ void __launch_bounds__(32 * WF, 16 / WF) scan_fwd_kernel(const ScanPa
     const float Dd = p.D ? p.D[d] : 0.f, bias = p.dt_bias ? p.dt_bias[d] : 0.f;
     T* out = static_cast<T*>(p.out) + (q.batch * p.L + q.start) * p.d_inner + w.d0;
     const int n_chunks = (q.len + TOK - 1) / TOK;
-    ChunkInputs<T, WF, N, false> in(p, q, w.d0, gB, gC);
+    ChunkInputs<T, WF, N, false> in(p, q, w.d0, w.gB, w.gC);
     const bool z = p.has_z;
     if (n_chunks > 0) in.fetch(0);
 
@@ -317,27 +338,16 @@ __global__ void __launch_bounds__(32 * WF, 16 / WF) scan_fwd_kernel(const ScanPa
 #pragma unroll FWD_UNROLL
         for (int n = 0; n < N; ++n) {
             const float A2 = s_A[w.warp * N + n], hc = s_h[w.warp * N + n];
-            float Bv[ITEMS], Cv[ITEMS], a[ITEMS];
-            load_items(s_B + n * TP + w.lane * ITEMS, Bv);
+            float b[ITEMS], Cv[ITEMS], a[ITEMS], h_end;
+            load_items(s_B + n * TP + w.lane * ITEMS, b);
             load_items(s_C + n * TP + w.lane * ITEMS, Cv);
-            float P = 1.f, S = 0.f;
+            float h = lane_entry_state(delta, xv, A2, hc, w.lane, a, b, h_end);
 #pragma unroll
             for (int i = 0; i < ITEMS; ++i) {
-                a[i] = exp2f(delta[i] * A2);
-                Bv[i] *= xv[i];  // b_t = delta_t x_t B_t
-                S = fmaf(a[i], S, Bv[i]);
-                P *= a[i];
-            }
-            compose_up(P, S, w.lane);
-            const float Pe = __shfl_up_sync(FULL, P, 1), Se = __shfl_up_sync(FULL, S, 1);
-            const float Pl = __shfl_sync(FULL, P, 31), Sl = __shfl_sync(FULL, S, 31);
-            float h = w.lane ? fmaf(Pe, hc, Se) : hc;
-#pragma unroll
-            for (int i = 0; i < ITEMS; ++i) {
-                h = fmaf(a[i], h, Bv[i]);
+                h = fmaf(a[i], h, b[i]);
                 y[i] = fmaf(Cv[i], h, y[i]);
             }
-            if (w.lane == 0) s_h[w.warp * N + n] = fmaf(Pl, hc, Sl);  // every lane has read hc (shuffles above)
+            if (w.lane == 0) s_h[w.warp * N + n] = h_end;  // every lane has read hc (the scan's shuffles follow)
         }
         if (z) {
             float zv[ITEMS];
@@ -373,8 +383,7 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
 
     const Place w = place_of<W>(p);
     const Seq q = sequence_of(p, w.seq);
-    const int d = w.d0 + w.warp;
-    const int gC = w.d0 / p.cpc, gB = gC / p.cpb;
+    const int d = w.d, gC = w.gC, gB = w.gB;
     for (int n = w.lane; n < N; n += 32) {
         s_dh[w.warp * N + n] = p.dfinal ? p.dfinal[(int64_t(w.seq) * p.d_inner + d) * N + n] : 0.f;
         s_dA[w.warp * N + n] = 0.f;
@@ -423,22 +432,16 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
         float* red = s_red;
         for (int n = 0; n < N; ++n) {
             const float An = s_A[w.warp * N + n], A2 = An * LOG2E;
-            float Bv[ITEMS], Cv[ITEMS], a[ITEMS], hp[ITEMS], o[ITEMS];
+            float Bv[ITEMS], Cv[ITEMS], a[ITEMS], hp[ITEMS], o[ITEMS], dx[ITEMS], h_end;
             load_items(s_B + n * TP + w.lane * ITEMS, Bv);
             load_items(s_C + n * TP + w.lane * ITEMS, Cv);
-            // Forward within the chunk, from the saved state.
-            float P = 1.f, S = 0.f;
 #pragma unroll
             for (int i = 0; i < ITEMS; ++i) {
-                a[i] = exp2f(delta[i] * A2);
-                o[i] = delta[i] * xv[i] * Bv[i];  // b_t
-                S = fmaf(a[i], S, o[i]);
-                P *= a[i];
+                dx[i] = delta[i] * xv[i];
+                o[i] = Bv[i];
             }
-            compose_up(P, S, w.lane);
-            const float hs = s_hs[w.warp * N + n];
-            const float Pe = __shfl_up_sync(FULL, P, 1), Se = __shfl_up_sync(FULL, S, 1);
-            float h = w.lane ? fmaf(Pe, hs, Se) : hs;
+            // Forward within the chunk, from the saved state (o becomes b_t).
+            float h = lane_entry_state(delta, dx, A2, s_hs[w.warp * N + n], w.lane, a, o, h_end);
 #pragma unroll
             for (int i = 0; i < ITEMS; ++i) {
                 hp[i] = h;
