@@ -147,8 +147,11 @@ class ScanLibrary:
     def launch(self, backward: bool, params: ScanParams, dtype: torch.dtype, n_seqs: int, device):
         """Run the forward or backward kernel on torch's current stream (asynchronous, like any CUDA op)."""
         fn = self.lib.m1_scan_bwd if backward else self.lib.m1_scan_fwd
-        stream = torch.cuda.current_stream(device).cuda_stream
-        err = fn(ctypes.byref(params), _DTYPES[dtype], n_seqs, ctypes.c_void_p(stream))
+        # The library's runtime launches into the thread's current CUDA context: make it the tensors' device (a
+        # rank that never called torch.cuda.set_device would otherwise launch on device 0 with another's stream).
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            err = fn(ctypes.byref(params), _DTYPES[dtype], n_seqs, ctypes.c_void_p(stream))
         if err:
             msg = self.lib.m1_scan_error_string(err).decode()
             raise RuntimeError(f"CUDA selective scan {'backward' if backward else 'forward'} launch failed: {msg}")
