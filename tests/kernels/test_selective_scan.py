@@ -594,3 +594,25 @@ def test_cuda_source_builds_and_matches_the_parameter_block(monkeypatch, tmp_pat
     assert scan.build_library("90") == path and len(list(tmp_path.iterdir())) == 1
     with pytest.raises(RuntimeError, match="nvcc failed"):
         scan.build_library("90", {"M1_SCAN_ITEMS": 3})  # items must fill 16-byte vectors: a static_assert
+
+
+def test_cuda_layout_reason_is_asked_once_and_a_failed_build_is_a_reason(monkeypatch):
+    """Every scan call asks whether the CUDA kernels take its layout (the dispatcher, then the op): the answer is
+    computed once per layout, and a failed build becomes the fallback's reason instead of running nvcc again."""
+    scan = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
+    builds = []
+
+    def failing_build(arch, defines):
+        builds.append(arch)
+        raise RuntimeError("nvcc failed to build selective_scan.cu: (test)")
+
+    monkeypatch.setattr(scan, "_library", failing_build)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    scan._layout_reason.cache_clear()
+    try:
+        key = (0, torch.bfloat16, 16, 16, tuple(scan._defines().items()))
+        first, second = scan._layout_reason(*key), scan._layout_reason(*key)
+        assert first == second == "nvcc failed to build selective_scan.cu: (test)"
+        assert builds == ["90"]
+    finally:
+        scan._layout_reason.cache_clear()

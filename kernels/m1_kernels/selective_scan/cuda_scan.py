@@ -170,7 +170,7 @@ def library(device: torch.device) -> ScanLibrary:
 
 def unsupported_reason(x, dt, A, B, C, z) -> str | None:
     """Why these inputs cannot take the CUDA scan (None when they can): device, dtypes, group layout, state size,
-    shared memory. Builds the library on the first call that gets that far."""
+    shared memory, or a failed build. Builds the library on the first call that gets that far."""
     if not x.is_cuda:
         return "inputs are not on a CUDA device"
     if x.dtype not in _DTYPES or any(t is not None and t.dtype != x.dtype for t in (dt, z, B, C)):
@@ -179,13 +179,24 @@ def unsupported_reason(x, dt, A, B, C, z) -> str | None:
     d, N = A.shape
     if N not in STATE_SIZES:
         return f"d_state {N} is not one the kernels are built for {STATE_SIZES}"
-    lib = library(x.device)
-    if (d // C.shape[2]) % lib.channels_per_block:
-        return f"channels per C group ({d // C.shape[2]}) is not a multiple of {lib.channels_per_block}"
-    smem = lib.smem_bytes(x.dtype, N, backward=True)
-    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    return _layout_reason(x.device.index, x.dtype, N, d // C.shape[2], tuple(_defines().items()))
+
+
+@functools.cache
+def _layout_reason(device_index: int, dtype: torch.dtype, N: int, cpc: int, defines: tuple) -> str | None:
+    """The part of :func:`unsupported_reason` that needs the library and the device, once per layout: every scan
+    call asks (the dispatcher, then the op), and a failed build must not run nvcc again on each of them."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    try:
+        lib = _library(f"{major}{minor}", defines)
+    except RuntimeError as exc:  # no nvcc, or the build failed
+        return str(exc)
+    if cpc % lib.channels_per_block:
+        return f"channels per C group ({cpc}) is not a multiple of {lib.channels_per_block}"
+    smem = lib.smem_bytes(dtype, N, backward=True)
+    limit = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
     if smem > limit:
-        return f"d_state {N} in {x.dtype} needs {smem} bytes of shared memory per block, the GPU allows {limit}"
+        return f"d_state {N} in {dtype} needs {smem} bytes of shared memory per block, the GPU allows {limit}"
     return None
 
 
