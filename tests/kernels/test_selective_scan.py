@@ -19,6 +19,7 @@ import types
 import pytest
 import torch
 
+from m1_kernels.selective_scan.naive import check_cu_seqlens
 from m1_kernels.selective_scan.naive import selective_scan_ref
 from tests.testing import assert_close
 from tests.testing import random_cu_seqlens
@@ -473,17 +474,23 @@ def test_triton_cpu_under_interpreter():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the CUDA kernel (csrc/selective_scan.cu): 256-token chunks, one warp per channel, 16 channels per block
+# the CUDA kernels (csrc/selective_scan.cu): 256-token chunks, one warp per channel, 16 channels per block; the
+# forward also in its one-thread-per-channel form ("serial"), which every CUDA test runs as well
 
 
-@pytest.fixture
-def cuda_scan():
+@pytest.fixture(params=["serial", "chunked"])
+def cuda_scan(request, monkeypatch):
     if not HAS_CUDA:
         pytest.skip("no CUDA GPU on this machine (the CUDA scan's source is compiled and checked on CPU below)")
     mod = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
     if mod.find_nvcc() is None:
         pytest.skip("no nvcc: the CUDA scan is built on first use")
-    return mod
+    monkeypatch.setattr(mod, "SERIAL_MIN_THREADS_PER_SM", 0 if request.param == "serial" else 10**9)
+    launched, real = [], mod.ScanLibrary.launch
+    monkeypatch.setattr(mod.ScanLibrary, "launch", lambda lib, k, *a: launched.append(k) or real(lib, k, *a))
+    yield mod
+    want = "fwd_serial" if request.param == "serial" else "fwd"
+    assert not launched or {k for k in launched if k.startswith("fwd")} == {want}, launched  # the asked-for forward ran
 
 
 @pytest.mark.gpu
@@ -594,6 +601,33 @@ def test_cuda_source_builds_and_matches_the_parameter_block(monkeypatch, tmp_pat
     assert scan.build_library("90") == path and len(list(tmp_path.iterdir())) == 1
     with pytest.raises(RuntimeError, match="nvcc failed"):
         scan.build_library("90", {"M1_SCAN_ITEMS": 3})  # items must fill 16-byte vectors: a static_assert
+
+
+def test_cu_seqlens_is_read_once_per_tensor(monkeypatch):
+    """Reading cu_seqlens' ends is a host sync on a GPU: a tensor already checked (same object, data and version)
+    is not read again, but another packed length, or an in-place change, is checked again."""
+    reads, real = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real(t))
+    cu = torch.tensor([0, 3, 5])
+    check_cu_seqlens(cu, 1, 5)
+    check_cu_seqlens(cu, 1, 5)
+    assert len(reads) == 1
+    with pytest.raises(ValueError, match="end at the packed length 6"):
+        check_cu_seqlens(cu, 1, 6)
+    cu[-1] = 4
+    with pytest.raises(ValueError, match=r"got \[0, 3, 4\]"):
+        check_cu_seqlens(cu, 1, 5)
+
+
+def test_cuda_forward_kernel_is_serial_for_many_documents(monkeypatch):
+    """The one-thread-per-channel forward needs SERIAL_MIN_THREADS_PER_SM (sequence, channel) pairs per SM; fewer
+    take the chunked forward (no GPU needed: the SM count is the H100's)."""
+    scan = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
+    monkeypatch.setattr(scan, "_sm_count", lambda index: 132)
+    need = scan.SERIAL_MIN_THREADS_PER_SM * 132
+    assert scan.forward_kernel(-(-need // 3072), 3072, "cuda:0") == "fwd_serial"  # M1-3B, 8k in 2048-token docs
+    assert scan.forward_kernel(need // 3072, 3072, "cuda:0") == "fwd"  # one 8k document
+    assert scan.forward_kernel(1, need, "cuda") == "fwd_serial"
 
 
 def test_cuda_layout_reason_is_asked_once_and_a_failed_build_is_a_reason(monkeypatch):

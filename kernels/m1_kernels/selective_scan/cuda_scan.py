@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""CUDA selective scan: the time-parallel kernels of ``csrc/selective_scan.cu``, built on first use.
+"""CUDA selective scan: the kernels of ``csrc/selective_scan.cu``, built on first use.
 
 The Triton kernels (:mod:`m1_kernels.selective_scan.triton_scan`) walk time token by token, one program per
 (sequence, channel block); with the M1-3B shapes they stay latency-bound and missed mamba-ssm's CUDA scan
-(README.md, "CUDA kernels"). These kernels spread each chunk of 256 tokens over a warp's lanes and scan along time with
-warp shuffles, like mamba-ssm, while keeping M1's token-major layout, its GQA groups and packed documents.
+(README.md, "CUDA kernels"). The chunked kernels here spread each chunk of 256 tokens over a warp's lanes and scan
+along time with warp shuffles, like mamba-ssm, while keeping M1's token-major layout, its GQA groups and packed
+documents. When a batch has many documents, the forward instead runs one thread per (document, channel) with no
+scan at all (:func:`forward_kernel`).
 
 Build: ``nvcc`` (:func:`find_nvcc`) compiles the one source file for the GPU's architecture into a shared library
 under ``$M1_KERNELS_CACHE`` (default ``~/.cache/m1_kernels``), keyed by a hash of the source, the flags and the nvcc
@@ -43,6 +45,12 @@ BWD_MIN_BLOCKS = 0  # blocks per SM the backward's register allocation must allo
 BWD_PREFETCH = 0  # 1: the backward loads the next chunk's tiles while computing one (the forward always does)
 FWD_UNROLL = 4  # states the forward runs side by side
 FWD_WIDTH = 16  # channels per forward block (8: two blocks per SM)
+# The one-thread-per-channel forward ("serial", see the .cu file) runs when the batch has at least this many
+# (sequence, channel) threads per SM, else the chunked forward does: the serial kernel has no time parallelism, so
+# it needs many documents to fill the GPU. H100, M1-3B, 8k tokens: 16 documents (372 threads per SM) 0.32 ms against
+# 0.44 chunked, 4 documents (93 per SM) 0.57 against 0.40 (README.md, "Serial forward"). 0 always takes it; a huge
+# value never does (benchmarks, tests).
+SERIAL_MIN_THREADS_PER_SM = 256
 # State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
 STATE_SIZES = (16, 32)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -131,7 +139,7 @@ class ScanLibrary:
 
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
-        for name in ("m1_scan_fwd", "m1_scan_bwd"):
+        for name in ("m1_scan_fwd", "m1_scan_fwd_serial", "m1_scan_bwd"):
             getattr(self.lib, name).argtypes = [ctypes.POINTER(ScanParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         self.lib.m1_scan_smem_bytes.argtypes = [ctypes.c_int] * 3
         self.lib.m1_scan_error_string.restype = ctypes.c_char_p
@@ -144,9 +152,10 @@ class ScanLibrary:
         """Dynamic shared memory one block of the forward or backward kernel needs."""
         return self.lib.m1_scan_smem_bytes(_DTYPES[dtype], N, int(backward))
 
-    def launch(self, backward: bool, params: ScanParams, dtype: torch.dtype, n_seqs: int, device):
-        """Run the forward or backward kernel on torch's current stream (asynchronous, like any CUDA op)."""
-        fn = self.lib.m1_scan_bwd if backward else self.lib.m1_scan_fwd
+    def launch(self, kernel: str, params: ScanParams, dtype: torch.dtype, n_seqs: int, device):
+        """Run kernel ``"fwd"`` (chunked), ``"fwd_serial"`` or ``"bwd"`` on torch's current stream (asynchronous, like
+        any CUDA op)."""
+        fn = getattr(self.lib, f"m1_scan_{kernel}")
         # The library's runtime launches into the thread's current CUDA context: make it the tensors' device (a
         # rank that never called torch.cuda.set_device would otherwise launch on device 0 with another's stream).
         with torch.cuda.device(device):
@@ -154,7 +163,7 @@ class ScanLibrary:
             err = fn(ctypes.byref(params), _DTYPES[dtype], n_seqs, ctypes.c_void_p(stream))
         if err:
             msg = self.lib.m1_scan_error_string(err).decode()
-            raise RuntimeError(f"CUDA selective scan {'backward' if backward else 'forward'} launch failed: {msg}")
+            raise RuntimeError(f"CUDA selective scan kernel {kernel!r} failed to launch: {msg}")
 
 
 @functools.cache
@@ -198,6 +207,26 @@ def _layout_reason(device_index: int, dtype: torch.dtype, N: int, cpc: int, defi
     if smem > limit:
         return f"d_state {N} in {dtype} needs {smem} bytes of shared memory per block, the GPU allows {limit}"
     return None
+
+
+def forward_kernel(n_seqs: int, d_inner: int, device) -> str:
+    """``"fwd_serial"`` when the batch has enough (sequence, channel) pairs to fill the GPU with one thread each
+    (``SERIAL_MIN_THREADS_PER_SM`` per SM), else ``"fwd"`` (chunked).
+
+    The count is of sequences, not of tokens per sequence: document lengths live on the device (no host sync).
+
+    Example::
+
+        >>> forward_kernel(4, 3072, "cuda")  # doctest: +SKIP
+        'fwd_serial'
+    """
+    sms = _sm_count(torch.device(device).index or 0)
+    return "fwd_serial" if n_seqs * d_inner >= SERIAL_MIN_THREADS_PER_SM * sms else "fwd"
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _aligned(t):
@@ -247,7 +276,7 @@ class CudaScanFunction(torch.autograd.Function):
             L=L, d_inner=d, N=N, G_B=B.shape[2], G_C=C.shape[2], cpc=d // C.shape[2], cpb=C.shape[2] // B.shape[2],
             n_chunks_row=n_chunks_row, has_z=z is not None, softplus=bool(dt_softplus), save_ckpt=save,
         )  # fmt: skip
-        lib.launch(False, p, x.dtype, n_seqs, x.device)
+        lib.launch(forward_kernel(n_seqs, d, x.device), p, x.dtype, n_seqs, x.device)
         ctx.save_for_backward(x, dt, A32, B, C, D32, z, bias32, cu, order, ckpt)
         ctx.params, ctx.n_seqs = p, n_seqs
         ctx.dtypes = (A.dtype, None if D is None else D.dtype, None if dt_bias is None else dt_bias.dtype)
@@ -282,7 +311,7 @@ class CudaScanFunction(torch.autograd.Function):
         p.dx, p.ddt, p.dz, p.dB_acc = _ptr(dx), _ptr(ddt), _ptr(dz), _ptr(dB)
         p.dC_direct, p.dC_acc = (_ptr(dC), None) if direct else (None, _ptr(dC))
         p.dA, p.dD, p.dbias, p.dh0 = _ptr(dA), _ptr(dD), _ptr(dbias), _ptr(dh0)
-        lib.launch(True, p, x.dtype, ctx.n_seqs, dev)
+        lib.launch("bwd", p, x.dtype, ctx.n_seqs, dev)
         A_dtype, D_dtype, bias_dtype = ctx.dtypes
         return (
             dx,

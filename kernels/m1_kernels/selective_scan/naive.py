@@ -13,6 +13,8 @@ Per channel ``d`` and state index ``n``, with ``g_C(d) = d // (d_inner / G_C)`` 
 The loop runs in float32 (float64 for float64 inputs) and is the oracle for the Triton kernels.
 """
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -54,14 +56,34 @@ def live_slots(state_indices, batch: int, pad_slot_id: int, device):
     return live.nonzero().squeeze(-1), slots[live]
 
 
+# cu_seqlens tensors already checked, by (id, data pointer, version, packed length). A training step hands one
+# cu_seqlens to every layer's conv and scan: reading its ends costs a host sync per call on a GPU (the GPU then idles
+# while Python prepares the next launch), so it is read once per tensor. An in-place change bumps the version, and a
+# dead tensor leaves the dictionary, so neither is mistaken for a checked one.
+_checked_cu_seqlens: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
-    """Packed input is one row whose documents ``cu_seqlens`` splits (0 first, length last)."""
+    """Packed input is one row whose documents ``cu_seqlens`` splits (0 first, length last).
+
+    Example::
+
+        >>> check_cu_seqlens(torch.tensor([0, 3, 5]), 1, 5)
+        >>> check_cu_seqlens(torch.tensor([0, 3, 4]), 1, 5)
+        Traceback (most recent call last):
+        ...
+        ValueError: cu_seqlens must start at 0 and end at the packed length 5, got [0, 3, 4]
+    """
     if batch != 1:
         raise ValueError(f"packed input (cu_seqlens given) must have batch 1, got {batch}")
-    # One device-to-host copy for both ends (a CUDA cu_seqlens costs a sync per copy).
+    key = (id(cu_seqlens), cu_seqlens.data_ptr(), cu_seqlens._version, length)
+    if _checked_cu_seqlens.get(key) is cu_seqlens:
+        return
+    # One device-to-host copy for both ends.
     ends = cu_seqlens[[0, -1]].tolist() if cu_seqlens.ndim == 1 and cu_seqlens.numel() else None
     if ends != [0, length]:
         raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {length}, got {cu_seqlens.tolist()}")
+    _checked_cu_seqlens[key] = cu_seqlens
 
 
 def documents_longest_first(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace m1_scan {
 
@@ -216,7 +217,8 @@ template <typename T, int WD, int N, bool DOUT> struct ChunkInputs {
 };
 
 __device__ __forceinline__ float softplus_f(float v) { return v <= 20.f ? __logf(1.f + __expf(v)) : v; }
-__device__ __forceinline__ float sigmoid_f(float v) { return __frcp_rn(1.f + __expf(-v)); }
+// Fast reciprocal: 1 / inf = 0 is the right limit for v -> -inf (the IEEE-rounded one adds a slow path per call).
+__device__ __forceinline__ float sigmoid_f(float v) { return __fdividef(1.f, 1.f + __expf(-v)); }
 
 // Inclusive scan of the maps h -> P h + S over the lanes, lane 0 first: lane l ends with lanes 0..l composed.
 __device__ __forceinline__ void compose_up(float& P, float& S, int lane) {
@@ -364,6 +366,140 @@ __global__ void __launch_bounds__(32 * WF, 16 / WF) scan_fwd_kernel(const ScanPa
         p.final_state[(int64_t(w.seq) * p.d_inner + d) * N + n] = s_h[w.warp * N + n];
 }
 
+// Forward with one thread per channel and no time parallelism ("serial"): the thread keeps its N states in registers
+// and steps through its document token by token, so y_t = sum_n C_t[n] h_t[n] is in-thread adds and there is no scan
+// to pay for: per (token, channel, state) one exp2 and three FP32 instructions. It needs many threads to fill the GPU
+// (documents x d_inner), so cuda_scan.py takes it for batches of many documents and the chunked kernel above
+// otherwise. Each thread loads its own token inputs: x, dt, z of its channel (a warp reads 32 consecutive channels)
+// and the B and C rows of its groups (the channels of a group read the same bytes: one L1 request). The loads run
+// SERIAL_PREFETCH tokens ahead, in registers, so that their latency overlaps the arithmetic of the tokens before.
+// States are saved at the same chunk starts as the chunked kernel's, so the backward is shared.
+constexpr int SERIAL_THREADS = 64;  // channels per block (threads do not cooperate: any size works)
+
+template <typename T, int N> struct TokenInputs {
+    static constexpr int VEC = N * int(sizeof(T)) / 16;  // 16-byte vectors per B or C row
+    T x, dt, z;
+    uint4 B[VEC], C[VEC];
+};
+
+// A B or C row to fp32. bf16 is the top half of an fp32, so a pair is two bit operations (the compiler's conversion
+// spends a byte permute and a shift per element).
+template <typename T, int N> __device__ __forceinline__ void unpack_row(const uint4 (&v)[TokenInputs<T, N>::VEC],
+                                                                          float (&out)[N]) {
+    constexpr int PER = 16 / int(sizeof(T));
+#pragma unroll
+    for (int k = 0; k < TokenInputs<T, N>::VEC; ++k) {
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+            const unsigned w[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                out[k * PER + 2 * j] = __uint_as_float(w[j] << 16);
+                out[k * PER + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+            }
+        } else {
+            const T* e = reinterpret_cast<const T*>(&v[k]);
+#pragma unroll
+            for (int j = 0; j < PER; ++j) out[k * PER + j] = to_f(e[j]);
+        }
+    }
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(SERIAL_THREADS) scan_fwd_serial_kernel(const ScanParams p) {
+    using In = TokenInputs<T, N>;
+    // Tokens in flight: about 64 registers of B and C rows (4 tokens of bf16 rows of 16 states).
+    constexpr int PF = 64 / (8 * In::VEC) < 1 ? 1 : (64 / (8 * In::VEC) > 4 ? 4 : 64 / (8 * In::VEC));
+    const int n_dblk = (p.d_inner + SERIAL_THREADS - 1) / SERIAL_THREADS;
+    const int k = int(blockIdx.x) / n_dblk;
+    const int d = (int(blockIdx.x) - k * n_dblk) * SERIAL_THREADS + int(threadIdx.x);
+    if (d >= p.d_inner) return;  // no cooperation between threads: an idle one can leave
+    const int seq = p.order ? p.order[k] : k;
+    const Seq q = sequence_of(p, seq);
+    const int gC = d / p.cpc, gB = gC / p.cpb;
+    float A2[N], h[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+        A2[n] = p.A[int64_t(d) * N + n] * LOG2E;
+        h[n] = p.h0 ? p.h0[(int64_t(seq) * p.d_inner + d) * N + n] : 0.f;
+    }
+    const float Dd = p.D ? p.D[d] : 0.f, bias = p.dt_bias ? p.dt_bias[d] : 0.f;
+    // Next token to load. Its pointers advance one token per load and stop at the document's last token, so that the
+    // loop body needs no branch (loads past the end read that token again, unused): ptxas then interleaves the
+    // independent parts of consecutive tokens (softplus, exp2, the products) around the recurrence's FMAs.
+    const bool has_z = p.has_z;
+    const T* x = static_cast<const T*>(p.x) + q.batch * p.x_b + q.start * p.x_l + d;
+    const T* dt = static_cast<const T*>(p.dt) + q.batch * p.dt_b + q.start * p.dt_l + d;
+    const T* z = has_z ? static_cast<const T*>(p.z) + q.batch * p.z_b + q.start * p.z_l + d : x;  // x: any valid row
+    const int64_t z_l = has_z ? p.z_l : p.x_l;
+    const T* B = static_cast<const T*>(p.B) + q.batch * p.B_b + q.start * p.B_l + gB * p.B_g;
+    const T* C = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + gC * p.C_g;
+    T* out = static_cast<T*>(p.out) + (q.batch * p.L + q.start) * p.d_inner + d;
+    float* ckpt = p.ckpt + (int64_t(q.slot0) * p.d_inner + d) * N;
+    int next = 0;
+
+    auto load = [&](In& v) {
+        v.x = *x;
+        v.dt = *dt;
+        v.z = *z;
+#pragma unroll
+        for (int j = 0; j < In::VEC; ++j) {
+            v.B[j] = reinterpret_cast<const uint4*>(B)[j];
+            v.C[j] = reinterpret_cast<const uint4*>(C)[j];
+        }
+        const int step = next + 1 < q.len;
+        next += step;
+        x += step * p.x_l;
+        dt += step * p.dt_l;
+        z += step * z_l;
+        B += step * p.B_l;
+        C += step * p.C_l;
+    };
+    auto save_state = [&]() {  // the state entering a chunk, as the chunked kernel saves it
+#pragma unroll
+        for (int n = 0; n < N; n += 4)
+            *reinterpret_cast<float4*>(ckpt + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+        ckpt += int64_t(p.d_inner) * N;
+    };
+    // One token from its ring slot, which then takes the token PF later (in flight during the next PF - 1 tokens).
+    auto token = [&](In& v) {
+        const float u = to_f(v.dt) + bias, xv = to_f(v.x), zv = to_f(v.z);
+        float Bv[N], Cv[N];
+        unpack_row<T, N>(v.B, Bv);
+        unpack_row<T, N>(v.C, Cv);
+        load(v);
+        const float delta = p.softplus ? softplus_f(u) : u, dx = delta * xv;
+        float y0 = Dd * xv, y1 = 0.f;  // two sums: the adds over states are two chains, not one
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+            h[n] = fmaf(exp2f(delta * A2[n]), h[n], dx * Bv[n]);
+            if (n % 2) y1 = fmaf(Cv[n], h[n], y1);
+            else y0 = fmaf(Cv[n], h[n], y0);
+        }
+        *out = from_f<T>((y0 + y1) * (has_z ? zv * sigmoid_f(zv) : 1.f));
+        out += p.d_inner;
+    };
+
+    static_assert(TOK % PF == 0, "chunk starts must be group starts");
+    if (q.len > 0) {
+        In ring[PF];
+#pragma unroll
+        for (int j = 0; j < PF; ++j) load(ring[j]);
+        const int full = q.len - q.len % PF;
+        for (int t0 = 0; t0 < full; t0 += PF) {
+            if (p.save_ckpt && t0 % TOK == 0) save_state();
+#pragma unroll
+            for (int j = 0; j < PF; ++j) token(ring[j]);
+        }
+        if (p.save_ckpt && full % TOK == 0 && full < q.len) save_state();
+#pragma unroll
+        for (int j = 0; j < PF - 1; ++j)
+            if (full + j < q.len) token(ring[j]);
+    }
+    float* fin = p.final_state + (int64_t(seq) * p.d_inner + d) * N;
+#pragma unroll
+    for (int n = 0; n < N; n += 4) *reinterpret_cast<float4*>(fin + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+}
+
 template <typename T, int N>
 __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kernel(const ScanParams p) {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -411,8 +547,9 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
         __syncthreads();
 
         const int row = w.warp * TP + w.lane * ITEMS;
-        float xv[ITEMS], delta[ITEMS], g[ITEMS], y[ITEMS], S1[ITEMS], S2[ITEMS];
-        load_items(s_x + row, xv);
+        // dxv = delta x is what the state loop needs; x itself is read again from its tile after the loop.
+        float dxv[ITEMS], delta[ITEMS], g[ITEMS], y[ITEMS], S1[ITEMS], S2[ITEMS];
+        load_items(s_x + row, dxv);
         load_items(s_dt + row, delta);
         load_items(s_do + row, g);
         if (z) {
@@ -425,23 +562,21 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
         for (int i = 0; i < ITEMS; ++i) {
             const float v = delta[i] + bias;
             delta[i] = w.lane * ITEMS + i < valid ? (p.softplus ? softplus_f(v) : v) : 0.f;
-            y[i] = Dd * xv[i];
+            y[i] = Dd * dxv[i];
+            dxv[i] *= delta[i];
             S1[i] = 0.f;  // sum_n dh B
             S2[i] = 0.f;  // sum_n dh h_{t-1} a A
         }
         float* red = s_red;
         for (int n = 0; n < N; ++n) {
             const float An = s_A[w.warp * N + n], A2 = An * LOG2E;
-            float Bv[ITEMS], Cv[ITEMS], a[ITEMS], hp[ITEMS], o[ITEMS], dx[ITEMS], h_end;
+            float Bv[ITEMS], Cv[ITEMS], a[ITEMS], hp[ITEMS], o[ITEMS], h_end;
             load_items(s_B + n * TP + w.lane * ITEMS, Bv);
             load_items(s_C + n * TP + w.lane * ITEMS, Cv);
 #pragma unroll
-            for (int i = 0; i < ITEMS; ++i) {
-                dx[i] = delta[i] * xv[i];
-                o[i] = Bv[i];
-            }
+            for (int i = 0; i < ITEMS; ++i) o[i] = Bv[i];
             // Forward within the chunk, from the saved state (o becomes b_t).
-            float h = lane_entry_state(delta, dx, A2, s_hs[w.warp * N + n], w.lane, a, o, h_end);
+            float h = lane_entry_state(delta, dxv, A2, s_hs[w.warp * N + n], w.lane, a, o, h_end);
 #pragma unroll
             for (int i = 0; i < ITEMS; ++i) {
                 hp[i] = h;
@@ -473,7 +608,7 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
                 const float wv = dh * hp[i] * a[i];
                 S2[i] = fmaf(wv, An, S2[i]);
                 dA_lane = fmaf(wv, delta[i], dA_lane);
-                o[i] = dh * delta[i] * xv[i];  // this channel's share of dB_t[n]
+                o[i] = dh * dxv[i];  // this channel's share of dB_t[n]
             }
             store_items(red + w.warp * TOK + w.lane * ITEMS, o);
             const float carry = __shfl_sync(FULL, a[0] * dh, 0);  // a dh of the chunk's first token
@@ -496,7 +631,8 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
         }
         // Per-token gradients of the chunk.
         {
-            float v[ITEMS], zv[ITEMS], dov[ITEMS];
+            float xv[ITEMS], v[ITEMS], zv[ITEMS], dov[ITEMS];
+            load_items(s_x + row, xv);
             load_items(s_dt + row, v);
             load_items(s_do + row, dov);
             if (z) load_items(s_z + row, zv);
@@ -552,8 +688,17 @@ int smem_bytes(int esize, int N, bool backward) {
     return (4 * W + 2 * N) * TP * esize + (4 * W * TOK + 2 * TOK * (N + 1) + 4 * W * N) * 4;
 }
 
-// One block per (sequence, channel block): `n_seqs * d_inner / width` blocks of 32 * width threads.
-template <typename T, int N> int launch(const ScanParams& p, int n_seqs, bool backward, cudaStream_t stream) {
+enum Kernel { FWD = 0, BWD = 1, FWD_SERIAL = 2 };
+
+// Chunked kernels: one block per (sequence, channel block), `n_seqs * d_inner / width` blocks of 32 * width threads.
+// Serial forward: one thread per (sequence, channel), in blocks of SERIAL_THREADS.
+template <typename T, int N> int launch(const ScanParams& p, int n_seqs, Kernel kind, cudaStream_t stream) {
+    if (kind == FWD_SERIAL) {
+        const int blocks = n_seqs * ((p.d_inner + SERIAL_THREADS - 1) / SERIAL_THREADS);
+        scan_fwd_serial_kernel<T, N><<<blocks, SERIAL_THREADS, 0, stream>>>(p);
+        return int(cudaGetLastError());
+    }
+    const bool backward = kind == BWD;
     const int bytes = smem_bytes(int(sizeof(T)), N, backward), width = backward ? W : WF;
     auto kernel = backward ? scan_bwd_kernel<T, N> : scan_fwd_kernel<T, N>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
@@ -562,21 +707,21 @@ template <typename T, int N> int launch(const ScanParams& p, int n_seqs, bool ba
     return int(cudaGetLastError());
 }
 
-template <typename T> int dispatch_states(const ScanParams& p, int n_seqs, bool backward, cudaStream_t s) {
+template <typename T> int dispatch_states(const ScanParams& p, int n_seqs, Kernel kind, cudaStream_t s) {
     switch (p.N) {
-        case 16: return launch<T, 16>(p, n_seqs, backward, s);
-        case 32: return launch<T, 32>(p, n_seqs, backward, s);
+        case 16: return launch<T, 16>(p, n_seqs, kind, s);
+        case 32: return launch<T, 32>(p, n_seqs, kind, s);
         default: return int(cudaErrorInvalidValue);
     }
 }
 
-int run(const ScanParams* p, int dtype, int n_seqs, bool backward, void* stream) {
+int run(const ScanParams* p, int dtype, int n_seqs, Kernel kind, void* stream) {
     if (n_seqs == 0) return 0;
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
     switch (dtype) {
-        case 0: return dispatch_states<float>(*p, n_seqs, backward, s);
-        case 1: return dispatch_states<__half>(*p, n_seqs, backward, s);
-        case 2: return dispatch_states<__nv_bfloat16>(*p, n_seqs, backward, s);
+        case 0: return dispatch_states<float>(*p, n_seqs, kind, s);
+        case 1: return dispatch_states<__half>(*p, n_seqs, kind, s);
+        case 2: return dispatch_states<__nv_bfloat16>(*p, n_seqs, kind, s);
         default: return int(cudaErrorInvalidValue);
     }
 }
@@ -585,10 +730,13 @@ int run(const ScanParams* p, int dtype, int n_seqs, bool backward, void* stream)
 
 // C entry points for ctypes (cuda_scan.py). dtype: 0 fp32, 1 fp16, 2 bf16. Return a cudaError_t code (0: launched).
 extern "C" int m1_scan_fwd(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
-    return m1_scan::run(p, dtype, n_seqs, false, stream);
+    return m1_scan::run(p, dtype, n_seqs, m1_scan::FWD, stream);
+}
+extern "C" int m1_scan_fwd_serial(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
+    return m1_scan::run(p, dtype, n_seqs, m1_scan::FWD_SERIAL, stream);
 }
 extern "C" int m1_scan_bwd(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
-    return m1_scan::run(p, dtype, n_seqs, true, stream);
+    return m1_scan::run(p, dtype, n_seqs, m1_scan::BWD, stream);
 }
 extern "C" int m1_scan_smem_bytes(int dtype, int N, int backward) {
     return m1_scan::smem_bytes(dtype == 0 ? 4 : 2, N, backward != 0);
