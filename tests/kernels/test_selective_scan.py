@@ -625,8 +625,10 @@ def test_cuda_forward_kernel_is_serial_for_many_documents(monkeypatch):
     scan = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
     monkeypatch.setattr(scan, "_sm_count", lambda index: 132)
     need = scan.SERIAL_MIN_THREADS_PER_SM * 132
-    assert scan.forward_kernel(-(-need // 3072), 3072, "cuda:0") == "fwd_serial"  # M1-3B, 8k in 2048-token docs
-    assert scan.forward_kernel(need // 3072, 3072, "cuda:0") == "fwd"  # one 8k document
+    docs = -(-need // 3072)  # M1-3B's d_inner: the fewest documents that take the serial forward
+    assert scan.forward_kernel(docs, 3072, "cuda:0") == "fwd_serial"
+    assert scan.forward_kernel(docs - 1, 3072, "cuda:0") == "fwd"
+    assert scan.forward_kernel(4, 3072, "cuda:0") == "fwd"  # 8k tokens in 2048-token documents
     assert scan.forward_kernel(1, need, "cuda") == "fwd_serial"
 
 
