@@ -22,6 +22,9 @@
 //     dB_t[n] = sum over channels of dh_t delta_t x_t,  dC_t[n] = sum over channels of g_t h_t.
 // The channel sums of dB/dC are taken in shared memory across the block's warps (one barrier per state), then
 // added to global fp32 buffers once per chunk (coalesced atomics: several blocks share a B group).
+//
+// For batches of many documents a third kernel runs the forward with one thread per (document, channel) and no time
+// parallelism (scan_fwd_serial_kernel, below the chunked forward); it saves the same checkpoints.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
