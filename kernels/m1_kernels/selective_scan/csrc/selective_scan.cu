@@ -249,17 +249,40 @@ __device__ __forceinline__ void compose_down(float& P, float& S, int lane) {
 // State n's recurrence over a lane's items: a_t = exp2(delta_t A2) and b_t = dx_t B_t (dx = delta x; `b` holds B_t
 // on entry), the lane's maps composed into h -> P h + S, and the warp scan of those. Returns the state entering the
 // lane's first item, given h_chunk entering the chunk; `h_end` gets the state after the chunk's last token.
+// A lane's ITEMS affine maps x -> m[i] x + c[i] composed into x -> P x + S, as a balanced tree: the same multiplies
+// and FMAs as a left-to-right chain, but log2(ITEMS) dependent steps instead of ITEMS. Item 0 is applied first, or the
+// last item when REVERSE (the adjoint runs backwards in time): pairs of blocks combine as (P_L P_R, P_R S_L + S_R),
+// or (P_L P_R, P_L S_R + S_L).
+template <bool REVERSE>
+__device__ __forceinline__ void compose_items(const float (&m)[ITEMS], const float (&c)[ITEMS], float& P, float& S) {
+    static_assert((ITEMS & (ITEMS - 1)) == 0, "the tree pairs items: ITEMS must be a power of two");
+    float pm[ITEMS], sc[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        pm[i] = m[i];
+        sc[i] = c[i];
+    }
+#pragma unroll
+    for (int stride = 1; stride < ITEMS; stride *= 2)
+#pragma unroll
+        for (int i = 0; i < ITEMS; i += 2 * stride) {
+            sc[i] = REVERSE ? fmaf(pm[i], sc[i + stride], sc[i]) : fmaf(pm[i + stride], sc[i], sc[i + stride]);
+            pm[i] *= pm[i + stride];
+        }
+    P = pm[0];
+    S = sc[0];
+}
+
 __device__ __forceinline__ float lane_entry_state(const float (&delta)[ITEMS], const float (&dx)[ITEMS], float A2,
                                                   float h_chunk, int lane, float (&a)[ITEMS], float (&b)[ITEMS],
                                                   float& h_end) {
-    float P = 1.f, S = 0.f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
         a[i] = exp2f(delta[i] * A2);
         b[i] *= dx[i];
-        S = fmaf(a[i], S, b[i]);
-        P *= a[i];
     }
+    float P, S;
+    compose_items<false>(a, b, P, S);
     compose_up(P, S, lane);
     const float Pe = __shfl_up_sync(FULL, P, 1), Se = __shfl_up_sync(FULL, S, 1);
     const float Pl = __shfl_sync(FULL, P, 31), Sl = __shfl_sync(FULL, S, 31);
@@ -571,7 +594,12 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
             S2[i] = 0.f;  // sum_n dh h_{t-1} a A
         }
         float* red = s_red;
+        // The warp sum of a state's dA share is taken during the next state, where its shuffles overlap that state's
+        // arithmetic instead of delaying this state's barrier (at n = 0 it adds the zero pending share).
+        float dA_pending = 0.f;
         for (int n = 0; n < N; ++n) {
+            const float dA_prev = warp_sum(dA_pending);
+            if (w.lane == 0) s_dA[w.warp * N + (n + N - 1) % N] += dA_prev;
             const float An = s_A[w.warp * N + n], A2 = An * LOG2E;
             float Bv[ITEMS], Cv[ITEMS], a[ITEMS], hp[ITEMS], o[ITEMS], h_end;
             load_items(s_B + n * TP + w.lane * ITEMS, Bv);
@@ -594,12 +622,10 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
             const float R = s_dh[w.warp * N + n];
             const float a_up = __shfl_down_sync(FULL, a[0], 1);  // every lane takes part in a shuffle
             const float a_next = w.lane < 31 ? a_up : 1.f;
-            float Pr = a_next, Sr = Cv[ITEMS - 1];
+            float m[ITEMS], Pr, Sr;  // item i's adjoint map: dh -> a_{i+1} dh + g_i C_i
 #pragma unroll
-            for (int i = ITEMS - 2; i >= 0; --i) {
-                Sr = fmaf(a[i + 1], Sr, Cv[i]);
-                Pr *= a[i + 1];
-            }
+            for (int i = 0; i < ITEMS; ++i) m[i] = i + 1 < ITEMS ? a[i + 1] : a_next;
+            compose_items<true>(m, Cv, Pr, Sr);
             compose_down(Pr, Sr, w.lane);
             const float Pn = __shfl_down_sync(FULL, Pr, 1), Sn = __shfl_down_sync(FULL, Sr, 1);
             float dh = w.lane < 31 ? fmaf(Pn, R, Sn) : R;  // dh of the first token after this lane's items
@@ -615,11 +641,8 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
             }
             store_items(red + w.warp * TOK + w.lane * ITEMS, o);
             const float carry = __shfl_sync(FULL, a[0] * dh, 0);  // a dh of the chunk's first token
-            dA_lane = warp_sum(dA_lane);
-            if (w.lane == 0) {
-                s_dh[w.warp * N + n] = carry;
-                s_dA[w.warp * N + n] += dA_lane;
-            }
+            if (w.lane == 0) s_dh[w.warp * N + n] = carry;
+            dA_pending = dA_lane;
             __syncthreads();
             // Channel sums of this state's dB / dC over the block's W warps. Two buffers: the next state writes
             // the other one, and reuses this one only after the next barrier, when every thread is past here.
@@ -632,6 +655,8 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
             }
             red = red == s_red ? s_red + 2 * W * TOK : s_red;
         }
+        dA_pending = warp_sum(dA_pending);
+        if (w.lane == 0) s_dA[w.warp * N + N - 1] += dA_pending;
         // Per-token gradients of the chunk.
         {
             float xv[ITEMS], v[ITEMS], zv[ITEMS], dov[ITEMS];
