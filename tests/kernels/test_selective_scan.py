@@ -617,6 +617,12 @@ def test_cu_seqlens_is_read_once_per_tensor(monkeypatch):
     cu[-1] = 4
     with pytest.raises(ValueError, match=r"got \[0, 3, 4\]"):
         check_cu_seqlens(cu, 1, 5)
+    with torch.inference_mode():  # vLLM's tensors: no version counter, so read on every call
+        cu = torch.tensor([0, 3, 5])
+        check_cu_seqlens(cu, 1, 5)
+        cu[-1] = 4
+        with pytest.raises(ValueError, match=r"got \[0, 3, 4\]"):
+            check_cu_seqlens(cu, 1, 5)
 
 
 def test_cuda_forward_kernel_is_serial_for_many_documents(monkeypatch):

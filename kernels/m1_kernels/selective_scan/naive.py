@@ -59,10 +59,12 @@ def live_slots(state_indices, batch: int, pad_slot_id: int, device):
 # cu_seqlens tensors already checked, by (id, data pointer, version, packed length). A training step hands one
 # cu_seqlens to every layer's conv and scan: reading its ends costs a host sync per call on a GPU (the GPU then idles
 # while Python prepares the next launch), so it is read once per tensor. An in-place change bumps the version, and a
-# dead tensor leaves the dictionary, so neither is mistaken for a checked one.
+# dead tensor leaves the dictionary, so neither is mistaken for a checked one. Inference-mode tensors (vLLM) have no
+# version counter: they are read on every call.
 _checked_cu_seqlens: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
+@torch.compiler.disable  # reads ids and version counters, and the check itself copies to the host: eager when compiled
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
     """Packed input is one row whose documents ``cu_seqlens`` splits (0 first, length last).
 
@@ -76,14 +78,15 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
     """
     if batch != 1:
         raise ValueError(f"packed input (cu_seqlens given) must have batch 1, got {batch}")
-    key = (id(cu_seqlens), cu_seqlens.data_ptr(), cu_seqlens._version, length)
-    if _checked_cu_seqlens.get(key) is cu_seqlens:
+    key = None if cu_seqlens.is_inference() else (id(cu_seqlens), cu_seqlens.data_ptr(), cu_seqlens._version, length)
+    if key is not None and _checked_cu_seqlens.get(key) is cu_seqlens:
         return
     # One device-to-host copy for both ends.
     ends = cu_seqlens[[0, -1]].tolist() if cu_seqlens.ndim == 1 and cu_seqlens.numel() else None
     if ends != [0, length]:
         raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {length}, got {cu_seqlens.tolist()}")
-    _checked_cu_seqlens[key] = cu_seqlens
+    if key is not None:
+        _checked_cu_seqlens[key] = cu_seqlens
 
 
 def documents_longest_first(cu_seqlens: torch.Tensor) -> torch.Tensor:
