@@ -47,10 +47,9 @@ FWD_UNROLL = 4  # states the forward runs side by side
 FWD_WIDTH = 16  # channels per forward block (8: two blocks per SM)
 # The one-thread-per-channel forward ("serial", see the .cu file) runs when the batch has at least this many
 # (sequence, channel) threads per SM, else the chunked forward does: the serial kernel has no time parallelism, so
-# it needs many documents to fill the GPU. H100, M1-3B, 8k tokens, forward ms serial / chunked: 16 documents (372
-# threads per SM) 0.32 / 0.44, 8 (186 per SM) 0.40 / 0.42, 4 (93 per SM) 0.57 / 0.40 (README.md, "Serial forward").
-# 0 always takes it; a huge value never does (benchmarks, tests).
-SERIAL_MIN_THREADS_PER_SM = 128
+# it needs many documents to fill the GPU (README.md, "Serial forward", has the measurements). 0 always takes it; a
+# huge value never does (benchmarks, tests).
+SERIAL_MIN_THREADS_PER_SM = 256
 # State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
 STATE_SIZES = (16, 32)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
