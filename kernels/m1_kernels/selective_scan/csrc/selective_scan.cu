@@ -398,7 +398,7 @@ __global__ void __launch_bounds__(32 * WF, 16 / WF) scan_fwd_kernel(const ScanPa
 // (documents x d_inner), so cuda_scan.py takes it for batches of many documents and the chunked kernel above
 // otherwise. Each thread loads its own token inputs: x, dt, z of its channel (a warp reads 32 consecutive channels)
 // and the B and C rows of its groups (the channels of a group read the same bytes: one L1 request). The loads run
-// SERIAL_PREFETCH tokens ahead, in registers, so that their latency overlaps the arithmetic of the tokens before.
+// PF tokens ahead (in the kernel), in registers, so that their latency overlaps the arithmetic of the tokens before.
 // States are saved at the same chunk starts as the chunked kernel's, so the backward is shared.
 constexpr int SERIAL_THREADS = 64;  // channels per block (threads do not cooperate: any size works)
 
