@@ -394,7 +394,7 @@ __global__ void __launch_bounds__(32 * WF, 16 / WF) scan_fwd_kernel(const ScanPa
 
 // Forward with one thread per channel and no time parallelism ("serial"): the thread keeps its N states in registers
 // and steps through its document token by token, so y_t = sum_n C_t[n] h_t[n] is in-thread adds and there is no scan
-// to pay for: per (token, channel, state) one exp2 and three FP32 instructions. It needs many threads to fill the GPU
+// to pay for: per (token, channel, state) one exp2, two multiplies and two FMAs. It needs many threads to fill the GPU
 // (documents x d_inner), so cuda_scan.py takes it for batches of many documents and the chunked kernel above
 // otherwise. Each thread loads its own token inputs: x, dt, z of its channel (a warp reads 32 consecutive channels)
 // and the B and C rows of its groups (the channels of a group read the same bytes: one L1 request). The loads run
