@@ -216,7 +216,7 @@ def forward_kernel(n_seqs: int, d_inner: int, device) -> str:
 
     Example::
 
-        >>> forward_kernel(4, 3072, "cuda")  # doctest: +SKIP
+        >>> forward_kernel(16, 3072, "cuda")  # doctest: +SKIP  (M1-3B, 16 documents, on an H100)
         'fwd_serial'
     """
     sms = _sm_count(torch.device(device).index or 0)
