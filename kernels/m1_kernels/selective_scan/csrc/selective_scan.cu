@@ -246,9 +246,6 @@ __device__ __forceinline__ void compose_down(float& P, float& S, int lane) {
     }
 }
 
-// State n's recurrence over a lane's items: a_t = exp2(delta_t A2) and b_t = dx_t B_t (dx = delta x; `b` holds B_t
-// on entry), the lane's maps composed into h -> P h + S, and the warp scan of those. Returns the state entering the
-// lane's first item, given h_chunk entering the chunk; `h_end` gets the state after the chunk's last token.
 // A lane's ITEMS affine maps x -> m[i] x + c[i] composed into x -> P x + S, as a balanced tree: the same multiplies
 // and FMAs as a left-to-right chain, but log2(ITEMS) dependent steps instead of ITEMS. Item 0 is applied first, or the
 // last item when REVERSE (the adjoint runs backwards in time): pairs of blocks combine as (P_L P_R, P_R S_L + S_R),
@@ -273,6 +270,9 @@ __device__ __forceinline__ void compose_items(const float (&m)[ITEMS], const flo
     S = sc[0];
 }
 
+// State n's recurrence over a lane's items: a_t = exp2(delta_t A2) and b_t = dx_t B_t (dx = delta x; `b` holds B_t
+// on entry), the lane's maps composed into h -> P h + S, and the warp scan of those. Returns the state entering the
+// lane's first item, given h_chunk entering the chunk; `h_end` gets the state after the chunk's last token.
 __device__ __forceinline__ float lane_entry_state(const float (&delta)[ITEMS], const float (&dx)[ITEMS], float A2,
                                                   float h_chunk, int lane, float (&a)[ITEMS], float (&b)[ITEMS],
                                                   float& h_end) {
