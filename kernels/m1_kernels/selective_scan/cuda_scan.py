@@ -214,9 +214,9 @@ def forward_kernel(n_seqs: int, d_inner: int, device) -> str:
 
     The count is of sequences, not of tokens per sequence: document lengths live on the device (no host sync).
 
-    Example::
+    Example (M1-3B's 3072 channels, 16 documents, on an H100)::
 
-        >>> forward_kernel(16, 3072, "cuda")  # doctest: +SKIP  (M1-3B, 16 documents, on an H100)
+        >>> forward_kernel(16, 3072, "cuda")  # doctest: +SKIP
         'fwd_serial'
     """
     sms = _sm_count(torch.device(device).index or 0)
