@@ -43,6 +43,12 @@ def main(argv=None):
         help="also the host (Python) time of the forward and backward calls, and their costliest functions: time "
         "the GPU waits for whenever it exceeds the queued work",
     )
+    p.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="with --host: warn, with a stack, at every host-device sync inside the timed calls "
+        "(torch.cuda.set_sync_debug_mode)",
+    )
     args = p.parse_args(argv)
     d, N, gc, gb = args.shape
     fused, ins, cu = make_inputs(args.tokens, args.doc_len, d, N, gc, gb, torch.bfloat16, "cuda")
@@ -72,13 +78,14 @@ def main(argv=None):
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
         if args.host:
             with variant_settings(label, values):
-                host_time(scan, operands, ins, cu, dy, grads, args.rows)
+                host_time(scan, operands, ins, cu, dy, grads, args.rows, sync_debug=args.sync_debug)
 
 
-def host_time(scan, operands, ins, cu, dy, grads, rows, steps=20):
+def host_time(scan, operands, ins, cu, dy, grads, rows, steps=20, sync_debug=False):
     """Print the mean host time of the forward and of the backward call (launches are asynchronous: this is the
     Python and launch overhead, plus any host sync inside), then, over as many more steps, cProfile's costliest
-    functions (the profiler slows Python down, so it is off while timing)."""
+    functions (the profiler slows Python down, so it is off while timing). ``sync_debug``: torch warns at each
+    host-device sync inside the calls (the first step's, so that each warns once)."""
     totals = [0.0, 0.0]
     profile = cProfile.Profile()
     for i in range(2 * steps):
@@ -86,11 +93,13 @@ def host_time(scan, operands, ins, cu, dy, grads, rows, steps=20):
         t = operands()
         if i >= steps:
             profile.enable()
+        torch.cuda.set_sync_debug_mode("warn" if sync_debug and i == 0 else "default")
         t0 = time.perf_counter()
         y = scan(t["x"], t["dt"], ins["A"], t["B"], t["C"], ins["D"], t["z"], ins["dt_bias"], True, cu)
         t1 = time.perf_counter()
         y.backward(dy)
         t2 = time.perf_counter()
+        torch.cuda.set_sync_debug_mode("default")
         profile.disable()
         if i < steps:
             totals[0] += t1 - t0

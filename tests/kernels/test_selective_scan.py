@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from m1_kernels.selective_scan.naive import check_cu_seqlens
+from m1_kernels.selective_scan.naive import cu_seqlens_memo
+from m1_kernels.selective_scan.naive import documents_longest_first
 from m1_kernels.selective_scan.naive import selective_scan_ref
 from tests.testing import assert_close
 from tests.testing import random_cu_seqlens
@@ -610,7 +612,8 @@ def test_cuda_source_builds_and_matches_the_parameter_block(monkeypatch, tmp_pat
 
 def test_cu_seqlens_is_read_once_per_tensor(monkeypatch):
     """Reading cu_seqlens' ends is a host sync on a GPU: a tensor already checked (same object, data and version)
-    is not read again, but another packed length, or an in-place change, is checked again."""
+    is not read again, but another packed length, or an in-place change, is checked again. Inference-mode tensors
+    (no version counter) are read once while they live."""
     reads, real = [], torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real(t))
     cu = torch.tensor([0, 3, 5])
@@ -622,12 +625,28 @@ def test_cu_seqlens_is_read_once_per_tensor(monkeypatch):
     cu[-1] = 4
     with pytest.raises(ValueError, match=r"got \[0, 3, 4\]"):
         check_cu_seqlens(cu, 1, 5)
-    with torch.inference_mode():  # vLLM's tensors: no version counter, so read on every call
-        cu = torch.tensor([0, 3, 5])
-        check_cu_seqlens(cu, 1, 5)
-        cu[-1] = 4
-        with pytest.raises(ValueError, match=r"got \[0, 3, 4\]"):
-            check_cu_seqlens(cu, 1, 5)
+    before = len(reads)
+    with torch.inference_mode():  # vLLM's tensors: no version counter, so read once while they live
+        inference_cu = torch.tensor([0, 3, 5])
+        check_cu_seqlens(inference_cu, 1, 5)
+        check_cu_seqlens(inference_cu, 1, 5)
+    assert len(reads) == before + 1
+
+
+def test_documents_longest_first_sorts_once_per_tensor(monkeypatch):
+    """The order of packed documents by length is a sort on the device: derived once per cu_seqlens tensor, and
+    again after an in-place change or for another tensor; a dead tensor's entry leaves the memo."""
+    sorts, real = [], torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda *a, **k: sorts.append(1) or real(*a, **k))
+    cu = torch.tensor([0, 1, 5, 7], dtype=torch.int32)
+    assert documents_longest_first(cu).tolist() == [1, 2, 0]
+    assert documents_longest_first(cu).tolist() == [1, 2, 0] and len(sorts) == 1
+    cu[1] = 4
+    assert documents_longest_first(cu).tolist() == [0, 2, 1] and len(sorts) == 2
+    assert documents_longest_first(cu.clone()).tolist() == [0, 2, 1] and len(sorts) == 3
+    entries = len(cu_seqlens_memo._entries)
+    del cu
+    assert len(cu_seqlens_memo._entries) == entries - 1
 
 
 def test_cuda_forward_kernel_is_serial_for_many_documents(monkeypatch):

@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 
 from m1_kernels.selective_scan.naive import check_cu_seqlens
+from m1_kernels.selective_scan.naive import check_groups
+from m1_kernels.selective_scan.naive import cu_seqlens_memo
 from m1_kernels.selective_scan.naive import documents_longest_first
-from m1_kernels.selective_scan.naive import group_index
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cu"
 # Compile-time knobs (benchmarks/bench_selective_scan.py varies them; README.md, "CUDA kernels", has the sweeps):
@@ -151,18 +152,28 @@ class ScanLibrary:
         """Dynamic shared memory one block of the forward or backward kernel needs."""
         return self.lib.m1_scan_smem_bytes(_DTYPES[dtype], N, int(backward))
 
-    def launch(self, kernel: str, params: ScanParams, dtype: torch.dtype, n_seqs: int, device):
+    def launch(self, kernel: str, params: ScanParams, dtype: torch.dtype, n_seqs: int, device: torch.device):
         """Run kernel ``"fwd"`` (chunked), ``"fwd_serial"`` or ``"bwd"`` on torch's current stream (asynchronous, like
         any CUDA op)."""
         fn = getattr(self.lib, f"m1_scan_{kernel}")
+        args = (ctypes.byref(params), _DTYPES[dtype], n_seqs, ctypes.c_void_p(_current_stream(device.index)))
         # The library's runtime launches into the thread's current CUDA context: make it the tensors' device (a
         # rank that never called torch.cuda.set_device would otherwise launch on device 0 with another's stream).
-        with torch.cuda.device(device):
-            stream = torch.cuda.current_stream(device).cuda_stream
-            err = fn(ctypes.byref(params), _DTYPES[dtype], n_seqs, ctypes.c_void_p(stream))
+        if torch.cuda.current_device() == device.index:
+            err = fn(*args)
+        else:
+            with torch.cuda.device(device):
+                err = fn(*args)
         if err:
             msg = self.lib.m1_scan_error_string(err).decode()
             raise RuntimeError(f"CUDA selective scan kernel {kernel!r} failed to launch: {msg}")
+
+
+def _current_stream(device_index: int) -> int:
+    """The raw handle of torch's current stream on the device. torch's private accessor (the one the code
+    torch.compile generates calls) skips building a Stream object per launch; the public path is the fallback."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device_index) if raw else torch.cuda.current_stream(device_index).cuda_stream
 
 
 @functools.cache
@@ -170,10 +181,15 @@ def _library(arch: str, defines: tuple) -> ScanLibrary:
     return ScanLibrary(build_library(arch, dict(defines)))
 
 
+@functools.cache
+def _arch(device_index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"{major}{minor}"
+
+
 def library(device: torch.device) -> ScanLibrary:
     """The built library for ``device``'s architecture and the current knobs (built on the first call)."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return _library(f"{major}{minor}", tuple(_defines().items()))
+    return _library(_arch(torch.device(device).index or 0), tuple(_defines().items()))
 
 
 def unsupported_reason(x, dt, A, B, C, z) -> str | None:
@@ -194,9 +210,8 @@ def unsupported_reason(x, dt, A, B, C, z) -> str | None:
 def _layout_reason(device_index: int, dtype: torch.dtype, N: int, cpc: int, defines: tuple) -> str | None:
     """The part of :func:`unsupported_reason` that needs the library and the device, once per layout: every scan
     call asks (the dispatcher, then the op), and a failed build must not run nvcc again on each of them."""
-    major, minor = torch.cuda.get_device_capability(device_index)
     try:
-        lib = _library(f"{major}{minor}", defines)
+        lib = _library(_arch(device_index), defines)
     except RuntimeError as exc:  # no nvcc, or the build failed
         return str(exc)
     if cpc % lib.channels_per_block:
@@ -246,6 +261,10 @@ def _ptr(t) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _int32_on(device):
+    return lambda t: t.to(device=device, dtype=torch.int32).contiguous()
+
+
 class CudaScanFunction(torch.autograd.Function):
     """Autograd wrapper of the CUDA forward (saving the state every 256 tokens) and backward."""
 
@@ -256,7 +275,7 @@ class CudaScanFunction(torch.autograd.Function):
         N = A.shape[1]
         lib = library(x.device)
         tok = lib.tokens_per_chunk
-        cu = None if cu_seqlens is None else cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
+        cu = None if cu_seqlens is None else cu_seqlens_memo.get(cu_seqlens, ("int32", x.device), _int32_on(x.device))
         n_seqs = b if cu is None else cu.numel() - 1
         order = None if cu is None else documents_longest_first(cu)
         n_chunks_row = 0 if cu is not None else -(-L // tok)
@@ -294,14 +313,16 @@ class CudaScanFunction(torch.autograd.Function):
         dx = torch.empty((b, L, d), device=dev, dtype=x.dtype)
         ddt = torch.empty_like(dx)
         dz = torch.empty_like(dx) if z is not None else None
-        dB = torch.zeros((b, L, G_B, N), device=dev, dtype=torch.float32)
+        dB = torch.zeros((b, L, G_B, N), device=dev, dtype=torch.float32)  # the kernels add into these four
+        # dA, dD and d dt_bias share one buffer: one fill instead of three (the host's launches show at small sizes).
+        small = torch.zeros(d * N + 2 * d, device=dev, dtype=torch.float32)
+        dA, dD, dbias = small[: d * N].view(d, N), small[d * N : d * N + d], small[d * N + d :]
         direct = d // G_C == lib.channels_per_block  # one block per C group: its channel sum is the whole dC
         dC = torch.empty((b, L, G_C, N), device=dev, dtype=C.dtype if direct else torch.float32)
         if not direct:
             dC.zero_()
-        dA = torch.zeros((d, N), device=dev, dtype=torch.float32)
-        dD = torch.zeros(d, device=dev, dtype=torch.float32) if D32 is not None else None
-        dbias = torch.zeros(d, device=dev, dtype=torch.float32) if bias32 is not None else None
+        dD = dD if D32 is not None else None
+        dbias = dbias if bias32 is not None else None
         dh0 = torch.empty((ctx.n_seqs, d, N), device=dev, dtype=torch.float32)
         p = ctx.params  # the forward's sizes and strides; the pointers are set again from the saved tensors
         p.x, p.dt, p.z, p.B, p.C, p.A, p.D, p.dt_bias = (_ptr(t) for t in (x, dt, z, B, C, A32, D32, bias32))
@@ -358,7 +379,7 @@ def selective_scan_cuda(
         >>> y = selective_scan_cuda(x, dt, A, B, C, D, z, dt_bias, cu_seqlens=cu)  # doctest: +SKIP
     """
     b, L, d = x.shape
-    group_index(d, C.shape[2], B.shape[2])  # validates the group layout
+    check_groups(d, C.shape[2], B.shape[2])
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, b, L)
     reason = unsupported_reason(x, dt, A, B, C, z)

@@ -56,17 +56,51 @@ def live_slots(state_indices, batch: int, pad_slot_id: int, device):
     return live.nonzero().squeeze(-1), slots[live]
 
 
-# cu_seqlens tensors already checked, by (id, data pointer, version, packed length). A training step hands one
-# cu_seqlens to every layer's conv and scan: reading its ends costs a host sync per call on a GPU (the GPU then idles
-# while Python prepares the next launch), so it is read once per tensor. An in-place change bumps the version, and a
-# dead tensor leaves the dictionary, so neither is mistaken for a checked one. Inference-mode tensors (vLLM) have no
-# version counter: they are read on every call.
-_checked_cu_seqlens: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+class TensorMemo:
+    """Facts derived from a tensor, computed once while the tensor lives and its contents are unchanged.
+
+    A training step hands one ``cu_seqlens`` to every layer's conv and scan, and each call needs facts about it:
+    that its ends are right (a host read: on a GPU a sync, after which the GPU idles while Python prepares the next
+    launch) and the documents' order by length (a sort: three launches). They are derived once per tensor. An entry
+    is keyed by the tensor's identity, data pointer and version counter: an in-place change bumps the version and
+    the facts are derived again; a dead tensor's entry is dropped. Inference-mode tensors (vLLM's) have no version
+    counter: their facts hold while the tensor lives, so an in-place change to one after its first use is not seen.
+
+    Example::
+
+        >>> memo = TensorMemo()
+        >>> t = torch.tensor([0, 3, 5])
+        >>> memo.get(t, "last", lambda v: int(v[-1]))
+        5
+        >>> t[-1] = 4
+        >>> memo.get(t, "last", lambda v: int(v[-1]))
+        4
+    """
+
+    def __init__(self):
+        self._entries = {}  # id -> (weak reference, (data pointer, version), {name: fact})
+
+    def get(self, tensor: torch.Tensor, name, derive):
+        """``derive(tensor)``, computed on the first call for this tensor's current contents and ``name``."""
+        key, state = id(tensor), (tensor.data_ptr(), None if tensor.is_inference() else tensor._version)
+        entry = self._entries.get(key)
+        if entry is None or entry[0]() is not tensor or entry[1] != state:
+            # The callback drops the entry when the tensor dies, before its id can be reused.
+            ref = weakref.ref(tensor, lambda _, key=key: self._entries.pop(key, None))
+            entry = self._entries[key] = (ref, state, {})
+        facts = entry[2]
+        if name not in facts:
+            facts[name] = derive(tensor)
+        return facts[name]
+
+
+cu_seqlens_memo = TensorMemo()
 
 
 @torch.compiler.disable  # reads ids and version counters, and the check itself copies to the host: eager when compiled
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
-    """Packed input is one row whose documents ``cu_seqlens`` splits (0 first, length last).
+    """Packed input is one row whose documents ``cu_seqlens`` splits (0 first, length last). Checked once per
+    tensor and length (:class:`TensorMemo`): on a GPU the check is a host sync.
 
     Example::
 
@@ -78,24 +112,28 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: int) -> None:
     """
     if batch != 1:
         raise ValueError(f"packed input (cu_seqlens given) must have batch 1, got {batch}")
-    key = None if cu_seqlens.is_inference() else (id(cu_seqlens), cu_seqlens.data_ptr(), cu_seqlens._version, length)
-    if key is not None and _checked_cu_seqlens.get(key) is cu_seqlens:
-        return
-    # One device-to-host copy for both ends.
-    ends = cu_seqlens[[0, -1]].tolist() if cu_seqlens.ndim == 1 and cu_seqlens.numel() else None
-    if ends != [0, length]:
+    if not cu_seqlens_memo.get(cu_seqlens, ("ends", length), lambda cu: _ends_are(cu, length)):
         raise ValueError(f"cu_seqlens must start at 0 and end at the packed length {length}, got {cu_seqlens.tolist()}")
-    if key is not None:
-        _checked_cu_seqlens[key] = cu_seqlens
 
 
+def _ends_are(cu_seqlens: torch.Tensor, length: int) -> bool:
+    # One device-to-host copy for both ends.
+    return cu_seqlens.ndim == 1 and cu_seqlens.numel() > 0 and cu_seqlens[[0, -1]].tolist() == [0, length]
+
+
+@torch.compiler.disable  # the memo reads ids and version counters
 def documents_longest_first(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Packed document indices by decreasing length (stable, int32), sorted on the device: no host sync.
+    """Packed document indices by decreasing length (stable, int32), sorted on the device: no host sync. Sorted
+    once per tensor (:class:`TensorMemo`).
 
     The scan kernels hand documents to the GPU in this order, so that a long document does not start last
     and run on alone (kernels/m1_kernels/selective_scan/README.md, "Longest documents first").
     """
-    return torch.argsort(cu_seqlens[1:] - cu_seqlens[:-1], descending=True, stable=True).to(torch.int32)
+    return cu_seqlens_memo.get(cu_seqlens, "longest first", _sort_by_length)
+
+
+def _sort_by_length(cu: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(cu[1:] - cu[:-1], descending=True, stable=True).to(torch.int32)
 
 
 def selective_scan_ref(

@@ -731,8 +731,17 @@ template <typename T, int N> int launch(const ScanParams& p, int n_seqs, Kernel 
     const bool backward = kind == BWD;
     const int bytes = smem_bytes(int(sizeof(T)), N, backward), width = backward ? W : WF;
     auto kernel = backward ? scan_bwd_kernel<T, N> : scan_fwd_kernel<T, N>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    // The shared-memory opt-in is a per-device attribute of the kernel: set once per device (a call costs ~5 us of
+    // host time, which shows when the kernels are short). Setting it twice from racing threads is harmless.
+    static bool opted_in[2][64] = {};
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return int(err);
+    if (device >= 64 || !opted_in[backward][device]) {
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        if (err != cudaSuccess) return int(err);
+        if (device < 64) opted_in[backward][device] = true;
+    }
     kernel<<<n_seqs * (p.d_inner / width), 32 * width, bytes, stream>>>(p);
     return int(cudaGetLastError());
 }
