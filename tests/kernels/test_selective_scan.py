@@ -551,6 +551,19 @@ def test_cuda_is_the_default_scan_on_gpu(cuda_scan, monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.gpu
+def test_cuda_two_builds_in_one_process(cuda_scan, monkeypatch):
+    """Benchmarks and tests load several builds of the source (other compile-time knobs) into one process: each must
+    set up and launch its own kernels (a launch-time cache once lived in a symbol the loader shares between them)."""
+    inputs = make_inputs(1, 300, 32, 16, 2, 1, torch.bfloat16, "cuda", n_states=2)
+    cu = random_cu_seqlens([100, 200], "cuda")
+    ref = run_and_grad(selective_scan_ref, leaves(inputs), cu)
+    for unroll in (cuda_scan.FWD_UNROLL, 2):
+        monkeypatch.setattr(cuda_scan, "FWD_UNROLL", unroll)
+        _compare(ref, run_and_grad(cuda_scan.selective_scan_cuda, leaves(inputs), cu), torch.bfloat16)
+    assert cuda_scan._library.cache_info().currsize >= 2
+
+
 def test_cuda_unsupported_layouts_say_why(monkeypatch):
     """Inputs the CUDA kernels do not take are named with the reason (the dispatcher then runs Triton)."""
     scan = importlib.import_module("m1_kernels.selective_scan.cuda_scan")

@@ -720,6 +720,15 @@ int smem_bytes(int esize, int N, bool backward) {
 
 enum Kernel { FWD = 0, BWD = 1, FWD_SERIAL = 2 };
 
+// Which (dtype, state size, forward / backward) kernels have been given their shared memory, per device. A file-scope
+// array, not a static inside the launch template: those are merged across every loaded library (GNU unique symbols),
+// and a process may load several builds of this file (benchmarks and tests vary the compile-time knobs).
+constexpr int MAX_DEVICES = 64;
+static bool opted_in[3][2][2][MAX_DEVICES] = {};  // internal linkage: one per loaded library
+template <typename T> constexpr int dtype_index() {
+    return std::is_same<T, float>::value ? 0 : std::is_same<T, __half>::value ? 1 : 2;
+}
+
 // Chunked kernels: one block per (sequence, channel block), `n_seqs * d_inner / width` blocks of 32 * width threads.
 // Serial forward: one thread per (sequence, channel), in blocks of SERIAL_THREADS.
 template <typename T, int N> int launch(const ScanParams& p, int n_seqs, Kernel kind, cudaStream_t stream) {
@@ -733,14 +742,14 @@ template <typename T, int N> int launch(const ScanParams& p, int n_seqs, Kernel 
     auto kernel = backward ? scan_bwd_kernel<T, N> : scan_fwd_kernel<T, N>;
     // The shared-memory opt-in is a per-device attribute of the kernel: set once per device (a call costs ~5 us of
     // host time, which shows when the kernels are short). Setting it twice from racing threads is harmless.
-    static bool opted_in[2][64] = {};
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return int(err);
-    if (device >= 64 || !opted_in[backward][device]) {
+    bool* done = device < MAX_DEVICES ? &opted_in[dtype_index<T>()][N == 32][backward][device] : nullptr;
+    if (!done || !*done) {
         err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
         if (err != cudaSuccess) return int(err);
-        if (device < 64) opted_in[backward][device] = true;
+        if (done) *done = true;
     }
     kernel<<<n_seqs * (p.d_inner / width), 32 * width, bytes, stream>>>(p);
     return int(cudaGetLastError());
