@@ -528,6 +528,27 @@ __global__ void __launch_bounds__(SERIAL_THREADS) scan_fwd_serial_kernel(const S
     for (int n = 0; n < N; n += 4) *reinterpret_cast<float4*>(fin + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
 }
 
+// Shared-memory arrival barriers (mbarrier, sm_90): a thread arrives without waiting (release: its earlier shared
+// writes become visible to whoever waits), and waits, when it needs to, for a phase to complete (acquire). Phase k of a
+// barrier completes when its `count` threads have arrived for the k-th time; waits name the phase by its parity.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+    uint32_t done;
+    do {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
 template <typename T, int N>
 __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kernel(const ScanParams p) {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -544,6 +565,15 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
     float* s_dA = s_dh + W * N;          // [W][N]
     float* s_hs = s_dA + W * N;          // [W][N] state entering the chunk (checkpoint)
     float* s_A = s_hs + W * N;           // [W][N]
+    // full[b]: every thread has written its shares of the state using red buffer b; empty[b]: every thread has taken
+    // its channel sum out of buffer b, which may then be written again.
+    uint64_t* s_full = reinterpret_cast<uint64_t*>(s_A + W * N);  // [2], 8-byte aligned (W N is even)
+    uint64_t* s_empty = s_full + 2;                                // [2]
+    if (threadIdx.x == 0)
+        for (int b = 0; b < 2; ++b) {
+            mbar_init(&s_full[b], 32 * W);
+            mbar_init(&s_empty[b], 32 * W);
+        }
 
     const Place w = place_of<W>(p);
     const Seq q = sequence_of(p, w.seq);
@@ -563,6 +593,24 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
     ChunkInputs<T, W, N, true> in(p, q, w.d0, gB, gC);
     const bool z = p.has_z;
     if (M1_SCAN_BWD_PREFETCH && n_chunks > 0) in.fetch(n_chunks - 1);
+    // The channel sums of state k (counted over the whole sequence) go through red buffer k % 2: it is the
+    // (k / 2)-th use of that buffer's barriers. A thread takes its sum of state k while it computes state k + 1, so
+    // the warps are never all held at one point (a block-wide barrier per state kept them in lockstep, so that
+    // their shuffle and shared-memory latencies added up instead of overlapping).
+    int k = 0;
+    auto channel_sum = [&](int kk, int n) {  // this thread's element of state kk's dB / dC sums, into column n
+        const int b = kk & 1;
+        mbar_wait(&s_full[b], (kk >> 1) & 1);
+        const float* red = s_red + b * 2 * W * TOK;
+        for (int e = threadIdx.x; e < 2 * TOK; e += 32 * W) {
+            const int kind = e / TOK, t = e - kind * TOK;
+            float acc = 0.f;
+#pragma unroll
+            for (int v = 0; v < W; ++v) acc += red[(kind * W + v) * TOK + t];
+            (kind ? s_dC : s_dB)[t * (N + 1) + n] = acc;
+        }
+        mbar_arrive(&s_empty[b]);
+    };
 
     for (int c = n_chunks - 1; c >= 0; --c) {
         const int t0 = c * TOK, valid = min(TOK, q.len - t0);
@@ -595,11 +643,11 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
             S1[i] = 0.f;  // sum_n dh B
             S2[i] = 0.f;  // sum_n dh h_{t-1} a A
         }
-        float* red = s_red;
         // The warp sum of a state's dA share is taken during the next state, where its shuffles overlap that state's
         // arithmetic instead of delaying this state's barrier (at n = 0 it adds the zero pending share).
         float dA_pending = 0.f;
-        for (int n = 0; n < N; ++n) {
+        for (int n = 0; n < N; ++n, ++k) {
+            float* red = s_red + (k & 1) * 2 * W * TOK;
             const float dA_prev = warp_sum(dA_pending);
             if (w.lane == 0) s_dA[w.warp * N + (n + N - 1) % N] += dA_prev;
             const float An = s_A[w.warp * N + n], A2 = An * LOG2E;
@@ -618,6 +666,9 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
                 o[i] = g[i] * h;          // this channel's share of dC_t[n]
                 Cv[i] *= g[i];            // g_t C_t: the adjoint's input
             }
+            // Buffer k % 2 last held state k - 2, whose sums every thread has taken before the chunk's closing
+            // barrier when that state was in an earlier chunk.
+            if (n >= 2) mbar_wait(&s_empty[k & 1], ((k - 2) >> 1) & 1);
             store_items(red + (W + w.warp) * TOK + w.lane * ITEMS, o);
             // Adjoint, backwards: dh_t = g_t C_t + a_{t+1} dh_{t+1}; past the chunk's last token the carry
             // R = a dh of the next chunk's first token (or d final_state) enters with factor 1.
@@ -645,18 +696,10 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
             const float carry = __shfl_sync(FULL, a[0] * dh, 0);  // a dh of the chunk's first token
             if (w.lane == 0) s_dh[w.warp * N + n] = carry;
             dA_pending = dA_lane;
-            __syncthreads();
-            // Channel sums of this state's dB / dC over the block's W warps. Two buffers: the next state writes
-            // the other one, and reuses this one only after the next barrier, when every thread is past here.
-            for (int e = threadIdx.x; e < 2 * TOK; e += 32 * W) {
-                const int k = e / TOK, t = e - k * TOK;
-                float acc = 0.f;
-#pragma unroll
-                for (int v = 0; v < W; ++v) acc += red[(k * W + v) * TOK + t];
-                (k ? s_dC : s_dB)[t * (N + 1) + n] = acc;
-            }
-            red = red == s_red ? s_red + 2 * W * TOK : s_red;
+            mbar_arrive(&s_full[k & 1]);
+            if (n >= 1) channel_sum(k - 1, n - 1);  // the previous state's: its shares are most likely all written
         }
+        channel_sum(k - 1, N - 1);
         dA_pending = warp_sum(dA_pending);
         if (w.lane == 0) s_dA[w.warp * N + N - 1] += dA_pending;
         // Per-token gradients of the chunk.
@@ -715,7 +758,7 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
 // Dynamic shared memory of a block: the tiles above in the inputs' element size, the rest fp32.
 int smem_bytes(int esize, int N, bool backward) {
     if (!backward) return (3 * WF + 2 * N) * TP * esize + 2 * WF * N * 4;
-    return (4 * W + 2 * N) * TP * esize + (4 * W * TOK + 2 * TOK * (N + 1) + 4 * W * N) * 4;
+    return (4 * W + 2 * N) * TP * esize + (4 * W * TOK + 2 * TOK * (N + 1) + 4 * W * N) * 4 + 4 * 8;  // + barriers
 }
 
 enum Kernel { FWD = 0, BWD = 1, FWD_SERIAL = 2 };
