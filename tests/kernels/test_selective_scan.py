@@ -619,6 +619,7 @@ def test_cuda_source_builds_and_matches_the_parameter_block(monkeypatch, tmp_pat
     assert lib.smem_bytes(torch.bfloat16, 16, backward=True) <= h100_smem  # M1-3B's dtype and state size fit
     assert lib.smem_bytes(torch.float32, 32, backward=True) > h100_smem  # (this one falls back to Triton)
     assert scan.build_library("90") == path and len(list(tmp_path.iterdir())) == 1
+    assert scan.build_library("80").exists()  # A100: the oldest target; sm_90-only instructions stay behind a guard
     with pytest.raises(RuntimeError, match="nvcc failed"):
         scan.build_library("90", {"M1_SCAN_ITEMS": 3})  # items must fill 16-byte vectors: a static_assert
 

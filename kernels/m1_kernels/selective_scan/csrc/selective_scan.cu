@@ -13,15 +13,16 @@
 //
 // The inputs are token-major (b, L, d) with any 16-byte aligned token stride: a block loads its chunk's
 // (TOK, channels) tiles of x, dt, z (and dout) and the (TOK, N) tiles of its B and C group in 16-byte vectors
-// (coalesced) into shared memory, transposed so that a lane reads its ITEMS tokens with one 16-byte load. B and C keep their G_B / G_C groups: the block
-// reads its own group's rows, nothing is repeated.
+// (coalesced) into shared memory, transposed so that a lane reads its ITEMS tokens with one 16-byte load. B and C
+// keep their G_B / G_C groups: the block reads its own group's rows, nothing is repeated.
 //
 // Backward, chunks last to first: recompute h from the state the forward saved at the chunk's start, then the
 // adjoint dh_t = g_t C_t + a_{t+1} dh_{t+1} (g = dout * silu(z)) with a reverse warp scan, and per token
 //     dx_t += dh_t B_t delta_t,  ddelta_t += dh_t (x_t B_t + h_{t-1} a_t A),  dA += dh_t h_{t-1} a_t delta_t,
 //     dB_t[n] = sum over channels of dh_t delta_t x_t,  dC_t[n] = sum over channels of g_t h_t.
-// The channel sums of dB/dC are taken in shared memory across the block's warps (one barrier per state), then
-// added to global fp32 buffers once per chunk (coalesced atomics: several blocks share a B group).
+// The channel sums of dB/dC are taken in shared memory across the block's warps (each thread sums state n's shares
+// while it computes state n + 1, synchronised by arrival barriers, not a block barrier), then added to global fp32
+// buffers once per chunk (coalesced atomics: several blocks share a B group).
 //
 // For batches of many documents a third kernel runs the forward with one thread per (document, channel) and no time
 // parallelism (scan_fwd_serial_kernel, below the chunked forward); it saves the same checkpoints.
@@ -528,9 +529,10 @@ __global__ void __launch_bounds__(SERIAL_THREADS) scan_fwd_serial_kernel(const S
     for (int n = 0; n < N; n += 4) *reinterpret_cast<float4*>(fin + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
 }
 
-// Shared-memory arrival barriers (mbarrier, sm_90): a thread arrives without waiting (release: its earlier shared
-// writes become visible to whoever waits), and waits, when it needs to, for a phase to complete (acquire). Phase k of a
-// barrier completes when its `count` threads have arrived for the k-th time; waits name the phase by its parity.
+// Shared-memory arrival barriers (mbarrier, sm_80 and later): a thread arrives without waiting (release: its earlier
+// shared writes become visible to whoever waits), and waits, when it needs to, for a phase to complete (acquire).
+// Phase k of a barrier completes when its `count` threads have arrived for the k-th time; waits name the phase by its
+// parity.
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
@@ -541,11 +543,19 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
     uint32_t done;
     do {
+#if __CUDA_ARCH__ >= 900  // try_wait may suspend the thread for a while instead of spinning
         asm volatile(
             "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
             : "=r"(done)
             : "r"(smem_addr(bar)), "r"(parity)
             : "memory");
+#else  // sm_80: the non-blocking test only
+        asm volatile(
+            "{ .reg .pred p; mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+#endif
     } while (!done);
 }
 
