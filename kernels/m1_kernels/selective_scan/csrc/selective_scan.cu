@@ -104,17 +104,29 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
+// One 16-byte vector of T to 16 / sizeof(T) fp32 values. A bf16 pair unpacks with two bit operations (the compiler's
+// conversion spends a permute and a shift per element).
+template <typename T> __device__ __forceinline__ void unpack_vector(const uint4& u, float* out) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            out[2 * j] = __uint_as_float(w[j] << 16);
+            out[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+        }
+    } else {
+        const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int j = 0; j < 16 / int(sizeof(T)); ++j) out[j] = to_f(e[j]);
+    }
+}
+
 // ITEMS consecutive elements of a shared row (16-byte aligned) to / from fp32 registers, 16 bytes at a time.
 template <typename T> __device__ __forceinline__ void load_items(const T* s, float (&v)[ITEMS]) {
     constexpr int PER = 16 / sizeof(T);
     static_assert(ITEMS % PER == 0, "a lane's items must fill whole 16-byte loads");
 #pragma unroll
-    for (int k = 0; k < ITEMS / PER; ++k) {
-        const uint4 u = reinterpret_cast<const uint4*>(s)[k];
-        const T* e = reinterpret_cast<const T*>(&u);
-#pragma unroll
-        for (int j = 0; j < PER; ++j) v[k * PER + j] = to_f(e[j]);
-    }
+    for (int k = 0; k < ITEMS / PER; ++k) unpack_vector<T>(reinterpret_cast<const uint4*>(s)[k], v + k * PER);
 }
 template <typename T> __device__ __forceinline__ void store_items(T* s, const float (&v)[ITEMS]) {
     constexpr int PER = 16 / sizeof(T);
@@ -409,26 +421,11 @@ template <typename T, int N> struct TokenInputs {
     uint4 B[VEC], C[VEC];
 };
 
-// A B or C row to fp32. bf16 is the top half of an fp32, so a pair is two bit operations (the compiler's conversion
-// spends a byte permute and a shift per element).
+// A B or C row (its VEC vectors) to fp32.
 template <typename T, int N> __device__ __forceinline__ void unpack_row(const uint4 (&v)[TokenInputs<T, N>::VEC],
                                                                           float (&out)[N]) {
-    constexpr int PER = 16 / int(sizeof(T));
 #pragma unroll
-    for (int k = 0; k < TokenInputs<T, N>::VEC; ++k) {
-        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-            const unsigned w[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                out[k * PER + 2 * j] = __uint_as_float(w[j] << 16);
-                out[k * PER + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-            }
-        } else {
-            const T* e = reinterpret_cast<const T*>(&v[k]);
-#pragma unroll
-            for (int j = 0; j < PER; ++j) out[k * PER + j] = to_f(e[j]);
-        }
-    }
+    for (int k = 0; k < TokenInputs<T, N>::VEC; ++k) unpack_vector<T>(v[k], out + k * (16 / int(sizeof(T))));
 }
 
 template <typename T, int N>
