@@ -537,22 +537,18 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
+#if __CUDA_ARCH__ >= 900
+#define M1_MBAR_WAIT "mbarrier.try_wait.parity"  // may suspend the thread for a while instead of spinning
+#else
+#define M1_MBAR_WAIT "mbarrier.test_wait.parity"  // sm_80: the non-blocking test only
+#endif
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
     uint32_t done;
     do {
-#if __CUDA_ARCH__ >= 900  // try_wait may suspend the thread for a while instead of spinning
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
-#else  // sm_80: the non-blocking test only
-        asm volatile(
-            "{ .reg .pred p; mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
-#endif
+        asm volatile("{ .reg .pred p; " M1_MBAR_WAIT ".shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done)
+                     : "r"(smem_addr(bar)), "r"(parity)
+                     : "memory");
     } while (!done);
 }
 
