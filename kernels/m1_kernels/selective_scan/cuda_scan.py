@@ -43,6 +43,7 @@ SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cu"
 # Compile-time knobs (benchmarks/bench_selective_scan.py varies them; README.md, "CUDA kernels", has the sweeps):
 ITEMS = 8  # tokens per lane; a chunk is 32 of them
 BWD_MIN_BLOCKS = 0  # blocks per SM the backward's register allocation must allow (0: ptxas chooses)
+BWD_UNROLL = 2  # states per backward loop body (interleaved by the compiler)
 BWD_PREFETCH = 0  # 1: the backward loads the next chunk's tiles while computing one (the forward always does)
 FWD_UNROLL = 4  # states the forward runs side by side
 FWD_WIDTH = 16  # channels per forward block (8: two blocks per SM)
@@ -131,6 +132,7 @@ def build_library(arch: str, defines: dict | None = None, nvcc: str | None = Non
 
 def _defines() -> dict:
     return {"M1_SCAN_ITEMS": ITEMS, "M1_SCAN_BWD_MIN_BLOCKS": BWD_MIN_BLOCKS, "M1_SCAN_BWD_PREFETCH": BWD_PREFETCH,
+            "M1_SCAN_BWD_UNROLL": BWD_UNROLL,
             "M1_SCAN_FWD_UNROLL": FWD_UNROLL, "M1_SCAN_FWD_WIDTH": FWD_WIDTH}  # fmt: skip
 
 

@@ -48,11 +48,15 @@ namespace m1_scan {
 #ifndef M1_SCAN_FWD_WIDTH  // channels (warps) per forward block; the backward's is W below
 #define M1_SCAN_FWD_WIDTH 16
 #endif
+#ifndef M1_SCAN_BWD_UNROLL  // states per backward loop body: ptxas interleaves one state's latencies with the next's
+#define M1_SCAN_BWD_UNROLL 2
+#endif
 #ifndef M1_SCAN_BWD_PREFETCH  // 1: the backward loads chunk c-1's tiles while it computes chunk c (as the forward)
 #define M1_SCAN_BWD_PREFETCH 0
 #endif
 constexpr int ITEMS = M1_SCAN_ITEMS;  // consecutive tokens per lane
 constexpr int FWD_UNROLL = M1_SCAN_FWD_UNROLL;
+constexpr int BWD_UNROLL = M1_SCAN_BWD_UNROLL;
 constexpr int TOK = 32 * ITEMS;    // tokens per chunk
 constexpr int TP = TOK + 8;        // shared row length: +8 elements spreads the transposed writes over banks
 constexpr int W = 16;  // channels (warps) per backward block: one C group of M1-3B, whose dC sum is then final
@@ -649,6 +653,9 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
         // The warp sum of a state's dA share is taken during the next state, where its shuffles overlap that state's
         // arithmetic instead of delaying this state's barrier (at n = 0 it adds the zero pending share).
         float dA_pending = 0.f;
+        // Unrolled: no block barrier between states any more (arrival barriers order the channel sums), so ptxas
+        // overlaps one state's shuffle and exp2 latencies with the next state's.
+#pragma unroll BWD_UNROLL
         for (int n = 0; n < N; ++n, ++k) {
             float* red = s_red + (k & 1) * 2 * W * TOK;
             const float dA_prev = warp_sum(dA_pending);
