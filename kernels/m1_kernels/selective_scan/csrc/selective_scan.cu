@@ -574,7 +574,7 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
     float* s_A = s_hs + W * N;           // [W][N]
     // full[b]: every thread has written its shares of the state using red buffer b; empty[b]: every thread has taken
     // its channel sum out of buffer b, which may then be written again.
-    uint64_t* s_full = reinterpret_cast<uint64_t*>(s_A + W * N);  // [2], 8-byte aligned (W N is even)
+    uint64_t* s_full = reinterpret_cast<uint64_t*>(s_A + W * N);  // [2]; every region above is a multiple of 8 bytes
     uint64_t* s_empty = s_full + 2;                                // [2]
     if (threadIdx.x == 0)
         for (int b = 0; b < 2; ++b) {
@@ -601,9 +601,9 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
     const bool z = p.has_z;
     if (M1_SCAN_BWD_PREFETCH && n_chunks > 0) in.fetch(n_chunks - 1);
     // The channel sums of state k (counted over the whole sequence) go through red buffer k % 2: it is the
-    // (k / 2)-th use of that buffer's barriers. A thread takes its sum of state k while it computes state k + 1, so
-    // the warps are never all held at one point (a block-wide barrier per state kept them in lockstep, so that
-    // their shuffle and shared-memory latencies added up instead of overlapping).
+    // (k / 2)-th use of that buffer's barriers. A thread takes its sum of state k while it computes state k + 1 and
+    // waits only for what it reads or overwrites, so the warps need not move in lockstep and the state loop can be
+    // unrolled (a block barrier per state forbade both).
     int k = 0;
     auto channel_sum = [&](int kk, int n) {  // this thread's element of state kk's dB / dC sums, into column n
         const int b = kk & 1;
@@ -651,7 +651,7 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
             S2[i] = 0.f;  // sum_n dh h_{t-1} a A
         }
         // The warp sum of a state's dA share is taken during the next state, where its shuffles overlap that state's
-        // arithmetic instead of delaying this state's barrier (at n = 0 it adds the zero pending share).
+        // arithmetic instead of lengthening this state's chain (at n = 0 it adds the zero pending share).
         float dA_pending = 0.f;
         // Unrolled: no block barrier between states any more (arrival barriers order the channel sums), so ptxas
         // overlaps one state's shuffle and exp2 latencies with the next state's.
