@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from m1_kernels.selective_scan.naive import check_cu_seqlens
+from m1_kernels.selective_scan.naive import cu_seqlens_int32
 from m1_kernels.selective_scan.naive import cu_seqlens_memo
 from m1_kernels.selective_scan.naive import documents_longest_first
 from m1_kernels.selective_scan.naive import selective_scan_ref
@@ -645,6 +646,17 @@ def test_cu_seqlens_is_read_once_per_tensor(monkeypatch):
         check_cu_seqlens(inference_cu, 1, 5)
         check_cu_seqlens(inference_cu, 1, 5)
     assert len(reads) == before + 1
+
+
+def test_cu_seqlens_int32_converts_once_per_tensor():
+    """The kernels take int32 offsets: an int64 cu_seqlens is converted once (so the order derived from the copy is
+    sorted once too), and converted again after an in-place change."""
+    cu = torch.tensor([0, 2, 5])
+    once = cu_seqlens_int32(cu, torch.device("cpu"))
+    assert once.dtype == torch.int32 and once.tolist() == [0, 2, 5]
+    assert cu_seqlens_int32(cu, torch.device("cpu")) is once
+    cu[1] = 3
+    assert cu_seqlens_int32(cu, torch.device("cpu")).tolist() == [0, 3, 5]
 
 
 def test_documents_longest_first_sorts_once_per_tensor(monkeypatch):

@@ -36,7 +36,7 @@ import torch
 
 from m1_kernels.selective_scan.naive import check_cu_seqlens
 from m1_kernels.selective_scan.naive import check_groups
-from m1_kernels.selective_scan.naive import cu_seqlens_memo
+from m1_kernels.selective_scan.naive import cu_seqlens_int32
 from m1_kernels.selective_scan.naive import documents_longest_first
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan.cu"
@@ -263,10 +263,6 @@ def _ptr(t) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _int32_on(device):
-    return lambda t: t.to(device=device, dtype=torch.int32).contiguous()
-
-
 class CudaScanFunction(torch.autograd.Function):
     """Autograd wrapper of the CUDA forward (saving the state every 256 tokens) and backward."""
 
@@ -277,7 +273,7 @@ class CudaScanFunction(torch.autograd.Function):
         N = A.shape[1]
         lib = library(x.device)
         tok = lib.tokens_per_chunk
-        cu = None if cu_seqlens is None else cu_seqlens_memo.get(cu_seqlens, ("int32", x.device), _int32_on(x.device))
+        cu = None if cu_seqlens is None else cu_seqlens_int32(cu_seqlens, x.device)
         n_seqs = b if cu is None else cu.numel() - 1
         order = None if cu is None else documents_longest_first(cu)
         n_chunks_row = 0 if cu is not None else -(-L // tok)
@@ -318,13 +314,13 @@ class CudaScanFunction(torch.autograd.Function):
         dB = torch.zeros((b, L, G_B, N), device=dev, dtype=torch.float32)  # the kernels add into these four
         # dA, dD and d dt_bias share one buffer: one fill instead of three (the host's launches show at small sizes).
         small = torch.zeros(d * N + 2 * d, device=dev, dtype=torch.float32)
-        dA, dD, dbias = small[: d * N].view(d, N), small[d * N : d * N + d], small[d * N + d :]
+        dA = small[: d * N].view(d, N)
+        dD = small[d * N : d * N + d] if D32 is not None else None
+        dbias = small[d * N + d :] if bias32 is not None else None
         direct = d // G_C == lib.channels_per_block  # one block per C group: its channel sum is the whole dC
         dC = torch.empty((b, L, G_C, N), device=dev, dtype=C.dtype if direct else torch.float32)
         if not direct:
             dC.zero_()
-        dD = dD if D32 is not None else None
-        dbias = dbias if bias32 is not None else None
         dh0 = torch.empty((ctx.n_seqs, d, N), device=dev, dtype=torch.float32)
         p = ctx.params  # the forward's sizes and strides; the pointers are set again from the saved tensors
         p.x, p.dt, p.z, p.B, p.C, p.A, p.D, p.dt_bias = (_ptr(t) for t in (x, dt, z, B, C, A32, D32, bias32))

@@ -122,6 +122,15 @@ def _ends_are(cu_seqlens: torch.Tensor, length: int) -> bool:
 
 
 @torch.compiler.disable  # the memo reads ids and version counters
+def cu_seqlens_int32(cu_seqlens: torch.Tensor, device) -> torch.Tensor:
+    """``cu_seqlens`` as the kernels take it: contiguous int32 on ``device``. Converted once per tensor
+    (:class:`TensorMemo`), so the documents' order derived from the result is sorted once too."""
+    return cu_seqlens_memo.get(
+        cu_seqlens, ("int32", device), lambda cu: cu.to(device=device, dtype=torch.int32).contiguous()
+    )
+
+
+@torch.compiler.disable  # the memo reads ids and version counters
 def documents_longest_first(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Packed document indices by decreasing length (stable, int32), sorted on the device: no host sync. Sorted
     once per tensor (:class:`TensorMemo`).

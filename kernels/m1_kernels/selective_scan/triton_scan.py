@@ -34,8 +34,9 @@ import triton
 import triton.language as tl
 
 from m1_kernels.selective_scan.naive import check_cu_seqlens
+from m1_kernels.selective_scan.naive import check_groups
+from m1_kernels.selective_scan.naive import cu_seqlens_int32
 from m1_kernels.selective_scan.naive import documents_longest_first
-from m1_kernels.selective_scan.naive import group_index
 from m1_kernels.selective_scan.naive import selective_scan_ref
 from m1_kernels.triton_math import LN2
 from m1_kernels.triton_math import LOG2E
@@ -931,7 +932,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         cu, pieces, dsum, split = None, None, None, 0
         n_ckpt_per_row = 0
         if cu_seqlens is not None:
-            cu = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
+            cu = cu_seqlens_int32(cu_seqlens, x.device)
             n_seqs = cu.numel() - 1
             split = split_length(L, n_seqs, triton.cdiv(d, block_d), block_n)
         else:
@@ -1059,7 +1060,7 @@ def selective_scan_triton(
     """
     b, L, d = x.shape
     N = A.shape[1]
-    group_index(d, C.shape[2], B.shape[2])  # validates the group layout
+    check_groups(d, C.shape[2], B.shape[2])
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, b, L)
     if not _supported(x, N, d // C.shape[2]):
