@@ -765,13 +765,339 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
     }
 }
 
+// Backward without time parallelism ("lane-serial", scan_bwd_ls_kernel), for N = 16. One warp per (sequence, 16
+// channels); lane (cp, sq) = (lane / 4, lane % 4) owns channels 2 cp, 2 cp + 1 and states 4 sq .. 4 sq + 3 of the
+// block, 8 (channel, state) elements whose recurrences it steps through token by token: no map composition and no
+// shuffle steps per state, as the chunked backward above pays. The adjoint runs backwards in time and needs h_{t-1},
+// so per chunk of TOK tokens, from the state the forward saved at the chunk's start:
+//   R1 walks the chunk forward and keeps the state entering each LS_PIECE-token piece in shared memory;
+//   then, pieces last to first, R2 walks the piece forward keeping its states in registers, and the adjoint walks
+//   it backwards (recomputing a_t: one more exp2 costs less than the registers or shared memory to keep it).
+// Per (token, element): three exp2 and ~16 FP32 operations. What crosses lanes per token (y and the sums over states
+// sum_n dh B, sum_n dh h_{t-1} a A; dB and dC over channels) is a reduce-scatter by shuffles: each lane ends with one
+// of the sums. The inputs of a piece are staged in shared memory as fp32 (softplus, silu(z) computed once there).
+#ifndef M1_SCAN_LS_PIECE
+#define M1_SCAN_LS_PIECE 16
+#endif
+#ifndef M1_SCAN_LS_MIN_BLOCKS
+#define M1_SCAN_LS_MIN_BLOCKS 8
+#endif
+constexpr int LS_PIECE = M1_SCAN_LS_PIECE;  // tokens whose states a lane keeps in registers
+constexpr int LS_PIECES = TOK / LS_PIECE;
+constexpr int LS_C = 16;  // channels per block (one warp)
+constexpr float LN2 = 0.6931471805599453f;
+static_assert(TOK % LS_PIECE == 0 && LS_PIECE * 2 == 32, "a piece's staging gives each lane one token's half row");
+
+struct LsShared {
+    float h[LS_PIECES][32][8];  // R1: the lane's 8 states entering each piece
+    // The piece's inputs, per (token, channel) or (token, state). su: d softplus (0 past the document's end);
+    // gz: dout * d silu(z) / z-free factor, so that dz = gz * y.
+    float delta[LS_PIECE][LS_C], x[LS_PIECE][LS_C], g[LS_PIECE][LS_C], su[LS_PIECE][LS_C], gz[LS_PIECE][LS_C];
+    float B[LS_PIECE][16], C[LS_PIECE][16];
+    // Per-token sums across lanes: y and the state sums per channel, dB and dC per state.
+    float y[LS_PIECE][LS_C], S1[LS_PIECE][LS_C], S2[LS_PIECE][LS_C], dB[LS_PIECE][16], dC[LS_PIECE][16];
+    float bias[LS_C], D[LS_C];
+};
+
+// One lane's share of a piece's inputs in registers: 8 consecutive channels (or states) of one token per tensor.
+template <typename T> struct LsRaw {
+    static constexpr int V = 8 * int(sizeof(T)) / 16;  // 16-byte vectors per 8 values
+    uint4 x[V], dt[V], z[V], dout[V], B[V], C[V];
+
+    __device__ __forceinline__ static void get(uint4 (&v)[V], const T* g, bool in) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] = in ? reinterpret_cast<const uint4*>(g)[k] : make_uint4(0, 0, 0, 0);
+    }
+    __device__ __forceinline__ static void unpack(const uint4 (&v)[V], float (&out)[8]) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) unpack_vector<T>(v[k], out + k * (16 / int(sizeof(T))));
+    }
+};
+
+// Lane l sums v[0..8) over the 8 lanes that share l % 4 and ends with v[l / 4] summed (three halving steps).
+__device__ __forceinline__ float scatter_sum8(const float (&v)[8], int lane) {
+    float k4[4], k2[2];
+    const bool b16 = lane & 16, b8 = lane & 8, b4 = lane & 4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) k4[i] = (b16 ? v[i + 4] : v[i]) + __shfl_xor_sync(FULL, b16 ? v[i] : v[i + 4], 16);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) k2[i] = (b8 ? k4[i + 2] : k4[i]) + __shfl_xor_sync(FULL, b8 ? k4[i] : k4[i + 2], 8);
+    return (b4 ? k2[1] : k2[0]) + __shfl_xor_sync(FULL, b4 ? k2[0] : k2[1], 4);
+}
+// Lane l sums v[0..4) over the 4 lanes that share l / 4 and ends with v[l % 4] summed.
+__device__ __forceinline__ float scatter_sum4(const float (&v)[4], int lane) {
+    const bool b2 = lane & 2, b1 = lane & 1;
+    float k2[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) k2[i] = (b2 ? v[i + 2] : v[i]) + __shfl_xor_sync(FULL, b2 ? v[i] : v[i + 2], 2);
+    return (b1 ? k2[1] : k2[0]) + __shfl_xor_sync(FULL, b1 ? k2[0] : k2[1], 1);
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(32, M1_SCAN_LS_MIN_BLOCKS) scan_bwd_ls_kernel(const ScanParams p) {
+    static_assert(N == 16, "the lane-serial backward covers 16 states (4 per lane)");
+    __shared__ __align__(16) LsShared s;
+    const Place w = place_of<LS_C>(p);
+    const Seq q = sequence_of(p, w.seq);
+    const int lane = w.lane, cp = lane >> 2, sq = lane & 3;
+    const int ti = lane >> 1, hf = lane & 1;  // the lane's token and half row in staging and output
+    const int gB = w.gB, gC = w.gC;
+    if (lane < LS_C) {
+        s.bias[lane] = p.dt_bias ? p.dt_bias[w.d0 + lane] : 0.f;
+        s.D[lane] = p.D ? p.D[w.d0 + lane] : 0.f;
+    }
+    float A2[8], dA[8], u[8];  // element e = 4 ci + j: channel d0 + 2 cp + ci, state 4 sq + j
+#pragma unroll
+    for (int ci = 0; ci < 2; ++ci) {
+        const int64_t row = int64_t(w.d0 + 2 * cp + ci) * N + 4 * sq;
+        const float4 a4 = *reinterpret_cast<const float4*>(p.A + row);
+        const float4 u4 = p.dfinal ? *reinterpret_cast<const float4*>(p.dfinal + int64_t(w.seq) * p.d_inner * N + row)
+                                   : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float av[4] = {a4.x, a4.y, a4.z, a4.w}, uv[4] = {u4.x, u4.y, u4.z, u4.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            A2[4 * ci + j] = av[j] * LOG2E;
+            u[4 * ci + j] = uv[j];  // a_{t+1} dh_{t+1} entering from after the last token: d final_state
+            dA[4 * ci + j] = 0.f;
+        }
+    }
+    float dDb = 0.f;  // lanes 0-15: dD of channel lane, lanes 16-31: d dt_bias of channel lane - 16
+    const bool has_z = p.has_z;
+    const T* xg = static_cast<const T*>(p.x) + q.batch * p.x_b + q.start * p.x_l + w.d0 + 8 * hf;
+    const T* dtg = static_cast<const T*>(p.dt) + q.batch * p.dt_b + q.start * p.dt_l + w.d0 + 8 * hf;
+    const T* zg = has_z ? static_cast<const T*>(p.z) + q.batch * p.z_b + q.start * p.z_l + w.d0 + 8 * hf : nullptr;
+    const T* dog = static_cast<const T*>(p.dout) + q.batch * p.do_b + q.start * p.do_l + w.d0 + 8 * hf;
+    const T* Bg = static_cast<const T*>(p.B) + q.batch * p.B_b + q.start * p.B_l + gB * p.B_g + 8 * hf;
+    const T* Cg = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + gC * p.C_g + 8 * hf;
+    const int64_t tok0 = q.batch * p.L + q.start;
+    LsRaw<T> raw;
+    // Piece starting at token ts: the lane's token ts + ti, all inputs (ALL) or the forward's x, dt, B.
+    auto fetch = [&](int ts, bool all) {
+        const int t = ts + ti;
+        const bool in = t < q.len;
+        LsRaw<T>::get(raw.x, xg + int64_t(t) * p.x_l, in);
+        LsRaw<T>::get(raw.dt, dtg + int64_t(t) * p.dt_l, in);
+        LsRaw<T>::get(raw.B, Bg + int64_t(t) * p.B_l, in);
+        if (all) {
+            LsRaw<T>::get(raw.C, Cg + int64_t(t) * p.C_l, in);
+            LsRaw<T>::get(raw.dout, dog + int64_t(t) * p.do_l, in);
+            if (has_z) LsRaw<T>::get(raw.z, zg + int64_t(t) * p.z_l, in);
+        }
+    };
+    auto commit = [&](int ts, bool all) {
+        const bool in = ts + ti < q.len;
+        float xv[8], v[8], Bv[8];
+        LsRaw<T>::unpack(raw.x, xv);
+        LsRaw<T>::unpack(raw.dt, v);
+        LsRaw<T>::unpack(raw.B, Bv);
+        float Cv[8], dov[8], zv[8];
+        if (all) {
+            LsRaw<T>::unpack(raw.C, Cv);
+            LsRaw<T>::unpack(raw.dout, dov);
+            if (has_z) LsRaw<T>::unpack(raw.z, zv);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int ch = 8 * hf + k;
+            const float uu = v[k] + s.bias[ch];
+            s.delta[ti][ch] = in ? (p.softplus ? softplus_f(uu) : uu) : 0.f;
+            s.x[ti][ch] = xv[k];
+            s.B[ti][ch] = Bv[k];
+            if (all) {
+                s.C[ti][ch] = Cv[k];
+                s.su[ti][ch] = in ? (p.softplus && uu <= 20.f ? sigmoid_f(uu) : 1.f) : 0.f;
+                if (has_z) {
+                    const float sg = sigmoid_f(zv[k]);
+                    s.g[ti][ch] = dov[k] * zv[k] * sg;
+                    s.gz[ti][ch] = dov[k] * sg * (1.f + zv[k] * (1.f - sg));
+                } else {
+                    s.g[ti][ch] = dov[k];
+                }
+            }
+        }
+    };
+    // The lane's per-token inputs from the staged piece: delta and delta x of its two channels, B (and C) of its
+    // four states.
+    auto token_in = [&](int i, float (&dl)[2], float (&dx)[2], float (&Bv)[4]) {
+        const float2 d2 = *reinterpret_cast<const float2*>(&s.delta[i][2 * cp]);
+        const float2 x2 = *reinterpret_cast<const float2*>(&s.x[i][2 * cp]);
+        const float4 b4 = *reinterpret_cast<const float4*>(&s.B[i][4 * sq]);
+        dl[0] = d2.x, dl[1] = d2.y, dx[0] = d2.x * x2.x, dx[1] = d2.y * x2.y;
+        Bv[0] = b4.x, Bv[1] = b4.y, Bv[2] = b4.z, Bv[3] = b4.w;
+    };
+
+    const int n_chunks = (q.len + TOK - 1) / TOK;
+    for (int c = n_chunks - 1; c >= 0; --c) {
+        const int t0 = c * TOK, np = (min(TOK, q.len - t0) + LS_PIECE - 1) / LS_PIECE;
+        float h[8];
+#pragma unroll
+        for (int ci = 0; ci < 2; ++ci) {
+            const float4 h4 = *reinterpret_cast<const float4*>(
+                p.ckpt + (int64_t(q.slot0 + c) * p.d_inner + w.d0 + 2 * cp + ci) * N + 4 * sq);
+            h[4 * ci] = h4.x, h[4 * ci + 1] = h4.y, h[4 * ci + 2] = h4.z, h[4 * ci + 3] = h4.w;
+        }
+        // R1: the chunk forward, keeping the state entering every piece.
+        fetch(t0, false);
+        for (int j = 0; j < np; ++j) {
+            __syncwarp();
+            commit(t0 + j * LS_PIECE, false);
+            if (j + 1 < np) fetch(t0 + (j + 1) * LS_PIECE, false);
+            else fetch(t0 + (np - 1) * LS_PIECE, true);  // the adjoint's first piece
+            *reinterpret_cast<float4*>(&s.h[j][lane][0]) = make_float4(h[0], h[1], h[2], h[3]);
+            *reinterpret_cast<float4*>(&s.h[j][lane][4]) = make_float4(h[4], h[5], h[6], h[7]);
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < LS_PIECE; ++i) {
+                float dl[2], dx[2], Bv[4];
+                token_in(i, dl, dx, Bv);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) h[e] = fmaf(exp2f(dl[e >> 2] * A2[e]), h[e], dx[e >> 2] * Bv[e & 3]);
+            }
+        }
+        // Pieces last to first: R2 forward into registers, then the adjoint backwards.
+        for (int j = np - 1; j >= 0; --j) {
+            const int ts = t0 + j * LS_PIECE;
+            __syncwarp();  // the previous piece's output has been read out of the staging arrays
+            commit(ts, true);
+            if (j > 0) fetch(ts - LS_PIECE, true);
+            __syncwarp();
+            float hs[8], hh[LS_PIECE][8];
+            {
+                const float4 h0 = *reinterpret_cast<const float4*>(&s.h[j][lane][0]);
+                const float4 h1 = *reinterpret_cast<const float4*>(&s.h[j][lane][4]);
+                hs[0] = h0.x, hs[1] = h0.y, hs[2] = h0.z, hs[3] = h0.w;
+                hs[4] = h1.x, hs[5] = h1.y, hs[6] = h1.z, hs[7] = h1.w;
+            }
+#pragma unroll
+            for (int i = 0; i < LS_PIECE; ++i) {
+                float dl[2], dx[2], Bv[4];
+                token_in(i, dl, dx, Bv);
+                const float4 c4 = *reinterpret_cast<const float4*>(&s.C[i][4 * sq]);
+                const float Cv[4] = {c4.x, c4.y, c4.z, c4.w};
+                float yp[2] = {0.f, 0.f};
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const float prev = i ? hh[i - 1][e] : hs[e];
+                    hh[i][e] = fmaf(exp2f(dl[e >> 2] * A2[e]), prev, dx[e >> 2] * Bv[e & 3]);
+                    yp[e >> 2] = fmaf(Cv[e & 3], hh[i][e], yp[e >> 2]);
+                }
+                // y of channel 2 cp + (sq >> 1): the two channels' partial sums over the lane's states, summed
+                // over the 4 lanes of the channel pair.
+                const bool b2 = lane & 2;
+                float yv = (b2 ? yp[1] : yp[0]) + __shfl_xor_sync(FULL, b2 ? yp[0] : yp[1], 2);
+                yv += __shfl_xor_sync(FULL, yv, 1);
+                if (!(lane & 1)) s.y[i][2 * cp + (sq >> 1)] = yv;
+            }
+#pragma unroll
+            for (int i = LS_PIECE - 1; i >= 0; --i) {
+                float dl[2], dx[2], Bv[4];
+                token_in(i, dl, dx, Bv);
+                const float4 c4 = *reinterpret_cast<const float4*>(&s.C[i][4 * sq]);
+                const float Cv[4] = {c4.x, c4.y, c4.z, c4.w};
+                const float2 g2 = *reinterpret_cast<const float2*>(&s.g[i][2 * cp]);
+                const float gv[2] = {g2.x, g2.y};
+                float S[4] = {0.f, 0.f, 0.f, 0.f};                       // sum_n dh B, sum_n dh h_{t-1} a A2
+                float BC[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // dB, dC shares of the 4 states
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const int ci = e >> 2, jj = e & 3;
+                    const float prev = i ? hh[i - 1][e] : hs[e];
+                    const float dh = fmaf(gv[ci], Cv[jj], u[e]);  // dh_t = g_t C_t + a_{t+1} dh_{t+1}
+                    u[e] = exp2f(dl[ci] * A2[e]) * dh;           // a_t dh_t, for token t - 1
+                    const float qv = u[e] * prev;                // dh_t a_t h_{t-1}
+                    S[ci] = fmaf(dh, Bv[jj], S[ci]);
+                    S[2 + ci] = fmaf(qv, A2[e], S[2 + ci]);
+                    dA[e] = fmaf(qv, dl[ci], dA[e]);
+                    BC[jj] = fmaf(dh, dx[ci], BC[jj]);
+                    BC[4 + jj] = fmaf(gv[ci], hh[i][e], BC[4 + jj]);
+                }
+                const float sv = scatter_sum4(S, lane);  // S1 (sq < 2) or S2 of channel 2 cp + (sq & 1)
+                (sq & 2 ? s.S2 : s.S1)[i][2 * cp + (sq & 1)] = sv;
+                const float bc = scatter_sum8(BC, lane);  // dB (cp < 4) or dC of state 4 sq + (cp & 3)
+                (cp & 4 ? s.dC : s.dB)[i][4 * sq + (cp & 3)] = bc;
+            }
+            __syncwarp();
+            // Per-token gradients of the piece: lane (ti, hf) takes 8 channels (and 8 states) of token ts + ti.
+            const int t = ts + ti;
+            if (t < q.len) {
+                float gx[8], gdt[8], gzv[8], dBv[8], dCv[8];
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    const int ch = 8 * hf + k;
+                    const float S1 = s.S1[ti][ch], xv = s.x[ti][ch], gv = s.g[ti][ch], Dd = s.D[ch];
+                    const float ddelta = fmaf(xv, S1, s.S2[ti][ch] * LN2);
+                    gx[k] = fmaf(s.delta[ti][ch], S1, Dd * gv);
+                    gdt[k] = ddelta * s.su[ti][ch];
+                    gzv[k] = s.gz[ti][ch] * fmaf(Dd, xv, s.y[ti][ch]);
+                    dBv[k] = s.dB[ti][ch];
+                    dCv[k] = s.dC[ti][ch];
+                    // dD (g x) and d dt_bias of the token, summed over the piece below.
+                    s.S1[ti][ch] = gv * xv;
+                    s.S2[ti][ch] = gdt[k];
+                }
+                const int64_t r = tok0 + t;
+                T* o = static_cast<T*>(p.dx) + r * p.d_inner + w.d0 + 8 * hf;
+                uint4 pk[LsRaw<T>::V];
+                auto pack = [&](const float (&v)[8]) {
+                    T* e = reinterpret_cast<T*>(pk);
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) e[k] = from_f<T>(v[k]);
+                };
+                pack(gx);
+#pragma unroll
+                for (int k = 0; k < LsRaw<T>::V; ++k) reinterpret_cast<uint4*>(o)[k] = pk[k];
+                pack(gdt);
+                o = static_cast<T*>(p.ddt) + r * p.d_inner + w.d0 + 8 * hf;
+#pragma unroll
+                for (int k = 0; k < LsRaw<T>::V; ++k) reinterpret_cast<uint4*>(o)[k] = pk[k];
+                if (has_z) {
+                    pack(gzv);
+                    o = static_cast<T*>(p.dz) + r * p.d_inner + w.d0 + 8 * hf;
+#pragma unroll
+                    for (int k = 0; k < LsRaw<T>::V; ++k) reinterpret_cast<uint4*>(o)[k] = pk[k];
+                }
+#pragma unroll
+                for (int k = 0; k < 8; ++k) atomicAdd(p.dB_acc + (r * p.G_B + gB) * N + 8 * hf + k, dBv[k]);
+                if (p.dC_direct) {
+                    pack(dCv);
+                    o = static_cast<T*>(p.dC_direct) + (r * p.G_C + gC) * N + 8 * hf;
+#pragma unroll
+                    for (int k = 0; k < LsRaw<T>::V; ++k) reinterpret_cast<uint4*>(o)[k] = pk[k];
+                } else {
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) atomicAdd(p.dC_acc + (r * p.G_C + gC) * N + 8 * hf + k, dCv[k]);
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) s.S1[ti][8 * hf + k] = s.S2[ti][8 * hf + k] = 0.f;
+            }
+            __syncwarp();
+            // lanes 0-15 add the piece's g x of channel `lane`, lanes 16-31 its d dt_bias.
+            const float* col = (lane < 16 ? &s.S1[0][0] : &s.S2[0][0]) + (lane & 15);
+#pragma unroll
+            for (int i = 0; i < LS_PIECE; ++i) dDb += col[i * LS_C];
+        }
+    }
+    // d initial_state = a_0 dh_0, dA summed over the blocks' sequences.
+#pragma unroll
+    for (int ci = 0; ci < 2; ++ci) {
+        const int64_t row = int64_t(w.d0 + 2 * cp + ci) * N + 4 * sq;
+        *reinterpret_cast<float4*>(p.dh0 + int64_t(w.seq) * p.d_inner * N + row) =
+            make_float4(u[4 * ci], u[4 * ci + 1], u[4 * ci + 2], u[4 * ci + 3]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) atomicAdd(p.dA + row + j, dA[4 * ci + j]);
+    }
+    if (lane < 16 ? p.dD != nullptr : p.dbias != nullptr)
+        atomicAdd((lane < 16 ? p.dD : p.dbias) + w.d0 + (lane & 15), dDb);
+}
+
 // Dynamic shared memory of a block: the tiles above in the inputs' element size, the rest fp32.
 int smem_bytes(int esize, int N, bool backward) {
     if (!backward) return (3 * WF + 2 * N) * TP * esize + 2 * WF * N * 4;
     return (4 * W + 2 * N) * TP * esize + (4 * W * TOK + 2 * TOK * (N + 1) + 4 * W * N) * 4 + 4 * 8;  // + barriers
 }
 
-enum Kernel { FWD = 0, BWD = 1, FWD_SERIAL = 2 };
+enum Kernel { FWD = 0, BWD = 1, FWD_SERIAL = 2, BWD_LS = 3 };
 
 // Which (dtype, state size, forward / backward) kernels have been given their shared memory, per device. A file-scope
 // array, not a static inside the launch template: those are merged across every loaded library (GNU unique symbols),
@@ -788,6 +1114,11 @@ template <typename T, int N> int launch(const ScanParams& p, int n_seqs, Kernel 
     if (kind == FWD_SERIAL) {
         const int blocks = n_seqs * ((p.d_inner + SERIAL_THREADS - 1) / SERIAL_THREADS);
         scan_fwd_serial_kernel<T, N><<<blocks, SERIAL_THREADS, 0, stream>>>(p);
+        return int(cudaGetLastError());
+    }
+    if (kind == BWD_LS) {  // static shared memory (under the 48 KB that needs no opt-in)
+        if constexpr (N != 16) return int(cudaErrorInvalidValue);
+        else scan_bwd_ls_kernel<T, N><<<n_seqs * (p.d_inner / LS_C), 32, 0, stream>>>(p);
         return int(cudaGetLastError());
     }
     const bool backward = kind == BWD;
@@ -838,6 +1169,9 @@ extern "C" int m1_scan_fwd_serial(const m1_scan::ScanParams* p, int dtype, int n
 }
 extern "C" int m1_scan_bwd(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
     return m1_scan::run(p, dtype, n_seqs, m1_scan::BWD, stream);
+}
+extern "C" int m1_scan_bwd_ls(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
+    return m1_scan::run(p, dtype, n_seqs, m1_scan::BWD_LS, stream);
 }
 extern "C" int m1_scan_smem_bytes(int dtype, int N, int backward) {
     return m1_scan::smem_bytes(dtype == 0 ? 4 : 2, N, backward != 0);
