@@ -180,6 +180,24 @@ def _tol(dtype):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_document_index_is_searched_once_per_tensor(monkeypatch, device):
+    """Each token's document is a search on the device (four launches): done once per cu_seqlens tensor, even an
+    int64 one (converted to int32 once), and again after an in-place change, with the outputs following it."""
+    tc = _triton()
+    searches, real = [], torch.searchsorted
+    monkeypatch.setattr(torch, "searchsorted", lambda *a, **k: searches.append(1) or real(*a, **k))
+    cu = torch.tensor([0, 5, 6, 13], device=device)  # int64: converted to int32 once
+    x, w, bias, _ = _make(1, 13, 8, 4, 3, dtype=torch.float32, device=device)
+    first = tc.causal_conv1d_triton(x, w, bias, "silu", cu)
+    again = tc.causal_conv1d_triton(x, w, bias, "silu", cu)
+    assert len(searches) == 1 and torch.equal(first, again)
+    cu[1] = 2  # documents [0, 2), [2, 6), [6, 13)
+    moved = tc.causal_conv1d_triton(x, w, bias, "silu", cu)
+    assert len(searches) == 2
+    assert_close("out", causal_conv1d_ref(x, w, bias, "silu", cu.to(torch.int32)), moved, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("activation", ["silu", None])
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import types
 import pytest
 import torch
 
+from m1_kernels.selective_scan.naive import TensorMemo
 from m1_kernels.selective_scan.naive import check_cu_seqlens
 from m1_kernels.selective_scan.naive import cu_seqlens_int32
 from m1_kernels.selective_scan.naive import cu_seqlens_memo
@@ -646,6 +647,16 @@ def test_cu_seqlens_is_read_once_per_tensor(monkeypatch):
         check_cu_seqlens(inference_cu, 1, 5)
         check_cu_seqlens(inference_cu, 1, 5)
     assert len(reads) == before + 1
+
+
+def test_memo_remembers_nothing_during_cuda_graph_capture(monkeypatch):
+    """Kernels recorded into a CUDA graph run only at replay: a fact derived during capture is not kept."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    memo, derived, t = TensorMemo(), [], torch.tensor([0, 3, 5])
+    assert memo.get(t, "last", lambda v: derived.append(1) or int(v[-1])) == 5
+    assert memo.get(t, "last", lambda v: derived.append(1) or int(v[-1])) == 5
+    assert len(derived) == 2 and not memo._entries
 
 
 def test_cu_seqlens_int32_converts_once_per_tensor():

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 from m1_kernels.conv1d.naive import activation_fn
+from m1_kernels.selective_scan.naive import cu_seqlens_int32
+from m1_kernels.selective_scan.naive import cu_seqlens_memo
 
 
 @triton.jit
@@ -496,10 +498,17 @@ def _check_activation(activation):
     return activation in ("silu", "swish")
 
 
+@torch.compiler.disable  # the memo reads ids and version counters
 def _doc_index(cu_seqlens, L):
-    """Document of every packed token, on the device (no host sync): ``searchsorted(cu[1:], t, right)``."""
-    t = torch.arange(L, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), t, right=True).to(torch.int32)
+    """Document of every packed token, on the device (no host sync): ``searchsorted(cu[1:], t, right)``. Computed
+    once per ``cu_seqlens`` tensor and length (:class:`~m1_kernels.selective_scan.naive.TensorMemo`): a training step
+    hands one ``cu_seqlens`` to every layer, and each search is four launches of host time."""
+
+    def search(cu):
+        t = torch.arange(L, device=cu.device, dtype=cu.dtype)
+        return torch.searchsorted(cu[1:].contiguous(), t, right=True).to(torch.int32)
+
+    return cu_seqlens_memo.get(cu_seqlens, ("document of each token", L), search)
 
 
 def _conv_forward(x, weight, bias, silu, cu_seqlens, doc_idx, initial_state, return_final_state):
@@ -683,7 +692,7 @@ def causal_conv1d_triton(
     if bias is not None:
         bias = bias.contiguous()
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+        cu_seqlens = cu_seqlens_int32(cu_seqlens, x.device)  # once per tensor: then its document index is memoized
     return CausalConv1dFunction.apply(x, weight, bias, initial_state, cu_seqlens, silu, bool(return_final_state))
 
 

@@ -65,6 +65,7 @@ class TensorMemo:
     is keyed by the tensor's identity, data pointer and version counter: an in-place change bumps the version and
     the facts are derived again; a dead tensor's entry is dropped. Inference-mode tensors (vLLM's) have no version
     counter: their facts hold while the tensor lives, so an in-place change to one after its first use is not seen.
+    While a CUDA graph is being captured nothing is remembered (the recorded kernels run only at replay).
 
     Example::
 
@@ -82,6 +83,9 @@ class TensorMemo:
 
     def get(self, tensor: torch.Tensor, name, derive):
         """``derive(tensor)``, computed on the first call for this tensor's current contents and ``name``."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Kernels recorded into a CUDA graph run only when it is replayed: a fact derived now holds nothing yet.
+            return derive(tensor)
         key, state = id(tensor), (tensor.data_ptr(), None if tensor.is_inference() else tensor._version)
         entry = self._entries.get(key)
         if entry is None or entry[0]() is not tensor or entry[1] != state:
@@ -121,6 +125,7 @@ def _ends_are(cu_seqlens: torch.Tensor, length: int) -> bool:
     return cu_seqlens.ndim == 1 and cu_seqlens.numel() > 0 and cu_seqlens[[0, -1]].tolist() == [0, length]
 
 
+@torch.compiler.disable  # the memo reads ids and version counters
 @torch.compiler.disable  # the memo reads ids and version counters
 def cu_seqlens_int32(cu_seqlens: torch.Tensor, device) -> torch.Tensor:
     """``cu_seqlens`` as the kernels take it: contiguous int32 on ``device``. Converted once per tensor
