@@ -487,19 +487,23 @@ def test_triton_cpu_under_interpreter():
 # forward also in its one-thread-per-channel form ("serial"), which every CUDA test runs as well
 
 
-@pytest.fixture(params=["serial", "chunked"])
+@pytest.fixture(params=["serial-fwd,lane-serial-bwd", "chunked-fwd,lane-serial-bwd", "chunked-fwd,chunked-bwd"])
 def cuda_scan(request, monkeypatch):
     if not HAS_CUDA:
         pytest.skip("no CUDA GPU on this machine (the CUDA scan's source is compiled and checked on CPU below)")
     mod = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
     if mod.find_nvcc() is None:
         pytest.skip("no nvcc: the CUDA scan is built on first use")
-    monkeypatch.setattr(mod, "SERIAL_MIN_THREADS_PER_SM", 0 if request.param == "serial" else 10**9)
+    fwd, bwd = request.param.split(",")
+    monkeypatch.setattr(mod, "SERIAL_MIN_THREADS_PER_SM", 0 if fwd == "serial-fwd" else 10**9)
+    monkeypatch.setattr(mod, "LANE_SERIAL_BWD", int(bwd == "lane-serial-bwd"))
     launched, real = [], mod.ScanLibrary.launch
     monkeypatch.setattr(mod.ScanLibrary, "launch", lambda lib, k, *a: launched.append(k) or real(lib, k, *a))
     yield mod
-    want = "fwd_serial" if request.param == "serial" else "fwd"
-    assert not launched or {k for k in launched if k.startswith("fwd")} == {want}, launched  # the asked-for forward ran
+    # the asked-for kernels ran (the lane-serial backward covers 16 states; at 32 the chunked one runs)
+    want_fwd = "fwd_serial" if fwd == "serial-fwd" else "fwd"
+    assert not launched or {k for k in launched if k.startswith("fwd")} == {want_fwd}, launched
+    assert bwd == "lane-serial-bwd" or "bwd_ls" not in launched, launched
 
 
 @pytest.mark.gpu

@@ -52,6 +52,10 @@ FWD_WIDTH = 16  # channels per forward block (8: two blocks per SM)
 # it needs many documents to fill the GPU (README.md, "Serial forward", has the measurements). 0 always takes it; a
 # huge value never does (benchmarks, tests).
 SERIAL_MIN_THREADS_PER_SM = 256
+# 1: at 16 states the backward is the lane-serial kernel (no time parallelism inside a chunk; see the .cu file and
+# README.md, "Lane-serial backward"); 0: the chunked backward, which also covers 32 states.
+LANE_SERIAL_BWD = 1
+LS_MIN_BLOCKS = 6  # two-warp blocks per SM the lane-serial backward's registers must allow (7: 128 registers, spills)
 # State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
 STATE_SIZES = (16, 32)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -132,7 +136,7 @@ def build_library(arch: str, defines: dict | None = None, nvcc: str | None = Non
 
 def _defines() -> dict:
     return {"M1_SCAN_ITEMS": ITEMS, "M1_SCAN_BWD_MIN_BLOCKS": BWD_MIN_BLOCKS, "M1_SCAN_BWD_PREFETCH": BWD_PREFETCH,
-            "M1_SCAN_BWD_UNROLL": BWD_UNROLL,
+            "M1_SCAN_BWD_UNROLL": BWD_UNROLL, "M1_SCAN_LS_MIN_BLOCKS": LS_MIN_BLOCKS,
             "M1_SCAN_FWD_UNROLL": FWD_UNROLL, "M1_SCAN_FWD_WIDTH": FWD_WIDTH}  # fmt: skip
 
 
@@ -141,7 +145,7 @@ class ScanLibrary:
 
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
-        for name in ("m1_scan_fwd", "m1_scan_fwd_serial", "m1_scan_bwd"):
+        for name in ("m1_scan_fwd", "m1_scan_fwd_serial", "m1_scan_bwd", "m1_scan_bwd_ls"):
             getattr(self.lib, name).argtypes = [ctypes.POINTER(ScanParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         self.lib.m1_scan_smem_bytes.argtypes = [ctypes.c_int] * 3
         self.lib.m1_scan_error_string.restype = ctypes.c_char_p
@@ -155,8 +159,8 @@ class ScanLibrary:
         return self.lib.m1_scan_smem_bytes(_DTYPES[dtype], N, int(backward))
 
     def launch(self, kernel: str, params: ScanParams, dtype: torch.dtype, n_seqs: int, device: torch.device):
-        """Run kernel ``"fwd"`` (chunked), ``"fwd_serial"`` or ``"bwd"`` on torch's current stream (asynchronous, like
-        any CUDA op)."""
+        """Run kernel ``"fwd"`` (chunked), ``"fwd_serial"``, ``"bwd"`` (chunked) or ``"bwd_ls"`` (lane-serial) on
+        torch's current stream (asynchronous, like any CUDA op)."""
         fn = getattr(self.lib, f"m1_scan_{kernel}")
         args = (ctypes.byref(params), _DTYPES[dtype], n_seqs, ctypes.c_void_p(_current_stream(device.index)))
         # The library's runtime launches into the thread's current CUDA context: make it the tensors' device (a
@@ -238,6 +242,17 @@ def forward_kernel(n_seqs: int, d_inner: int, device) -> str:
     """
     sms = _sm_count(torch.device(device).index or 0)
     return "fwd_serial" if n_seqs * d_inner >= SERIAL_MIN_THREADS_PER_SM * sms else "fwd"
+
+
+def backward_kernel(N: int) -> str:
+    """``"bwd_ls"`` (lane-serial) at 16 states when ``LANE_SERIAL_BWD`` is set, else ``"bwd"`` (chunked).
+
+    Example::
+
+        >>> backward_kernel(16), backward_kernel(32)
+        ('bwd_ls', 'bwd')
+    """
+    return "bwd_ls" if LANE_SERIAL_BWD and N == 16 else "bwd"
 
 
 @functools.cache
@@ -329,7 +344,7 @@ class CudaScanFunction(torch.autograd.Function):
         p.dx, p.ddt, p.dz, p.dB_acc = _ptr(dx), _ptr(ddt), _ptr(dz), _ptr(dB)
         p.dC_direct, p.dC_acc = (_ptr(dC), None) if direct else (None, _ptr(dC))
         p.dA, p.dD, p.dbias, p.dh0 = _ptr(dA), _ptr(dD), _ptr(dbias), _ptr(dh0)
-        lib.launch("bwd", p, x.dtype, ctx.n_seqs, dev)
+        lib.launch(backward_kernel(N), p, x.dtype, ctx.n_seqs, dev)
         A_dtype, D_dtype, bias_dtype = ctx.dtypes
         return (
             dx,

@@ -765,13 +765,327 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
     }
 }
 
+// Backward without time parallelism ("lane-serial", scan_bwd_ls_kernel), for N = 16. A block of two warps takes
+// (sequence, 16 channels), each warp 8 of them; lane (cp, sq) = (lane / 8, lane % 8) owns the warp's channels 2 cp,
+// 2 cp + 1 and states 2 sq, 2 sq + 1: 4 (channel, state) elements whose recurrences it steps through token by token,
+// so no scan is paid (no map composition, no shuffle steps per state, as in the chunked backward above). The adjoint
+// runs backwards in time and needs h_{t-1}: per chunk of TOK tokens, from the state the forward saved at its start,
+//   R1 walks the chunk forward and keeps the state entering each LS_PIECE-token piece in shared memory;
+//   then, pieces last to first, R2 walks the piece forward keeping its states in registers, and the adjoint walks
+//   it backwards (recomputing a_t: three exp2 per element in all).
+// What crosses lanes per token (y and the sums over states sum_n dh B, sum_n dh h_{t-1} a A; dB and dC over
+// channels) is a reduce-scatter by shuffles that leaves each lane one sum; the two warps' dB and dC are added in
+// shared memory. A piece's inputs are staged in shared memory as fp32 (softplus and silu(z) computed once there).
+#ifndef M1_SCAN_LS_MIN_BLOCKS
+#define M1_SCAN_LS_MIN_BLOCKS 6
+#endif
+constexpr int LS_PIECE = 16;                // tokens whose states a lane keeps in registers
+constexpr int LS_PIECES = TOK / LS_PIECE;   // piece starts per chunk (R1)
+constexpr int LS_WC = 8;                    // channels per warp
+constexpr int LS_C = 2 * LS_WC;             // channels per block
+constexpr float LN2 = 0.6931471805599453f;
+static_assert(TOK % LS_PIECE == 0 && LS_PIECE * 2 == 32, "staging gives each lane half a token row of the piece");
+
+struct LsWarpShared {
+    float h[LS_PIECES - 1][32][4];  // R1: the lane's 4 states entering pieces 1, 2, ... (piece 0's is the checkpoint)
+    // The piece's inputs per (token, channel of the warp). su: d softplus (0 past the document's end); gz: the
+    // factor dout * d silu(z) / dz with y left out, so that dz = gz * y.
+    float x[LS_PIECE][LS_WC], g[LS_PIECE][LS_WC], su[LS_PIECE][LS_WC], gz[LS_PIECE][LS_WC];
+    float4 dd[LS_PIECE][LS_WC / 2];  // per channel pair: delta, delta of the pair, then delta x: one load per token
+    float y[LS_PIECE][LS_WC], S1[LS_PIECE][LS_WC], S2[LS_PIECE][LS_WC];  // sums over states, per token
+};
+struct LsShared {
+    LsWarpShared w[2];
+    float4 BC[LS_PIECE][8];  // per state pair of the block's B and C group rows: B, B, C, C
+    float dBC[2][2][LS_PIECE][16];           // [warp][dB, dC][token][state]: each warp's sum over its channels
+    float bias[LS_C], D[LS_C];
+};
+
+// Four consecutive elements of T: 8 bytes for 2-byte types, 16 for fp32.
+template <typename T> using Vec4 = std::conditional_t<sizeof(T) == 4, uint4, uint2>;
+template <typename T> __device__ __forceinline__ Vec4<T> load4(const T* g, bool in) {
+    if constexpr (sizeof(T) == 4) return in ? *reinterpret_cast<const uint4*>(g) : make_uint4(0, 0, 0, 0);
+    else return in ? *reinterpret_cast<const uint2*>(g) : make_uint2(0, 0);
+}
+template <typename T> __device__ __forceinline__ void unpack4(const Vec4<T>& v, float (&o)[4]) {
+    if constexpr (sizeof(T) == 4) {
+        o[0] = __uint_as_float(v.x), o[1] = __uint_as_float(v.y), o[2] = __uint_as_float(v.z), o[3] = __uint_as_float(v.w);
+    } else {
+        const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) o[k] = to_f(e[k]);
+    }
+}
+template <typename T> __device__ __forceinline__ void store4(T* g, const float (&v)[4]) {
+    Vec4<T> u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) e[k] = from_f<T>(v[k]);
+    *reinterpret_cast<Vec4<T>*>(g) = u;
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(64, M1_SCAN_LS_MIN_BLOCKS) scan_bwd_ls_kernel(const ScanParams p) {
+    static_assert(N == 16, "the lane-serial backward covers 16 states (2 per lane)");
+    __shared__ __align__(16) LsShared s;
+    const Place pl = place_of<LS_C>(p);
+    const Seq q = sequence_of(p, pl.seq);
+    const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31, tid = int(threadIdx.x);
+    LsWarpShared& sw = s.w[warp];
+    const int cp = lane >> 3, sq = lane & 7;   // compute: channels 2 cp + ci of the warp, states 2 sq + j
+    const int ti = lane >> 1, hf = lane & 1;   // staging and output: token ti, warp channels 4 hf .. 4 hf + 3
+    const int bt = tid >> 2, bq = tid & 3;     // block staging of B, C and the dB, dC output: token bt, states 4 bq ..
+    const int dw = pl.d0 + LS_WC * warp;       // the warp's first channel
+    if (tid < LS_C) {
+        s.bias[tid] = p.dt_bias ? p.dt_bias[pl.d0 + tid] : 0.f;
+        s.D[tid] = p.D ? p.D[pl.d0 + tid] : 0.f;
+    }
+    float A2[4], dA[4], u[4];  // element e = 2 ci + j
+#pragma unroll
+    for (int ci = 0; ci < 2; ++ci) {
+        const int64_t row = int64_t(dw + 2 * cp + ci) * N + 2 * sq;
+        const float2 a2 = *reinterpret_cast<const float2*>(p.A + row);
+        const float2 u2 = p.dfinal ? *reinterpret_cast<const float2*>(p.dfinal + int64_t(pl.seq) * p.d_inner * N + row)
+                                   : make_float2(0.f, 0.f);
+        A2[2 * ci] = a2.x * LOG2E, A2[2 * ci + 1] = a2.y * LOG2E;
+        u[2 * ci] = u2.x, u[2 * ci + 1] = u2.y;  // a_{t+1} dh_{t+1} entering after the last token: d final_state
+        dA[2 * ci] = dA[2 * ci + 1] = 0.f;
+    }
+    float dDb = 0.f;  // lanes 0-7: dD of warp channel lane, lanes 8-15: d dt_bias of warp channel lane - 8
+    const bool has_z = p.has_z;
+    const T* xg = static_cast<const T*>(p.x) + q.batch * p.x_b + q.start * p.x_l + dw + 4 * hf;
+    const T* dtg = static_cast<const T*>(p.dt) + q.batch * p.dt_b + q.start * p.dt_l + dw + 4 * hf;
+    const T* zg = has_z ? static_cast<const T*>(p.z) + q.batch * p.z_b + q.start * p.z_l + dw + 4 * hf : nullptr;
+    const T* dog = static_cast<const T*>(p.dout) + q.batch * p.do_b + q.start * p.do_l + dw + 4 * hf;
+    const T* Bg = static_cast<const T*>(p.B) + q.batch * p.B_b + q.start * p.B_l + pl.gB * p.B_g + 4 * bq;
+    const T* Cg = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + pl.gC * p.C_g + 4 * bq;
+    const int64_t tok0 = q.batch * p.L + q.start;
+    Vec4<T> rx, rdt, rz, rdo, rB, rC;  // the next piece's inputs, in flight
+    auto fetch = [&](int ts, bool all) {
+        const int t = ts + ti, tb = ts + bt;
+        const bool in = t < q.len, inb = tb < q.len;
+        rx = load4<T>(xg + int64_t(t) * p.x_l, in);
+        rdt = load4<T>(dtg + int64_t(t) * p.dt_l, in);
+        rB = load4<T>(Bg + int64_t(tb) * p.B_l, inb);
+        if (all) {
+            rC = load4<T>(Cg + int64_t(tb) * p.C_l, inb);
+            rdo = load4<T>(dog + int64_t(t) * p.do_l, in);
+            if (has_z) rz = load4<T>(zg + int64_t(t) * p.z_l, in);
+        }
+    };
+    auto commit = [&](int ts, bool all) {
+        const bool in = ts + ti < q.len;
+        float xv[4], v[4], Bv[4];
+        unpack4<T>(rx, xv);
+        unpack4<T>(rdt, v);
+        unpack4<T>(rB, Bv);
+        float Cv[4], dov[4], zv[4];
+        if (all) {
+            unpack4<T>(rC, Cv);
+            unpack4<T>(rdo, dov);
+            if (has_z) unpack4<T>(rz, zv);
+            s.BC[bt][2 * bq] = make_float4(Bv[0], Bv[1], Cv[0], Cv[1]);
+            s.BC[bt][2 * bq + 1] = make_float4(Bv[2], Bv[3], Cv[2], Cv[3]);
+        } else {  // the forward walk reads B only
+            *reinterpret_cast<float2*>(&s.BC[bt][2 * bq]) = make_float2(Bv[0], Bv[1]);
+            *reinterpret_cast<float2*>(&s.BC[bt][2 * bq + 1]) = make_float2(Bv[2], Bv[3]);
+        }
+        float dl[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int ch = 4 * hf + k;
+            const float uu = v[k] + s.bias[LS_WC * warp + ch];
+            dl[k] = in ? (p.softplus ? softplus_f(uu) : uu) : 0.f;
+            sw.x[ti][ch] = xv[k];
+            if (all) {
+                sw.su[ti][ch] = in ? (p.softplus && uu <= 20.f ? sigmoid_f(uu) : 1.f) : 0.f;
+                if (has_z) {
+                    const float sg = sigmoid_f(zv[k]);
+                    sw.g[ti][ch] = dov[k] * zv[k] * sg;
+                    sw.gz[ti][ch] = dov[k] * sg * (1.f + zv[k] * (1.f - sg));
+                } else {
+                    sw.g[ti][ch] = dov[k];
+                    sw.gz[ti][ch] = 0.f;
+                }
+            }
+        }
+        sw.dd[ti][2 * hf] = make_float4(dl[0], dl[1], dl[0] * xv[0], dl[1] * xv[1]);
+        sw.dd[ti][2 * hf + 1] = make_float4(dl[2], dl[3], dl[2] * xv[2], dl[3] * xv[3]);
+    };
+    // The lane's per-token inputs from the staged piece: delta and delta x of its channels, B (and C) of its states.
+    auto token_in = [&](int i, float (&dl)[2], float (&dx)[2]) {
+        const float4 d4 = sw.dd[i][cp];
+        dl[0] = d4.x, dl[1] = d4.y, dx[0] = d4.z, dx[1] = d4.w;
+    };
+
+    const int n_chunks = (q.len + TOK - 1) / TOK;
+    for (int c = n_chunks - 1; c >= 0; --c) {
+        const int t0 = c * TOK, np = (min(TOK, q.len - t0) + LS_PIECE - 1) / LS_PIECE;
+        const float* ckpt = p.ckpt + (int64_t(q.slot0 + c) * p.d_inner + dw + 2 * cp) * N + 2 * sq;
+        auto load_ckpt = [&](float (&h)[4]) {
+#pragma unroll
+            for (int ci = 0; ci < 2; ++ci) {
+                const float2 h2 = *reinterpret_cast<const float2*>(ckpt + ci * N);
+                h[2 * ci] = h2.x, h[2 * ci + 1] = h2.y;
+            }
+        };
+        float h[4];
+        load_ckpt(h);
+        // R1: the chunk forward, keeping the state entering every piece.
+        fetch(t0, false);
+        for (int j = 0; j < np; ++j) {
+            __syncthreads();  // both warps are done with the previous piece's staged inputs
+            commit(t0 + j * LS_PIECE, false);
+            if (j + 1 < np) fetch(t0 + (j + 1) * LS_PIECE, false);
+            else fetch(t0 + (np - 1) * LS_PIECE, true);  // the adjoint's first piece
+            if (j) *reinterpret_cast<float4*>(&sw.h[j - 1][lane][0]) = make_float4(h[0], h[1], h[2], h[3]);
+            __syncthreads();
+#pragma unroll
+            for (int i = 0; i < LS_PIECE; ++i) {
+                float dl[2], dx[2];
+                token_in(i, dl, dx);
+                const float2 b2 = *reinterpret_cast<const float2*>(&s.BC[i][sq]);
+                const float Bv[2] = {b2.x, b2.y};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) h[e] = fmaf(exp2f(dl[e >> 1] * A2[e]), h[e], dx[e >> 1] * Bv[e & 1]);
+            }
+        }
+        // Pieces last to first: R2 forward into registers, then the adjoint backwards.
+        for (int j = np - 1; j >= 0; --j) {
+            const int ts = t0 + j * LS_PIECE;
+            __syncthreads();  // the previous piece's outputs have been read out of shared memory
+            commit(ts, true);
+            if (j > 0) fetch(ts - LS_PIECE, true);
+            __syncthreads();
+            float hs[4], hh[LS_PIECE][4];
+            if (j) {
+                const float4 h4 = *reinterpret_cast<const float4*>(&sw.h[j - 1][lane][0]);
+                hs[0] = h4.x, hs[1] = h4.y, hs[2] = h4.z, hs[3] = h4.w;
+            } else {
+                load_ckpt(hs);
+            }
+            const bool b16 = lane & 16, b8 = lane & 8, b4 = lane & 4, b2 = lane & 2;
+#pragma unroll
+            for (int i = 0; i < LS_PIECE; ++i) {
+                float dl[2], dx[2];
+                token_in(i, dl, dx);
+                const float4 bc = s.BC[i][sq];
+                const float Bv[2] = {bc.x, bc.y}, Cv[2] = {bc.z, bc.w};
+                float yp[2] = {0.f, 0.f};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float prev = i ? hh[i - 1][e] : hs[e];
+                    hh[i][e] = fmaf(exp2f(dl[e >> 1] * A2[e]), prev, dx[e >> 1] * Bv[e & 1]);
+                    yp[e >> 1] = fmaf(Cv[e & 1], hh[i][e], yp[e >> 1]);
+                }
+                // y of warp channel 2 cp + (lane & 4 ? 1 : 0): summed over the 8 lanes of the channel pair.
+                float yv = (b4 ? yp[1] : yp[0]) + __shfl_xor_sync(FULL, b4 ? yp[0] : yp[1], 4);
+                yv += __shfl_xor_sync(FULL, yv, 2);
+                yv += __shfl_xor_sync(FULL, yv, 1);
+                if (!(lane & 3)) sw.y[i][2 * cp + b4] = yv;
+            }
+#pragma unroll
+            for (int i = LS_PIECE - 1; i >= 0; --i) {
+                float dl[2], dx[2];
+                token_in(i, dl, dx);
+                const float4 bc = s.BC[i][sq];
+                const float2 g2 = *reinterpret_cast<const float2*>(&sw.g[i][2 * cp]);
+                const float Bv[2] = {bc.x, bc.y}, Cv[2] = {bc.z, bc.w}, gv[2] = {g2.x, g2.y};
+                float S[4] = {0.f, 0.f, 0.f, 0.f};   // sum_n dh B, sum_n dh h_{t-1} a A2 of the two channels
+                float BC[4] = {0.f, 0.f, 0.f, 0.f};  // dB, dC shares of the two states
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int ci = e >> 1, jj = e & 1;
+                    const float prev = i ? hh[i - 1][e] : hs[e];
+                    const float dh = fmaf(gv[ci], Cv[jj], u[e]);  // dh_t = g_t C_t + a_{t+1} dh_{t+1}
+                    u[e] = exp2f(dl[ci] * A2[e]) * dh;           // a_t dh_t, for token t - 1
+                    const float qv = u[e] * prev;                // dh_t a_t h_{t-1}
+                    S[ci] = fmaf(dh, Bv[jj], S[ci]);
+                    S[2 + ci] = fmaf(qv, A2[e], S[2 + ci]);
+                    dA[e] = fmaf(qv, dl[ci], dA[e]);
+                    BC[jj] = fmaf(dh, dx[ci], BC[jj]);
+                    BC[2 + jj] = fmaf(gv[ci], hh[i][e], BC[2 + jj]);
+                }
+                // S1 (lane & 4 clear) or S2 of warp channel 2 cp + (lane & 2 ? 1 : 0), over the pair's 8 lanes.
+                const float k0 = (b4 ? S[2] : S[0]) + __shfl_xor_sync(FULL, b4 ? S[0] : S[2], 4);
+                const float k1 = (b4 ? S[3] : S[1]) + __shfl_xor_sync(FULL, b4 ? S[1] : S[3], 4);
+                float sv = (b2 ? k1 : k0) + __shfl_xor_sync(FULL, b2 ? k0 : k1, 2);
+                sv += __shfl_xor_sync(FULL, sv, 1);
+                if (!(lane & 1)) (b4 ? sw.S2 : sw.S1)[i][2 * cp + b2] = sv;
+                // dB (lane & 16 clear) or dC of state 2 sq + (lane & 8 ? 1 : 0), over the warp's 4 channel pairs.
+                const float m0 = (b16 ? BC[2] : BC[0]) + __shfl_xor_sync(FULL, b16 ? BC[0] : BC[2], 16);
+                const float m1 = (b16 ? BC[3] : BC[1]) + __shfl_xor_sync(FULL, b16 ? BC[1] : BC[3], 16);
+                s.dBC[warp][b16][i][2 * sq + b8] = (b8 ? m1 : m0) + __shfl_xor_sync(FULL, b8 ? m0 : m1, 8);
+            }
+            __syncthreads();  // both warps' dB and dC shares are written
+            // Per-token gradients of the piece: lane (ti, hf) takes 4 channels of token ts + ti.
+            const int t = ts + ti;
+            if (t < q.len) {
+                float gx[4], gdt[4], gzv[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int ch = 4 * hf + k;
+                    const float S1 = sw.S1[ti][ch], xv = sw.x[ti][ch], gv = sw.g[ti][ch], Dd = s.D[LS_WC * warp + ch];
+                    const float ddelta = fmaf(xv, S1, sw.S2[ti][ch] * LN2);
+                    gx[k] = fmaf(reinterpret_cast<const float*>(&sw.dd[ti][ch >> 1])[ch & 1], S1, Dd * gv);
+                    gdt[k] = ddelta * sw.su[ti][ch];
+                    gzv[k] = sw.gz[ti][ch] * fmaf(Dd, xv, sw.y[ti][ch]);
+                    sw.S1[ti][ch] = gv * xv;  // the token's dD and d dt_bias shares, summed over the piece below
+                    sw.S2[ti][ch] = gdt[k];
+                }
+                const int64_t r = (tok0 + t) * p.d_inner + dw + 4 * hf;
+                store4<T>(static_cast<T*>(p.dx) + r, gx);
+                store4<T>(static_cast<T*>(p.ddt) + r, gdt);
+                if (has_z) store4<T>(static_cast<T*>(p.dz) + r, gzv);
+            } else {
+#pragma unroll
+                for (int k = 0; k < 4; ++k) sw.S1[ti][4 * hf + k] = sw.S2[ti][4 * hf + k] = 0.f;
+            }
+            // dB and dC of token ts + bt, states 4 bq .. 4 bq + 3: the two warps' sums added.
+            const int tb = ts + bt;
+            if (tb < q.len) {
+                float dBv[4], dCv[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    dBv[k] = s.dBC[0][0][bt][4 * bq + k] + s.dBC[1][0][bt][4 * bq + k];
+                    dCv[k] = s.dBC[0][1][bt][4 * bq + k] + s.dBC[1][1][bt][4 * bq + k];
+                }
+                const int64_t r = tok0 + tb;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) atomicAdd(p.dB_acc + (r * p.G_B + pl.gB) * N + 4 * bq + k, dBv[k]);
+                if (p.dC_direct)
+                    store4<T>(static_cast<T*>(p.dC_direct) + (r * p.G_C + pl.gC) * N + 4 * bq, dCv);
+                else
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) atomicAdd(p.dC_acc + (r * p.G_C + pl.gC) * N + 4 * bq + k, dCv[k]);
+            }
+            __syncwarp();
+            if (lane < 2 * LS_WC) {  // lanes 0-7 add the piece's g x of warp channel lane, lanes 8-15 its d dt_bias
+                const float* col = (lane < LS_WC ? &sw.S1[0][0] : &sw.S2[0][0]) + (lane & (LS_WC - 1));
+#pragma unroll
+                for (int i = 0; i < LS_PIECE; ++i) dDb += col[i * LS_WC];
+            }
+        }
+    }
+    // d initial_state = a_0 dh_0; dA summed over the sequences.
+#pragma unroll
+    for (int ci = 0; ci < 2; ++ci) {
+        const int64_t row = int64_t(dw + 2 * cp + ci) * N + 2 * sq;
+        *reinterpret_cast<float2*>(p.dh0 + int64_t(pl.seq) * p.d_inner * N + row) = make_float2(u[2 * ci], u[2 * ci + 1]);
+        atomicAdd(p.dA + row, dA[2 * ci]);
+        atomicAdd(p.dA + row + 1, dA[2 * ci + 1]);
+    }
+    if (lane < LS_WC ? p.dD != nullptr : lane < 2 * LS_WC && p.dbias != nullptr)
+        atomicAdd((lane < LS_WC ? p.dD : p.dbias) + dw + (lane & (LS_WC - 1)), dDb);
+}
+
 // Dynamic shared memory of a block: the tiles above in the inputs' element size, the rest fp32.
 int smem_bytes(int esize, int N, bool backward) {
     if (!backward) return (3 * WF + 2 * N) * TP * esize + 2 * WF * N * 4;
     return (4 * W + 2 * N) * TP * esize + (4 * W * TOK + 2 * TOK * (N + 1) + 4 * W * N) * 4 + 4 * 8;  // + barriers
 }
 
-enum Kernel { FWD = 0, BWD = 1, FWD_SERIAL = 2 };
+enum Kernel { FWD = 0, BWD = 1, FWD_SERIAL = 2, BWD_LS = 3 };
 
 // Which (dtype, state size, forward / backward) kernels have been given their shared memory, per device. A file-scope
 // array, not a static inside the launch template: those are merged across every loaded library (GNU unique symbols),
@@ -788,6 +1102,11 @@ template <typename T, int N> int launch(const ScanParams& p, int n_seqs, Kernel 
     if (kind == FWD_SERIAL) {
         const int blocks = n_seqs * ((p.d_inner + SERIAL_THREADS - 1) / SERIAL_THREADS);
         scan_fwd_serial_kernel<T, N><<<blocks, SERIAL_THREADS, 0, stream>>>(p);
+        return int(cudaGetLastError());
+    }
+    if (kind == BWD_LS) {  // static shared memory (under the 48 KB that needs no opt-in)
+        if constexpr (N != 16) return int(cudaErrorInvalidValue);
+        else scan_bwd_ls_kernel<T, N><<<n_seqs * (p.d_inner / LS_C), 64, 0, stream>>>(p);
         return int(cudaGetLastError());
     }
     const bool backward = kind == BWD;
@@ -838,6 +1157,9 @@ extern "C" int m1_scan_fwd_serial(const m1_scan::ScanParams* p, int dtype, int n
 }
 extern "C" int m1_scan_bwd(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
     return m1_scan::run(p, dtype, n_seqs, m1_scan::BWD, stream);
+}
+extern "C" int m1_scan_bwd_ls(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
+    return m1_scan::run(p, dtype, n_seqs, m1_scan::BWD_LS, stream);
 }
 extern "C" int m1_scan_smem_bytes(int dtype, int N, int backward) {
     return m1_scan::smem_bytes(dtype == 0 ? 4 : 2, N, backward != 0);
