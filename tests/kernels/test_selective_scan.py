@@ -487,7 +487,14 @@ def test_triton_cpu_under_interpreter():
 # forward also in its one-thread-per-channel form ("serial"), which every CUDA test runs as well
 
 
-@pytest.fixture(params=["serial-fwd,lane-serial-bwd", "chunked-fwd,lane-serial-bwd", "chunked-fwd,chunked-bwd"])
+@pytest.fixture(
+    params=[
+        "serial-fwd,lane-serial-bwd",
+        "lane-serial-fwd,lane-serial-bwd",
+        "chunked-fwd,lane-serial-bwd",
+        "chunked-fwd,chunked-bwd",
+    ]
+)
 def cuda_scan(request, monkeypatch):
     if not HAS_CUDA:
         pytest.skip("no CUDA GPU on this machine (the CUDA scan's source is compiled and checked on CPU below)")
@@ -496,13 +503,14 @@ def cuda_scan(request, monkeypatch):
         pytest.skip("no nvcc: the CUDA scan is built on first use")
     fwd, bwd = request.param.split(",")
     monkeypatch.setattr(mod, "SERIAL_MIN_THREADS_PER_SM", 0 if fwd == "serial-fwd" else 10**9)
+    monkeypatch.setattr(mod, "LANE_SERIAL_FWD", int(fwd == "lane-serial-fwd"))
     monkeypatch.setattr(mod, "LANE_SERIAL_BWD", int(bwd == "lane-serial-bwd"))
     launched, real = [], mod.ScanLibrary.launch
     monkeypatch.setattr(mod.ScanLibrary, "launch", lambda lib, k, *a: launched.append(k) or real(lib, k, *a))
     yield mod
-    # the asked-for kernels ran (the lane-serial backward covers 16 states; at 32 the chunked one runs)
-    want_fwd = "fwd_serial" if fwd == "serial-fwd" else "fwd"
-    assert not launched or {k for k in launched if k.startswith("fwd")} == {want_fwd}, launched
+    # the asked-for kernels ran (the lane-serial ones cover 16 states; at 32 the chunked ones run)
+    want_fwd = {"serial-fwd": {"fwd_serial"}, "lane-serial-fwd": {"fwd_ls", "fwd"}, "chunked-fwd": {"fwd"}}[fwd]
+    assert {k for k in launched if k.startswith("fwd")} <= want_fwd, launched
     assert bwd == "lane-serial-bwd" or "bwd_ls" not in launched, launched
 
 
@@ -692,14 +700,17 @@ def test_documents_longest_first_sorts_once_per_tensor(monkeypatch):
 
 def test_cuda_forward_kernel_is_serial_for_many_documents(monkeypatch):
     """The one-thread-per-channel forward needs SERIAL_MIN_THREADS_PER_SM (sequence, channel) pairs per SM; fewer
-    take the chunked forward (no GPU needed: the SM count is the H100's)."""
+    take the lane-serial forward (at 16 states) or the chunked one (no GPU needed: the SM count is the H100's)."""
     scan = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
     monkeypatch.setattr(scan, "_sm_count", lambda index: 132)
     need = scan.SERIAL_MIN_THREADS_PER_SM * 132
     docs = -(-need // 3072)  # M1-3B's d_inner: the fewest documents that take the serial forward
     assert scan.forward_kernel(docs, 3072, "cuda:0") == "fwd_serial"
-    assert scan.forward_kernel(docs - 1, 3072, "cuda:0") == "fwd"
-    assert scan.forward_kernel(4, 3072, "cuda:0") == "fwd"  # 8k tokens in 2048-token documents
+    assert scan.forward_kernel(docs - 1, 3072, "cuda:0") == "fwd_ls"
+    assert scan.forward_kernel(4, 3072, "cuda:0") == "fwd_ls"  # 8k tokens in 2048-token documents
+    assert scan.forward_kernel(4, 3072, "cuda:0", N=32) == "fwd"  # the lane-serial kernels take 16 states
+    monkeypatch.setattr(scan, "LANE_SERIAL_FWD", 0)
+    assert scan.forward_kernel(4, 3072, "cuda:0") == "fwd"
     assert scan.forward_kernel(1, need, "cuda") == "fwd_serial"
 
 

@@ -55,6 +55,9 @@ SERIAL_MIN_THREADS_PER_SM = 256
 # 1: at 16 states the backward is the lane-serial kernel (no time parallelism inside a chunk; see the .cu file and
 # README.md, "Lane-serial backward"); 0: the chunked backward, which also covers 32 states.
 LANE_SERIAL_BWD = 1
+# 1: at 16 states the forward that runs where the serial one has too few threads is the lane-serial kernel (its walk
+# alone), 0: the chunked kernel.
+LANE_SERIAL_FWD = 1
 LS_MIN_BLOCKS = 6  # two-warp blocks per SM the lane-serial backward's registers must allow (7: 128 registers, spills)
 # State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
 STATE_SIZES = (16, 32)
@@ -145,7 +148,7 @@ class ScanLibrary:
 
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
-        for name in ("m1_scan_fwd", "m1_scan_fwd_serial", "m1_scan_bwd", "m1_scan_bwd_ls"):
+        for name in ("m1_scan_fwd", "m1_scan_fwd_serial", "m1_scan_fwd_ls", "m1_scan_bwd", "m1_scan_bwd_ls"):
             getattr(self.lib, name).argtypes = [ctypes.POINTER(ScanParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         self.lib.m1_scan_smem_bytes.argtypes = [ctypes.c_int] * 3
         self.lib.m1_scan_error_string.restype = ctypes.c_char_p
@@ -159,8 +162,8 @@ class ScanLibrary:
         return self.lib.m1_scan_smem_bytes(_DTYPES[dtype], N, int(backward))
 
     def launch(self, kernel: str, params: ScanParams, dtype: torch.dtype, n_seqs: int, device: torch.device):
-        """Run kernel ``"fwd"`` (chunked), ``"fwd_serial"``, ``"bwd"`` (chunked) or ``"bwd_ls"`` (lane-serial) on
-        torch's current stream (asynchronous, like any CUDA op)."""
+        """Run kernel ``"fwd"`` (chunked), ``"fwd_serial"``, ``"fwd_ls"`` (lane-serial), ``"bwd"`` (chunked) or
+        ``"bwd_ls"`` on torch's current stream (asynchronous, like any CUDA op)."""
         fn = getattr(self.lib, f"m1_scan_{kernel}")
         args = (ctypes.byref(params), _DTYPES[dtype], n_seqs, ctypes.c_void_p(_current_stream(device.index)))
         # The library's runtime launches into the thread's current CUDA context: make it the tensors' device (a
@@ -229,9 +232,10 @@ def _layout_reason(device_index: int, dtype: torch.dtype, N: int, cpc: int, defi
     return None
 
 
-def forward_kernel(n_seqs: int, d_inner: int, device) -> str:
+def forward_kernel(n_seqs: int, d_inner: int, device, N: int = 16) -> str:
     """``"fwd_serial"`` when the batch has enough (sequence, channel) pairs to fill the GPU with one thread each
-    (``SERIAL_MIN_THREADS_PER_SM`` per SM), else ``"fwd"`` (chunked).
+    (``SERIAL_MIN_THREADS_PER_SM`` per SM), else ``"fwd_ls"`` (lane-serial, 16 states, ``LANE_SERIAL_FWD``) or
+    ``"fwd"`` (chunked).
 
     The count is of sequences, not of tokens per sequence: document lengths live on the device (no host sync).
 
@@ -241,7 +245,9 @@ def forward_kernel(n_seqs: int, d_inner: int, device) -> str:
         'fwd_serial'
     """
     sms = _sm_count(torch.device(device).index or 0)
-    return "fwd_serial" if n_seqs * d_inner >= SERIAL_MIN_THREADS_PER_SM * sms else "fwd"
+    if n_seqs * d_inner >= SERIAL_MIN_THREADS_PER_SM * sms:
+        return "fwd_serial"
+    return "fwd_ls" if LANE_SERIAL_FWD and N == 16 else "fwd"
 
 
 def backward_kernel(N: int) -> str:
@@ -307,7 +313,7 @@ class CudaScanFunction(torch.autograd.Function):
             L=L, d_inner=d, N=N, G_B=B.shape[2], G_C=C.shape[2], cpc=d // C.shape[2], cpb=C.shape[2] // B.shape[2],
             n_chunks_row=n_chunks_row, has_z=z is not None, softplus=bool(dt_softplus), save_ckpt=save,
         )  # fmt: skip
-        lib.launch(forward_kernel(n_seqs, d, x.device), p, x.dtype, n_seqs, x.device)
+        lib.launch(forward_kernel(n_seqs, d, x.device, N), p, x.dtype, n_seqs, x.device)
         ctx.save_for_backward(x, dt, A32, B, C, D32, z, bias32, cu, order, ckpt)
         ctx.params, ctx.n_seqs = p, n_seqs
         ctx.dtypes = (A.dtype, None if D is None else D.dtype, None if dt_bias is None else dt_bias.dtype)

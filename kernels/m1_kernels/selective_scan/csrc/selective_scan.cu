@@ -765,7 +765,7 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
     }
 }
 
-// Backward without time parallelism ("lane-serial", scan_bwd_ls_kernel), for N = 16. A block of two warps takes
+// Forward and backward without time parallelism ("lane-serial", scan_ls_kernel), for N = 16. A block of two warps takes
 // (sequence, 16 channels), each warp 8 of them; lane (cp, sq) = (lane / 8, lane % 8) owns the warp's channels 2 cp,
 // 2 cp + 1 and states 2 sq, 2 sq + 1: 4 (channel, state) elements whose recurrences it steps through token by token,
 // so no scan is paid (no map composition, no shuffle steps per state, as in the chunked backward above). The adjoint
@@ -773,6 +773,7 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
 //   R1 walks the chunk forward and keeps the state entering each LS_PIECE-token piece in shared memory;
 //   then, pieces last to first, R2 walks the piece forward keeping its states in registers, and the adjoint walks
 //   it backwards (recomputing a_t: three exp2 per element in all).
+// The forward is the second walk alone, over the whole document, saving the chunk-start states.
 // What crosses lanes per token (y and the sums over states sum_n dh B, sum_n dh h_{t-1} a A; dB and dC over
 // channels) is a reduce-scatter by shuffles that leaves each lane one sum; the two warps' dB and dC are added in
 // shared memory. A piece's inputs are staged in shared memory as fp32 (softplus and silu(z) computed once there).
@@ -787,9 +788,8 @@ constexpr float LN2 = 0.6931471805599453f;
 static_assert(TOK % LS_PIECE == 0 && LS_PIECE * 2 == 32, "staging gives each lane half a token row of the piece");
 
 struct LsWarpShared {
-    float h[LS_PIECES - 1][32][4];  // R1: the lane's 4 states entering pieces 1, 2, ... (piece 0's is the checkpoint)
-    // The piece's inputs per (token, channel of the warp). su: d softplus (0 past the document's end); gz: the
-    // factor dout * d silu(z) / dz with y left out, so that dz = gz * y.
+    // The piece's inputs per (token, channel of the warp). g: dout * silu(z) in the backward, silu(z) (or 1) in the
+    // forward; su: d softplus (0 past the document's end); gz: dout * d silu(z) / dz with y left out (dz = gz * y).
     float x[LS_PIECE][LS_WC], g[LS_PIECE][LS_WC], su[LS_PIECE][LS_WC], gz[LS_PIECE][LS_WC];
     float4 dd[LS_PIECE][LS_WC / 2];  // per channel pair: delta, delta of the pair, then delta x: one load per token
     float y[LS_PIECE][LS_WC], S1[LS_PIECE][LS_WC], S2[LS_PIECE][LS_WC];  // sums over states, per token
@@ -800,6 +800,7 @@ struct LsShared {
     float dBC[2][2][LS_PIECE][16];           // [warp][dB, dC][token][state]: each warp's sum over its channels
     float bias[LS_C], D[LS_C];
 };
+enum LsPass { LS_R1, LS_FWD, LS_BWD };  // what a piece's staging loads: x, dt, B; and C, z; and dout
 
 // Four consecutive elements of T: 8 bytes for 2-byte types, 16 for fp32.
 template <typename T> using Vec4 = std::conditional_t<sizeof(T) == 4, uint4, uint2>;
@@ -824,14 +825,17 @@ template <typename T> __device__ __forceinline__ void store4(T* g, const float (
     *reinterpret_cast<Vec4<T>*>(g) = u;
 }
 
-template <typename T, int N>
-__global__ void __launch_bounds__(64, M1_SCAN_LS_MIN_BLOCKS) scan_bwd_ls_kernel(const ScanParams p) {
-    static_assert(N == 16, "the lane-serial backward covers 16 states (2 per lane)");
+template <typename T, int N, bool BACKWARD>
+__global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan_ls_kernel(const ScanParams p) {
+    static_assert(N == 16, "the lane-serial kernels cover 16 states (2 per lane)");
     __shared__ __align__(16) LsShared s;
+    // R1: the lane's 4 states entering pieces 1, 2, ... of the chunk (piece 0's is the checkpoint); backward only.
+    __shared__ __align__(16) float4 s_h[BACKWARD ? 2 * (LS_PIECES - 1) * 32 : 1];
     const Place pl = place_of<LS_C>(p);
     const Seq q = sequence_of(p, pl.seq);
     const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31, tid = int(threadIdx.x);
     LsWarpShared& sw = s.w[warp];
+    float4* const sh = s_h + (BACKWARD ? warp * (LS_PIECES - 1) * 32 + lane : 0);  // [piece - 1][lane], stride 32
     const int cp = lane >> 3, sq = lane & 7;   // compute: channels 2 cp + ci of the warp, states 2 sq + j
     const int ti = lane >> 1, hf = lane & 1;   // staging and output: token ti, warp channels 4 hf .. 4 hf + 3
     const int bt = tid >> 2, bq = tid & 3;     // block staging of B, C and the dB, dC output: token bt, states 4 bq ..
@@ -840,17 +844,26 @@ __global__ void __launch_bounds__(64, M1_SCAN_LS_MIN_BLOCKS) scan_bwd_ls_kernel(
         s.bias[tid] = p.dt_bias ? p.dt_bias[pl.d0 + tid] : 0.f;
         s.D[tid] = p.D ? p.D[pl.d0 + tid] : 0.f;
     }
-    float A2[4], dA[4], u[4];  // element e = 2 ci + j
+    // Element e = 2 ci + j of the lane: row (channel dw + 2 cp + ci) and column 2 sq + j of a (d_inner, N) array.
+    auto load_pair = [&](const float* a, float (&v)[4]) {  // the lane's 4 elements of a (d_inner, N) fp32 array
 #pragma unroll
-    for (int ci = 0; ci < 2; ++ci) {
-        const int64_t row = int64_t(dw + 2 * cp + ci) * N + 2 * sq;
-        const float2 a2 = *reinterpret_cast<const float2*>(p.A + row);
-        const float2 u2 = p.dfinal ? *reinterpret_cast<const float2*>(p.dfinal + int64_t(pl.seq) * p.d_inner * N + row)
-                                   : make_float2(0.f, 0.f);
-        A2[2 * ci] = a2.x * LOG2E, A2[2 * ci + 1] = a2.y * LOG2E;
-        u[2 * ci] = u2.x, u[2 * ci + 1] = u2.y;  // a_{t+1} dh_{t+1} entering after the last token: d final_state
-        dA[2 * ci] = dA[2 * ci + 1] = 0.f;
-    }
+        for (int ci = 0; ci < 2; ++ci) {
+            const float2 f = *reinterpret_cast<const float2*>(a + int64_t(dw + 2 * cp + ci) * N + 2 * sq);
+            v[2 * ci] = f.x, v[2 * ci + 1] = f.y;
+        }
+    };
+    auto store_pair = [&](float* a, const float (&v)[4]) {
+#pragma unroll
+        for (int ci = 0; ci < 2; ++ci)
+            *reinterpret_cast<float2*>(a + int64_t(dw + 2 * cp + ci) * N + 2 * sq) = make_float2(v[2 * ci], v[2 * ci + 1]);
+    };
+    const int64_t seq_state = int64_t(pl.seq) * p.d_inner * N;  // the sequence's (d_inner, N) initial / final state
+    float A2[4], dA[4] = {0.f, 0.f, 0.f, 0.f}, u[4] = {0.f, 0.f, 0.f, 0.f};
+    load_pair(p.A, A2);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) A2[e] *= LOG2E;
+    // Backward: a_{t+1} dh_{t+1} entering after the last token is d final_state. Forward: u is the state.
+    if (BACKWARD ? p.dfinal != nullptr : p.h0 != nullptr) load_pair((BACKWARD ? p.dfinal : p.h0) + seq_state, u);
     float dDb = 0.f;  // lanes 0-7: dD of warp channel lane, lanes 8-15: d dt_bias of warp channel lane - 8
     const bool has_z = p.has_z;
     const T* xg = static_cast<const T*>(p.x) + q.batch * p.x_b + q.start * p.x_l + dw + 4 * hf;
@@ -861,28 +874,28 @@ __global__ void __launch_bounds__(64, M1_SCAN_LS_MIN_BLOCKS) scan_bwd_ls_kernel(
     const T* Cg = static_cast<const T*>(p.C) + q.batch * p.C_b + q.start * p.C_l + pl.gC * p.C_g + 4 * bq;
     const int64_t tok0 = q.batch * p.L + q.start;
     Vec4<T> rx, rdt, rz, rdo, rB, rC;  // the next piece's inputs, in flight
-    auto fetch = [&](int ts, bool all) {
+    auto fetch = [&](int ts, LsPass pass) {
         const int t = ts + ti, tb = ts + bt;
         const bool in = t < q.len, inb = tb < q.len;
         rx = load4<T>(xg + int64_t(t) * p.x_l, in);
         rdt = load4<T>(dtg + int64_t(t) * p.dt_l, in);
         rB = load4<T>(Bg + int64_t(tb) * p.B_l, inb);
-        if (all) {
+        if (pass != LS_R1) {
             rC = load4<T>(Cg + int64_t(tb) * p.C_l, inb);
-            rdo = load4<T>(dog + int64_t(t) * p.do_l, in);
             if (has_z) rz = load4<T>(zg + int64_t(t) * p.z_l, in);
         }
+        if (pass == LS_BWD) rdo = load4<T>(dog + int64_t(t) * p.do_l, in);
     };
-    auto commit = [&](int ts, bool all) {
+    auto commit = [&](int ts, LsPass pass) {
         const bool in = ts + ti < q.len;
         float xv[4], v[4], Bv[4];
         unpack4<T>(rx, xv);
         unpack4<T>(rdt, v);
         unpack4<T>(rB, Bv);
         float Cv[4], dov[4], zv[4];
-        if (all) {
+        if (pass != LS_R1) {
             unpack4<T>(rC, Cv);
-            unpack4<T>(rdo, dov);
+            if (pass == LS_BWD) unpack4<T>(rdo, dov);
             if (has_z) unpack4<T>(rz, zv);
             s.BC[bt][2 * bq] = make_float4(Bv[0], Bv[1], Cv[0], Cv[1]);
             s.BC[bt][2 * bq + 1] = make_float4(Bv[2], Bv[3], Cv[2], Cv[3]);
@@ -897,7 +910,8 @@ __global__ void __launch_bounds__(64, M1_SCAN_LS_MIN_BLOCKS) scan_bwd_ls_kernel(
             const float uu = v[k] + s.bias[LS_WC * warp + ch];
             dl[k] = in ? (p.softplus ? softplus_f(uu) : uu) : 0.f;
             sw.x[ti][ch] = xv[k];
-            if (all) {
+            if (pass == LS_FWD) sw.g[ti][ch] = has_z ? zv[k] * sigmoid_f(zv[k]) : 1.f;  // the output gate
+            if (pass == LS_BWD) {
                 sw.su[ti][ch] = in ? (p.softplus && uu <= 20.f ? sigmoid_f(uu) : 1.f) : 0.f;
                 if (has_z) {
                     const float sg = sigmoid_f(zv[k]);
@@ -918,34 +932,81 @@ __global__ void __launch_bounds__(64, M1_SCAN_LS_MIN_BLOCKS) scan_bwd_ls_kernel(
         dl[0] = d4.x, dl[1] = d4.y, dx[0] = d4.z, dx[1] = d4.w;
     };
 
+    const bool b16 = lane & 16, b8 = lane & 8, b4 = lane & 4, b2 = lane & 2;
+    // One token of the forward walk over the staged piece: next = a prev + delta x B, and y of the token (its sum over
+    // states: the two channels' partial sums over the lane's states, summed over the 8 lanes of the channel pair;
+    // lane l keeps warp channel 2 cp + (l & 4 ? 1 : 0)).
+    auto forward_token = [&](int i, const float* prev, float* next) {
+        float dl[2], dx[2];
+        token_in(i, dl, dx);
+        const float4 bc = s.BC[i][sq];
+        const float Bv[2] = {bc.x, bc.y}, Cv[2] = {bc.z, bc.w};
+        float yp[2] = {0.f, 0.f};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            next[e] = fmaf(exp2f(dl[e >> 1] * A2[e]), prev[e], dx[e >> 1] * Bv[e & 1]);
+            yp[e >> 1] = fmaf(Cv[e & 1], next[e], yp[e >> 1]);
+        }
+        float yv = (b4 ? yp[1] : yp[0]) + __shfl_xor_sync(FULL, b4 ? yp[0] : yp[1], 4);
+        yv += __shfl_xor_sync(FULL, yv, 2);
+        yv += __shfl_xor_sync(FULL, yv, 1);
+        if (!(lane & 3)) sw.y[i][2 * cp + b4] = yv;
+    };
     const int n_chunks = (q.len + TOK - 1) / TOK;
+    if constexpr (!BACKWARD) {
+        fetch(0, LS_FWD);
+        for (int c = 0; c < n_chunks; ++c) {
+            const int t0 = c * TOK, np = (min(TOK, q.len - t0) + LS_PIECE - 1) / LS_PIECE;
+            if (p.save_ckpt) store_pair(p.ckpt + int64_t(q.slot0 + c) * p.d_inner * N, u);  // the backward's start
+            for (int j = 0; j < np; ++j) {
+                const int ts = t0 + j * LS_PIECE;
+                __syncthreads();  // both warps are done with the previous piece's staged inputs
+                commit(ts, LS_FWD);
+                fetch(ts + LS_PIECE, LS_FWD);  // past the end: masked loads
+                __syncthreads();
+#pragma unroll
+                for (int i = 0; i < LS_PIECE; ++i) {
+                    float h[4];
+                    forward_token(i, u, h);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) u[e] = h[e];
+                }
+                __syncwarp();
+                const int t = ts + ti;  // lane (ti, hf) writes 4 channels of token ts + ti
+                if (t < q.len) {
+                    float o[4];
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const int ch = 4 * hf + k;
+                        o[k] = fmaf(s.D[LS_WC * warp + ch], sw.x[ti][ch], sw.y[ti][ch]) * sw.g[ti][ch];
+                    }
+                    store4<T>(static_cast<T*>(p.out) + (tok0 + t) * p.d_inner + dw + 4 * hf, o);
+                }
+            }
+        }
+        store_pair(p.final_state + seq_state, u);
+        return;
+    } else {
     for (int c = n_chunks - 1; c >= 0; --c) {
         const int t0 = c * TOK, np = (min(TOK, q.len - t0) + LS_PIECE - 1) / LS_PIECE;
-        const float* ckpt = p.ckpt + (int64_t(q.slot0 + c) * p.d_inner + dw + 2 * cp) * N + 2 * sq;
-        auto load_ckpt = [&](float (&h)[4]) {
-#pragma unroll
-            for (int ci = 0; ci < 2; ++ci) {
-                const float2 h2 = *reinterpret_cast<const float2*>(ckpt + ci * N);
-                h[2 * ci] = h2.x, h[2 * ci + 1] = h2.y;
-            }
-        };
+        const float* ckpt = p.ckpt + int64_t(q.slot0 + c) * p.d_inner * N;
         float h[4];
-        load_ckpt(h);
+        load_pair(ckpt, h);
         // R1: the chunk forward, keeping the state entering every piece.
-        fetch(t0, false);
+        fetch(t0, LS_R1);
         for (int j = 0; j < np; ++j) {
             __syncthreads();  // both warps are done with the previous piece's staged inputs
-            commit(t0 + j * LS_PIECE, false);
-            if (j + 1 < np) fetch(t0 + (j + 1) * LS_PIECE, false);
-            else fetch(t0 + (np - 1) * LS_PIECE, true);  // the adjoint's first piece
-            if (j) *reinterpret_cast<float4*>(&sw.h[j - 1][lane][0]) = make_float4(h[0], h[1], h[2], h[3]);
+            commit(t0 + j * LS_PIECE, LS_R1);
+            if (j + 1 < np) fetch(t0 + (j + 1) * LS_PIECE, LS_R1);
+            else fetch(t0 + (np - 1) * LS_PIECE, LS_BWD);  // the adjoint's first piece
+            if (j) sh[(j - 1) * 32] = make_float4(h[0], h[1], h[2], h[3]);
             __syncthreads();
 #pragma unroll
             for (int i = 0; i < LS_PIECE; ++i) {
                 float dl[2], dx[2];
                 token_in(i, dl, dx);
-                const float2 b2 = *reinterpret_cast<const float2*>(&s.BC[i][sq]);
-                const float Bv[2] = {b2.x, b2.y};
+                const float2 b2v = *reinterpret_cast<const float2*>(&s.BC[i][sq]);
+                const float Bv[2] = {b2v.x, b2v.y};
 #pragma unroll
                 for (int e = 0; e < 4; ++e) h[e] = fmaf(exp2f(dl[e >> 1] * A2[e]), h[e], dx[e >> 1] * Bv[e & 1]);
             }
@@ -954,36 +1015,18 @@ __global__ void __launch_bounds__(64, M1_SCAN_LS_MIN_BLOCKS) scan_bwd_ls_kernel(
         for (int j = np - 1; j >= 0; --j) {
             const int ts = t0 + j * LS_PIECE;
             __syncthreads();  // the previous piece's outputs have been read out of shared memory
-            commit(ts, true);
-            if (j > 0) fetch(ts - LS_PIECE, true);
+            commit(ts, LS_BWD);
+            if (j > 0) fetch(ts - LS_PIECE, LS_BWD);
             __syncthreads();
             float hs[4], hh[LS_PIECE][4];
             if (j) {
-                const float4 h4 = *reinterpret_cast<const float4*>(&sw.h[j - 1][lane][0]);
+                const float4 h4 = sh[(j - 1) * 32];
                 hs[0] = h4.x, hs[1] = h4.y, hs[2] = h4.z, hs[3] = h4.w;
             } else {
-                load_ckpt(hs);
+                load_pair(ckpt, hs);
             }
-            const bool b16 = lane & 16, b8 = lane & 8, b4 = lane & 4, b2 = lane & 2;
 #pragma unroll
-            for (int i = 0; i < LS_PIECE; ++i) {
-                float dl[2], dx[2];
-                token_in(i, dl, dx);
-                const float4 bc = s.BC[i][sq];
-                const float Bv[2] = {bc.x, bc.y}, Cv[2] = {bc.z, bc.w};
-                float yp[2] = {0.f, 0.f};
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float prev = i ? hh[i - 1][e] : hs[e];
-                    hh[i][e] = fmaf(exp2f(dl[e >> 1] * A2[e]), prev, dx[e >> 1] * Bv[e & 1]);
-                    yp[e >> 1] = fmaf(Cv[e & 1], hh[i][e], yp[e >> 1]);
-                }
-                // y of warp channel 2 cp + (lane & 4 ? 1 : 0): summed over the 8 lanes of the channel pair.
-                float yv = (b4 ? yp[1] : yp[0]) + __shfl_xor_sync(FULL, b4 ? yp[0] : yp[1], 4);
-                yv += __shfl_xor_sync(FULL, yv, 2);
-                yv += __shfl_xor_sync(FULL, yv, 1);
-                if (!(lane & 3)) sw.y[i][2 * cp + b4] = yv;
-            }
+            for (int i = 0; i < LS_PIECE; ++i) forward_token(i, i ? hh[i - 1] : hs, hh[i]);
 #pragma unroll
             for (int i = LS_PIECE - 1; i >= 0; --i) {
                 float dl[2], dx[2];
@@ -1068,15 +1111,16 @@ __global__ void __launch_bounds__(64, M1_SCAN_LS_MIN_BLOCKS) scan_bwd_ls_kernel(
         }
     }
     // d initial_state = a_0 dh_0; dA summed over the sequences.
+    store_pair(p.dh0 + seq_state, u);
 #pragma unroll
     for (int ci = 0; ci < 2; ++ci) {
         const int64_t row = int64_t(dw + 2 * cp + ci) * N + 2 * sq;
-        *reinterpret_cast<float2*>(p.dh0 + int64_t(pl.seq) * p.d_inner * N + row) = make_float2(u[2 * ci], u[2 * ci + 1]);
         atomicAdd(p.dA + row, dA[2 * ci]);
         atomicAdd(p.dA + row + 1, dA[2 * ci + 1]);
     }
     if (lane < LS_WC ? p.dD != nullptr : lane < 2 * LS_WC && p.dbias != nullptr)
         atomicAdd((lane < LS_WC ? p.dD : p.dbias) + dw + (lane & (LS_WC - 1)), dDb);
+    }
 }
 
 // Dynamic shared memory of a block: the tiles above in the inputs' element size, the rest fp32.
@@ -1085,7 +1129,7 @@ int smem_bytes(int esize, int N, bool backward) {
     return (4 * W + 2 * N) * TP * esize + (4 * W * TOK + 2 * TOK * (N + 1) + 4 * W * N) * 4 + 4 * 8;  // + barriers
 }
 
-enum Kernel { FWD = 0, BWD = 1, FWD_SERIAL = 2, BWD_LS = 3 };
+enum Kernel { FWD = 0, BWD = 1, FWD_SERIAL = 2, BWD_LS = 3, FWD_LS = 4 };
 
 // Which (dtype, state size, forward / backward) kernels have been given their shared memory, per device. A file-scope
 // array, not a static inside the launch template: those are merged across every loaded library (GNU unique symbols),
@@ -1104,9 +1148,10 @@ template <typename T, int N> int launch(const ScanParams& p, int n_seqs, Kernel 
         scan_fwd_serial_kernel<T, N><<<blocks, SERIAL_THREADS, 0, stream>>>(p);
         return int(cudaGetLastError());
     }
-    if (kind == BWD_LS) {  // static shared memory (under the 48 KB that needs no opt-in)
+    if (kind == BWD_LS || kind == FWD_LS) {  // static shared memory (under the 48 KB that needs no opt-in)
         if constexpr (N != 16) return int(cudaErrorInvalidValue);
-        else scan_bwd_ls_kernel<T, N><<<n_seqs * (p.d_inner / LS_C), 64, 0, stream>>>(p);
+        else if (kind == BWD_LS) scan_ls_kernel<T, N, true><<<n_seqs * (p.d_inner / LS_C), 64, 0, stream>>>(p);
+        else scan_ls_kernel<T, N, false><<<n_seqs * (p.d_inner / LS_C), 64, 0, stream>>>(p);
         return int(cudaGetLastError());
     }
     const bool backward = kind == BWD;
@@ -1157,6 +1202,9 @@ extern "C" int m1_scan_fwd_serial(const m1_scan::ScanParams* p, int dtype, int n
 }
 extern "C" int m1_scan_bwd(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
     return m1_scan::run(p, dtype, n_seqs, m1_scan::BWD, stream);
+}
+extern "C" int m1_scan_fwd_ls(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
+    return m1_scan::run(p, dtype, n_seqs, m1_scan::FWD_LS, stream);
 }
 extern "C" int m1_scan_bwd_ls(const m1_scan::ScanParams* p, int dtype, int n_seqs, void* stream) {
     return m1_scan::run(p, dtype, n_seqs, m1_scan::BWD_LS, stream);
