@@ -236,7 +236,8 @@ template <typename T, int WD, int N, bool DOUT> struct ChunkInputs {
     }
 };
 
-__device__ __forceinline__ float softplus_f(float v) { return v <= 20.f ? __logf(1.f + __expf(v)) : v; }
+// The clamp keeps __expf finite, so both sides are computed and selected without a branch around the MUFU ops.
+__device__ __forceinline__ float softplus_f(float v) { return v <= 20.f ? __logf(1.f + __expf(fminf(v, 20.f))) : v; }
 // Fast reciprocal: 1 / inf = 0 is the right limit for v -> -inf (the IEEE-rounded one adds a slow path per call).
 __device__ __forceinline__ float sigmoid_f(float v) { return __fdividef(1.f, 1.f + __expf(-v)); }
 
@@ -864,7 +865,7 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
     for (int e = 0; e < 4; ++e) A2[e] *= LOG2E;
     // Backward: a_{t+1} dh_{t+1} entering after the last token is d final_state. Forward: u is the state.
     if (BACKWARD ? p.dfinal != nullptr : p.h0 != nullptr) load_pair((BACKWARD ? p.dfinal : p.h0) + seq_state, u);
-    float dDb = 0.f;  // lanes 0-7: dD of warp channel lane, lanes 8-15: d dt_bias of warp channel lane - 8
+    float dD[4] = {0.f, 0.f, 0.f, 0.f}, dbias[4] = {0.f, 0.f, 0.f, 0.f};  // of the output lane's 4 channels
     const bool has_z = p.has_z;
     const T* xg = static_cast<const T*>(p.x) + q.batch * p.x_b + q.start * p.x_l + dw + 4 * hf;
     const T* dtg = static_cast<const T*>(p.dt) + q.batch * p.dt_b + q.start * p.dt_l + dw + 4 * hf;
@@ -1064,25 +1065,28 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
             // Per-token gradients of the piece: lane (ti, hf) takes 4 channels of token ts + ti.
             const int t = ts + ti;
             if (t < q.len) {
+                auto row = [&](float (&a)[LS_PIECE][LS_WC]) { return *reinterpret_cast<const float4*>(&a[ti][4 * hf]); };
+                const float4 S1 = row(sw.S1), S2 = row(sw.S2), xv = row(sw.x), gv = row(sw.g), su = row(sw.su);
+                const float4 gz = row(sw.gz), yv = row(sw.y), Dd = *reinterpret_cast<const float4*>(&s.D[LS_WC * warp + 4 * hf]);
+                const float4 d0 = sw.dd[ti][2 * hf], d1 = sw.dd[ti][2 * hf + 1];
+                const float s1[4] = {S1.x, S1.y, S1.z, S1.w}, s2[4] = {S2.x, S2.y, S2.z, S2.w};
+                const float x4[4] = {xv.x, xv.y, xv.z, xv.w}, g4[4] = {gv.x, gv.y, gv.z, gv.w};
+                const float su4[4] = {su.x, su.y, su.z, su.w}, gz4[4] = {gz.x, gz.y, gz.z, gz.w};
+                const float y4[4] = {yv.x, yv.y, yv.z, yv.w}, D4[4] = {Dd.x, Dd.y, Dd.z, Dd.w};
+                const float dl4[4] = {d0.x, d0.y, d1.x, d1.y};
                 float gx[4], gdt[4], gzv[4];
 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
-                    const int ch = 4 * hf + k;
-                    const float S1 = sw.S1[ti][ch], xv = sw.x[ti][ch], gv = sw.g[ti][ch], Dd = s.D[LS_WC * warp + ch];
-                    const float ddelta = fmaf(xv, S1, sw.S2[ti][ch] * LN2);
-                    gx[k] = fmaf(reinterpret_cast<const float*>(&sw.dd[ti][ch >> 1])[ch & 1], S1, Dd * gv);
-                    gdt[k] = ddelta * sw.su[ti][ch];
-                    gzv[k] = sw.gz[ti][ch] * fmaf(Dd, xv, sw.y[ti][ch]);
-                    sw.S1[ti][ch] = gv * xv;  // the token's dD and d dt_bias shares, summed over the piece below
-                    sw.S2[ti][ch] = gdt[k];
+                    gx[k] = fmaf(dl4[k], s1[k], D4[k] * g4[k]);
+                    gdt[k] = fmaf(x4[k], s1[k], s2[k] * LN2) * su4[k];  // d delta times d softplus
+                    gzv[k] = gz4[k] * fmaf(D4[k], x4[k], y4[k]);
+                    dD[k] = fmaf(g4[k], x4[k], dD[k]);
+                    dbias[k] += gdt[k];
                 }
                 const int64_t r = (tok0 + t) * p.d_inner + dw + 4 * hf;
                 store4<T>(static_cast<T*>(p.dx) + r, gx);
                 store4<T>(static_cast<T*>(p.ddt) + r, gdt);
                 if (has_z) store4<T>(static_cast<T*>(p.dz) + r, gzv);
-            } else {
-#pragma unroll
-                for (int k = 0; k < 4; ++k) sw.S1[ti][4 * hf + k] = sw.S2[ti][4 * hf + k] = 0.f;
             }
             // dB and dC of token ts + bt, states 4 bq .. 4 bq + 3: the two warps' sums added.
             const int tb = ts + bt;
@@ -1102,12 +1106,6 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
 #pragma unroll
                     for (int k = 0; k < 4; ++k) atomicAdd(p.dC_acc + (r * p.G_C + pl.gC) * N + 4 * bq + k, dCv[k]);
             }
-            __syncwarp();
-            if (lane < 2 * LS_WC) {  // lanes 0-7 add the piece's g x of warp channel lane, lanes 8-15 its d dt_bias
-                const float* col = (lane < LS_WC ? &sw.S1[0][0] : &sw.S2[0][0]) + (lane & (LS_WC - 1));
-#pragma unroll
-                for (int i = 0; i < LS_PIECE; ++i) dDb += col[i * LS_WC];
-            }
         }
     }
     // d initial_state = a_0 dh_0; dA summed over the sequences.
@@ -1118,8 +1116,21 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
         atomicAdd(p.dA + row, dA[2 * ci]);
         atomicAdd(p.dA + row + 1, dA[2 * ci + 1]);
     }
-    if (lane < LS_WC ? p.dD != nullptr : lane < 2 * LS_WC && p.dbias != nullptr)
-        atomicAdd((lane < LS_WC ? p.dD : p.dbias) + dw + (lane & (LS_WC - 1)), dDb);
+    // dD and d dt_bias: summed over the 16 lanes (tokens) that share the lane's half row of channels.
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int off = 2; off < 32; off <<= 1) {
+            dD[k] += __shfl_xor_sync(FULL, dD[k], off);
+            dbias[k] += __shfl_xor_sync(FULL, dbias[k], off);
+        }
+    if (lane < 2) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            if (p.dD) atomicAdd(p.dD + dw + 4 * hf + k, dD[k]);
+            if (p.dbias) atomicAdd(p.dbias + dw + 4 * hf + k, dbias[k]);
+        }
+    }
     }
 }
 
