@@ -505,6 +505,7 @@ def cuda_scan(request, monkeypatch):
     monkeypatch.setattr(mod, "SERIAL_MIN_THREADS_PER_SM", 0 if fwd == "serial-fwd" else 10**9)
     monkeypatch.setattr(mod, "LANE_SERIAL_FWD", int(fwd == "lane-serial-fwd"))
     monkeypatch.setattr(mod, "LANE_SERIAL_BWD", int(bwd == "lane-serial-bwd"))
+    monkeypatch.setattr(mod, "LS_MIN_BLOCKS_PER_SM", 0)  # the tests' small batches take the lane-serial kernels too
     launched, real = [], mod.ScanLibrary.launch
     monkeypatch.setattr(mod.ScanLibrary, "launch", lambda lib, k, *a: launched.append(k) or real(lib, k, *a))
     yield mod
@@ -709,9 +710,25 @@ def test_cuda_forward_kernel_is_serial_for_many_documents(monkeypatch):
     assert scan.forward_kernel(docs - 1, 3072, "cuda:0") == "fwd_ls"
     assert scan.forward_kernel(4, 3072, "cuda:0") == "fwd_ls"  # 8k tokens in 2048-token documents
     assert scan.forward_kernel(4, 3072, "cuda:0", N=32) == "fwd"  # the lane-serial kernels take 16 states
+    assert scan.forward_kernel(8, 576, "cuda:0") == "fwd"  # SmolLM2 hybrid, 16k tokens: too few lane-serial blocks
+    assert scan.forward_kernel(1, need, "cuda") == "fwd_serial"
     monkeypatch.setattr(scan, "LANE_SERIAL_FWD", 0)
     assert scan.forward_kernel(4, 3072, "cuda:0") == "fwd"
-    assert scan.forward_kernel(1, need, "cuda") == "fwd_serial"
+
+
+def test_cuda_backward_kernel_is_lane_serial_with_enough_blocks(monkeypatch):
+    """The lane-serial backward runs at 16 states from LS_MIN_BLOCKS_PER_SM of its (sequence, 16 channels) blocks
+    per SM; fewer, 32 states, or LANE_SERIAL_BWD = 0 take the chunked backward (the SM count is the H100's)."""
+    scan = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
+    monkeypatch.setattr(scan, "_sm_count", lambda index: 132)
+    blocks = scan.LS_MIN_BLOCKS_PER_SM * 132
+    assert scan.backward_kernel(blocks, 16, "cuda:0", 16) == "bwd_ls"
+    assert scan.backward_kernel(blocks - 1, 16, "cuda:0", 16) == "bwd"
+    assert scan.backward_kernel(4, 3072, "cuda:0", 16) == "bwd_ls"  # M1-3B, 8k tokens in 2048-token documents
+    assert scan.backward_kernel(8, 576, "cuda:0", 16) == "bwd"  # SmolLM2 hybrid, 16k tokens
+    assert scan.backward_kernel(4, 3072, "cuda:0", 32) == "bwd"
+    monkeypatch.setattr(scan, "LANE_SERIAL_BWD", 0)
+    assert scan.backward_kernel(4, 3072, "cuda:0", 16) == "bwd"
 
 
 def test_cuda_layout_reason_is_asked_once_and_a_failed_build_is_a_reason(monkeypatch):

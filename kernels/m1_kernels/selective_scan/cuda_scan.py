@@ -59,6 +59,10 @@ LANE_SERIAL_BWD = 1
 # alone), 0: the chunked kernel.
 LANE_SERIAL_FWD = 1
 LS_MIN_BLOCKS = 6  # two-warp blocks per SM the lane-serial backward's registers must allow (7: 128 registers, spills)
+# The lane-serial kernels run from this many of their (sequence, 16 channels) blocks per SM: with fewer, their few
+# warps cannot hide latency and the chunked kernels (16 warps per block) win. H100: M1-3B at 8k tokens (5.8 blocks
+# per SM) fwd+bwd 1.41 vs 1.61 ms; the SmolLM2 hybrid at 16k tokens (2.2 per SM) 1.09 vs 0.81 ms.
+LS_MIN_BLOCKS_PER_SM = 4
 # State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
 STATE_SIZES = (16, 32)
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -234,8 +238,8 @@ def _layout_reason(device_index: int, dtype: torch.dtype, N: int, cpc: int, defi
 
 def forward_kernel(n_seqs: int, d_inner: int, device, N: int = 16) -> str:
     """``"fwd_serial"`` when the batch has enough (sequence, channel) pairs to fill the GPU with one thread each
-    (``SERIAL_MIN_THREADS_PER_SM`` per SM), else ``"fwd_ls"`` (lane-serial, 16 states, ``LANE_SERIAL_FWD``) or
-    ``"fwd"`` (chunked).
+    (``SERIAL_MIN_THREADS_PER_SM`` per SM), else ``"fwd_ls"`` (lane-serial: ``LANE_SERIAL_FWD``, 16 states, enough
+    blocks, see :func:`lane_serial_fits`) or ``"fwd"`` (chunked).
 
     The count is of sequences, not of tokens per sequence: document lengths live on the device (no host sync).
 
@@ -247,18 +251,32 @@ def forward_kernel(n_seqs: int, d_inner: int, device, N: int = 16) -> str:
     sms = _sm_count(torch.device(device).index or 0)
     if n_seqs * d_inner >= SERIAL_MIN_THREADS_PER_SM * sms:
         return "fwd_serial"
-    return "fwd_ls" if LANE_SERIAL_FWD and N == 16 else "fwd"
+    return "fwd_ls" if LANE_SERIAL_FWD and lane_serial_fits(n_seqs, d_inner, device, N) else "fwd"
 
 
-def backward_kernel(N: int) -> str:
-    """``"bwd_ls"`` (lane-serial) at 16 states when ``LANE_SERIAL_BWD`` is set, else ``"bwd"`` (chunked).
+def lane_serial_fits(n_seqs: int, d_inner: int, device, N: int) -> bool:
+    """Whether the lane-serial kernels take this batch: 16 states and at least ``LS_MIN_BLOCKS_PER_SM`` of their
+    blocks (one per sequence and 16 channels) per SM. Counts sequences, not tokens (no host sync).
 
-    Example::
+    Example (M1-3B's 3072 channels, 8k tokens in 4 documents, on an H100)::
 
-        >>> backward_kernel(16), backward_kernel(32)
+        >>> lane_serial_fits(4, 3072, "cuda", 16)  # doctest: +SKIP
+        True
+    """
+    sms = _sm_count(torch.device(device).index or 0)
+    return N == 16 and n_seqs * (d_inner // 16) >= LS_MIN_BLOCKS_PER_SM * sms
+
+
+def backward_kernel(n_seqs: int, d_inner: int, device, N: int) -> str:
+    """``"bwd_ls"`` (lane-serial) when ``LANE_SERIAL_BWD`` is set and :func:`lane_serial_fits`, else ``"bwd"``
+    (chunked).
+
+    Example (on an H100: M1-3B at 8k tokens in 4 documents; the SmolLM2 hybrid at 16k in 8)::
+
+        >>> backward_kernel(4, 3072, "cuda", 16), backward_kernel(8, 576, "cuda", 16)  # doctest: +SKIP
         ('bwd_ls', 'bwd')
     """
-    return "bwd_ls" if LANE_SERIAL_BWD and N == 16 else "bwd"
+    return "bwd_ls" if LANE_SERIAL_BWD and lane_serial_fits(n_seqs, d_inner, device, N) else "bwd"
 
 
 @functools.cache
@@ -350,7 +368,7 @@ class CudaScanFunction(torch.autograd.Function):
         p.dx, p.ddt, p.dz, p.dB_acc = _ptr(dx), _ptr(ddt), _ptr(dz), _ptr(dB)
         p.dC_direct, p.dC_acc = (_ptr(dC), None) if direct else (None, _ptr(dC))
         p.dA, p.dD, p.dbias, p.dh0 = _ptr(dA), _ptr(dD), _ptr(dbias), _ptr(dh0)
-        lib.launch(backward_kernel(N), p, x.dtype, ctx.n_seqs, dev)
+        lib.launch(backward_kernel(ctx.n_seqs, d, dev, N), p, x.dtype, ctx.n_seqs, dev)
         A_dtype, D_dtype, bias_dtype = ctx.dtypes
         return (
             dx,
