@@ -26,6 +26,10 @@
 //
 // For batches of many documents a third kernel runs the forward with one thread per (document, channel) and no time
 // parallelism (scan_fwd_serial_kernel, below the chunked forward); it saves the same checkpoints.
+//
+// At 16 states, with enough (sequence, 16 channels) blocks to fill the GPU, the "lane-serial" kernels (scan_ls_kernel,
+// at the end) replace the chunked backward and forward: each lane steps 4 (channel, state) recurrences through the
+// tokens and the backward keeps recomputed states in registers instead of scanning.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -792,13 +796,13 @@ struct LsWarpShared {
     // The piece's inputs per (token, channel of the warp). g: dout * silu(z) in the backward, silu(z) (or 1) in the
     // forward; su: d softplus (0 past the document's end); gz: dout * d silu(z) / dz with y left out (dz = gz * y).
     float x[LS_PIECE][LS_WC], g[LS_PIECE][LS_WC], su[LS_PIECE][LS_WC], gz[LS_PIECE][LS_WC];
-    float4 dd[LS_PIECE][LS_WC / 2];  // per channel pair: delta, delta of the pair, then delta x: one load per token
+    float4 dd[LS_PIECE][LS_WC / 2];  // per channel pair: the pair's delta, then its delta x (one load per token)
     float y[LS_PIECE][LS_WC], S1[LS_PIECE][LS_WC], S2[LS_PIECE][LS_WC];  // sums over states, per token
 };
 struct LsShared {
     LsWarpShared w[2];
-    float4 BC[LS_PIECE][8];  // per state pair of the block's B and C group rows: B, B, C, C
-    float dBC[2][2][LS_PIECE][16];           // [warp][dB, dC][token][state]: each warp's sum over its channels
+    float4 BC[LS_PIECE][8];         // per state pair of the block's B and C group rows: B, B, C, C
+    float dBC[2][2][LS_PIECE][16];  // [warp][dB, dC][token][state]: each warp's sum over its channels
     float bias[LS_C], D[LS_C];
 };
 enum LsPass { LS_R1, LS_FWD, LS_BWD };  // what a piece's staging loads: x, dt, B; and C, z; and dout
@@ -811,7 +815,8 @@ template <typename T> __device__ __forceinline__ Vec4<T> load4(const T* g, bool 
 }
 template <typename T> __device__ __forceinline__ void unpack4(const Vec4<T>& v, float (&o)[4]) {
     if constexpr (sizeof(T) == 4) {
-        o[0] = __uint_as_float(v.x), o[1] = __uint_as_float(v.y), o[2] = __uint_as_float(v.z), o[3] = __uint_as_float(v.w);
+        o[0] = __uint_as_float(v.x), o[1] = __uint_as_float(v.y);
+        o[2] = __uint_as_float(v.z), o[3] = __uint_as_float(v.w);
     } else {
         const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
@@ -856,7 +861,8 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
     auto store_pair = [&](float* a, const float (&v)[4]) {
 #pragma unroll
         for (int ci = 0; ci < 2; ++ci)
-            *reinterpret_cast<float2*>(a + int64_t(dw + 2 * cp + ci) * N + 2 * sq) = make_float2(v[2 * ci], v[2 * ci + 1]);
+            *reinterpret_cast<float2*>(a + int64_t(dw + 2 * cp + ci) * N + 2 * sq) =
+                make_float2(v[2 * ci], v[2 * ci + 1]);
     };
     const int64_t seq_state = int64_t(pl.seq) * p.d_inner * N;  // the sequence's (d_inner, N) initial / final state
     float A2[4], dA[4] = {0.f, 0.f, 0.f, 0.f}, u[4] = {0.f, 0.f, 0.f, 0.f};
@@ -1065,9 +1071,9 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
             // Per-token gradients of the piece: lane (ti, hf) takes 4 channels of token ts + ti.
             const int t = ts + ti;
             if (t < q.len) {
-                auto row = [&](float (&a)[LS_PIECE][LS_WC]) { return *reinterpret_cast<const float4*>(&a[ti][4 * hf]); };
-                const float4 S1 = row(sw.S1), S2 = row(sw.S2), xv = row(sw.x), gv = row(sw.g), su = row(sw.su);
-                const float4 gz = row(sw.gz), yv = row(sw.y), Dd = *reinterpret_cast<const float4*>(&s.D[LS_WC * warp + 4 * hf]);
+                auto row = [&](const float* a) { return *reinterpret_cast<const float4*>(a + 4 * hf); };
+                const float4 S1 = row(sw.S1[ti]), S2 = row(sw.S2[ti]), xv = row(sw.x[ti]), gv = row(sw.g[ti]);
+                const float4 su = row(sw.su[ti]), gz = row(sw.gz[ti]), yv = row(sw.y[ti]), Dd = row(s.D + LS_WC * warp);
                 const float4 d0 = sw.dd[ti][2 * hf], d1 = sw.dd[ti][2 * hf + 1];
                 const float s1[4] = {S1.x, S1.y, S1.z, S1.w}, s2[4] = {S2.x, S2.y, S2.z, S2.w};
                 const float x4[4] = {xv.x, xv.y, xv.z, xv.w}, g4[4] = {gv.x, gv.y, gv.z, gv.w};
