@@ -532,7 +532,8 @@ __global__ void __launch_bounds__(SERIAL_THREADS) scan_fwd_serial_kernel(const S
     }
     float* fin = p.final_state + (int64_t(seq) * p.d_inner + d) * N;
 #pragma unroll
-    for (int n = 0; n < N; n += 4) *reinterpret_cast<float4*>(fin + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
+    for (int n = 0; n < N; n += 4)
+        *reinterpret_cast<float4*>(fin + n) = make_float4(h[n], h[n + 1], h[n + 2], h[n + 3]);
 }
 
 // Shared-memory arrival barriers (mbarrier, sm_80 and later): a thread arrives without waiting (release: its earlier
@@ -992,151 +993,151 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
             }
         }
         store_pair(p.final_state + seq_state, u);
-        return;
     } else {
-    for (int c = n_chunks - 1; c >= 0; --c) {
-        const int t0 = c * TOK, np = (min(TOK, q.len - t0) + LS_PIECE - 1) / LS_PIECE;
-        const float* ckpt = p.ckpt + int64_t(q.slot0 + c) * p.d_inner * N;
-        float h[4];
-        load_pair(ckpt, h);
-        // R1: the chunk forward, keeping the state entering every piece.
-        fetch(t0, LS_R1);
-        for (int j = 0; j < np; ++j) {
-            __syncthreads();  // both warps are done with the previous piece's staged inputs
-            commit(t0 + j * LS_PIECE, LS_R1);
-            if (j + 1 < np) fetch(t0 + (j + 1) * LS_PIECE, LS_R1);
-            else fetch(t0 + (np - 1) * LS_PIECE, LS_BWD);  // the adjoint's first piece
-            if (j) sh[(j - 1) * 32] = make_float4(h[0], h[1], h[2], h[3]);
-            __syncthreads();
+        for (int c = n_chunks - 1; c >= 0; --c) {
+            const int t0 = c * TOK, np = (min(TOK, q.len - t0) + LS_PIECE - 1) / LS_PIECE;
+            const float* ckpt = p.ckpt + int64_t(q.slot0 + c) * p.d_inner * N;
+            float h[4];
+            load_pair(ckpt, h);
+            // R1: the chunk forward, keeping the state entering every piece.
+            fetch(t0, LS_R1);
+            for (int j = 0; j < np; ++j) {
+                __syncthreads();  // both warps are done with the previous piece's staged inputs
+                commit(t0 + j * LS_PIECE, LS_R1);
+                if (j + 1 < np) fetch(t0 + (j + 1) * LS_PIECE, LS_R1);
+                else fetch(t0 + (np - 1) * LS_PIECE, LS_BWD);  // the adjoint's first piece
+                if (j) sh[(j - 1) * 32] = make_float4(h[0], h[1], h[2], h[3]);
+                __syncthreads();
 #pragma unroll
-            for (int i = 0; i < LS_PIECE; ++i) {
-                float dl[2], dx[2];
-                token_in(i, dl, dx);
-                const float2 b2v = *reinterpret_cast<const float2*>(&s.BC[i][sq]);
-                const float Bv[2] = {b2v.x, b2v.y};
+                for (int i = 0; i < LS_PIECE; ++i) {
+                    float dl[2], dx[2];
+                    token_in(i, dl, dx);
+                    const float2 b2v = *reinterpret_cast<const float2*>(&s.BC[i][sq]);
+                    const float Bv[2] = {b2v.x, b2v.y};
 #pragma unroll
-                for (int e = 0; e < 4; ++e) h[e] = fmaf(exp2f(dl[e >> 1] * A2[e]), h[e], dx[e >> 1] * Bv[e & 1]);
-            }
-        }
-        // Pieces last to first: R2 forward into registers, then the adjoint backwards.
-        for (int j = np - 1; j >= 0; --j) {
-            const int ts = t0 + j * LS_PIECE;
-            __syncthreads();  // the previous piece's outputs have been read out of shared memory
-            commit(ts, LS_BWD);
-            if (j > 0) fetch(ts - LS_PIECE, LS_BWD);
-            __syncthreads();
-            float hs[4], hh[LS_PIECE][4];
-            if (j) {
-                const float4 h4 = sh[(j - 1) * 32];
-                hs[0] = h4.x, hs[1] = h4.y, hs[2] = h4.z, hs[3] = h4.w;
-            } else {
-                load_pair(ckpt, hs);
-            }
-#pragma unroll
-            for (int i = 0; i < LS_PIECE; ++i) forward_token(i, i ? hh[i - 1] : hs, hh[i]);
-#pragma unroll
-            for (int i = LS_PIECE - 1; i >= 0; --i) {
-                float dl[2], dx[2];
-                token_in(i, dl, dx);
-                const float4 bc = s.BC[i][sq];
-                const float2 g2 = *reinterpret_cast<const float2*>(&sw.g[i][2 * cp]);
-                const float Bv[2] = {bc.x, bc.y}, Cv[2] = {bc.z, bc.w}, gv[2] = {g2.x, g2.y};
-                float S[4] = {0.f, 0.f, 0.f, 0.f};   // sum_n dh B, sum_n dh h_{t-1} a A2 of the two channels
-                float BC[4] = {0.f, 0.f, 0.f, 0.f};  // dB, dC shares of the two states
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int ci = e >> 1, jj = e & 1;
-                    const float prev = i ? hh[i - 1][e] : hs[e];
-                    const float dh = fmaf(gv[ci], Cv[jj], u[e]);  // dh_t = g_t C_t + a_{t+1} dh_{t+1}
-                    u[e] = exp2f(dl[ci] * A2[e]) * dh;           // a_t dh_t, for token t - 1
-                    const float qv = u[e] * prev;                // dh_t a_t h_{t-1}
-                    S[ci] = fmaf(dh, Bv[jj], S[ci]);
-                    S[2 + ci] = fmaf(qv, A2[e], S[2 + ci]);
-                    dA[e] = fmaf(qv, dl[ci], dA[e]);
-                    BC[jj] = fmaf(dh, dx[ci], BC[jj]);
-                    BC[2 + jj] = fmaf(gv[ci], hh[i][e], BC[2 + jj]);
+                    for (int e = 0; e < 4; ++e) h[e] = fmaf(exp2f(dl[e >> 1] * A2[e]), h[e], dx[e >> 1] * Bv[e & 1]);
                 }
-                // S1 (lane & 4 clear) or S2 of warp channel 2 cp + (lane & 2 ? 1 : 0), over the pair's 8 lanes.
-                const float k0 = (b4 ? S[2] : S[0]) + __shfl_xor_sync(FULL, b4 ? S[0] : S[2], 4);
-                const float k1 = (b4 ? S[3] : S[1]) + __shfl_xor_sync(FULL, b4 ? S[1] : S[3], 4);
-                float sv = (b2 ? k1 : k0) + __shfl_xor_sync(FULL, b2 ? k0 : k1, 2);
-                sv += __shfl_xor_sync(FULL, sv, 1);
-                if (!(lane & 1)) (b4 ? sw.S2 : sw.S1)[i][2 * cp + b2] = sv;
-                // dB (lane & 16 clear) or dC of state 2 sq + (lane & 8 ? 1 : 0), over the warp's 4 channel pairs.
-                const float m0 = (b16 ? BC[2] : BC[0]) + __shfl_xor_sync(FULL, b16 ? BC[0] : BC[2], 16);
-                const float m1 = (b16 ? BC[3] : BC[1]) + __shfl_xor_sync(FULL, b16 ? BC[1] : BC[3], 16);
-                s.dBC[warp][b16][i][2 * sq + b8] = (b8 ? m1 : m0) + __shfl_xor_sync(FULL, b8 ? m0 : m1, 8);
             }
-            __syncthreads();  // both warps' dB and dC shares are written
-            // Per-token gradients of the piece: lane (ti, hf) takes 4 channels of token ts + ti.
-            const int t = ts + ti;
-            if (t < q.len) {
-                auto row = [&](const float* a) { return *reinterpret_cast<const float4*>(a + 4 * hf); };
-                const float4 S1 = row(sw.S1[ti]), S2 = row(sw.S2[ti]), xv = row(sw.x[ti]), gv = row(sw.g[ti]);
-                const float4 su = row(sw.su[ti]), gz = row(sw.gz[ti]), yv = row(sw.y[ti]), Dd = row(s.D + LS_WC * warp);
-                const float4 d0 = sw.dd[ti][2 * hf], d1 = sw.dd[ti][2 * hf + 1];
-                const float s1[4] = {S1.x, S1.y, S1.z, S1.w}, s2[4] = {S2.x, S2.y, S2.z, S2.w};
-                const float x4[4] = {xv.x, xv.y, xv.z, xv.w}, g4[4] = {gv.x, gv.y, gv.z, gv.w};
-                const float su4[4] = {su.x, su.y, su.z, su.w}, gz4[4] = {gz.x, gz.y, gz.z, gz.w};
-                const float y4[4] = {yv.x, yv.y, yv.z, yv.w}, D4[4] = {Dd.x, Dd.y, Dd.z, Dd.w};
-                const float dl4[4] = {d0.x, d0.y, d1.x, d1.y};
-                float gx[4], gdt[4], gzv[4];
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    gx[k] = fmaf(dl4[k], s1[k], D4[k] * g4[k]);
-                    gdt[k] = fmaf(x4[k], s1[k], s2[k] * LN2) * su4[k];  // d delta times d softplus
-                    gzv[k] = gz4[k] * fmaf(D4[k], x4[k], y4[k]);
-                    dD[k] = fmaf(g4[k], x4[k], dD[k]);
-                    dbias[k] += gdt[k];
+            // Pieces last to first: R2 forward into registers, then the adjoint backwards.
+            for (int j = np - 1; j >= 0; --j) {
+                const int ts = t0 + j * LS_PIECE;
+                __syncthreads();  // the previous piece's outputs have been read out of shared memory
+                commit(ts, LS_BWD);
+                if (j > 0) fetch(ts - LS_PIECE, LS_BWD);
+                __syncthreads();
+                float hs[4], hh[LS_PIECE][4];
+                if (j) {
+                    const float4 h4 = sh[(j - 1) * 32];
+                    hs[0] = h4.x, hs[1] = h4.y, hs[2] = h4.z, hs[3] = h4.w;
+                } else {
+                    load_pair(ckpt, hs);
                 }
-                const int64_t r = (tok0 + t) * p.d_inner + dw + 4 * hf;
-                store4<T>(static_cast<T*>(p.dx) + r, gx);
-                store4<T>(static_cast<T*>(p.ddt) + r, gdt);
-                if (has_z) store4<T>(static_cast<T*>(p.dz) + r, gzv);
-            }
-            // dB and dC of token ts + bt, states 4 bq .. 4 bq + 3: the two warps' sums added.
-            const int tb = ts + bt;
-            if (tb < q.len) {
-                float dBv[4], dCv[4];
 #pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    dBv[k] = s.dBC[0][0][bt][4 * bq + k] + s.dBC[1][0][bt][4 * bq + k];
-                    dCv[k] = s.dBC[0][1][bt][4 * bq + k] + s.dBC[1][1][bt][4 * bq + k];
+                for (int i = 0; i < LS_PIECE; ++i) forward_token(i, i ? hh[i - 1] : hs, hh[i]);
+#pragma unroll
+                for (int i = LS_PIECE - 1; i >= 0; --i) {
+                    float dl[2], dx[2];
+                    token_in(i, dl, dx);
+                    const float4 bc = s.BC[i][sq];
+                    const float2 g2 = *reinterpret_cast<const float2*>(&sw.g[i][2 * cp]);
+                    const float Bv[2] = {bc.x, bc.y}, Cv[2] = {bc.z, bc.w}, gv[2] = {g2.x, g2.y};
+                    float S[4] = {0.f, 0.f, 0.f, 0.f};   // sum_n dh B, sum_n dh h_{t-1} a A2 of the two channels
+                    float BC[4] = {0.f, 0.f, 0.f, 0.f};  // dB, dC shares of the two states
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int ci = e >> 1, jj = e & 1;
+                        const float prev = i ? hh[i - 1][e] : hs[e];
+                        const float dh = fmaf(gv[ci], Cv[jj], u[e]);  // dh_t = g_t C_t + a_{t+1} dh_{t+1}
+                        u[e] = exp2f(dl[ci] * A2[e]) * dh;           // a_t dh_t, for token t - 1
+                        const float qv = u[e] * prev;                // dh_t a_t h_{t-1}
+                        S[ci] = fmaf(dh, Bv[jj], S[ci]);
+                        S[2 + ci] = fmaf(qv, A2[e], S[2 + ci]);
+                        dA[e] = fmaf(qv, dl[ci], dA[e]);
+                        BC[jj] = fmaf(dh, dx[ci], BC[jj]);
+                        BC[2 + jj] = fmaf(gv[ci], hh[i][e], BC[2 + jj]);
+                    }
+                    // S1 (lane & 4 clear) or S2 of warp channel 2 cp + (lane & 2 ? 1 : 0), over the pair's 8 lanes.
+                    const float k0 = (b4 ? S[2] : S[0]) + __shfl_xor_sync(FULL, b4 ? S[0] : S[2], 4);
+                    const float k1 = (b4 ? S[3] : S[1]) + __shfl_xor_sync(FULL, b4 ? S[1] : S[3], 4);
+                    float sv = (b2 ? k1 : k0) + __shfl_xor_sync(FULL, b2 ? k0 : k1, 2);
+                    sv += __shfl_xor_sync(FULL, sv, 1);
+                    if (!(lane & 1)) (b4 ? sw.S2 : sw.S1)[i][2 * cp + b2] = sv;
+                    // dB (lane & 16 clear) or dC of state 2 sq + (lane & 8 ? 1 : 0), over the warp's 4 channel pairs.
+                    const float m0 = (b16 ? BC[2] : BC[0]) + __shfl_xor_sync(FULL, b16 ? BC[0] : BC[2], 16);
+                    const float m1 = (b16 ? BC[3] : BC[1]) + __shfl_xor_sync(FULL, b16 ? BC[1] : BC[3], 16);
+                    s.dBC[warp][b16][i][2 * sq + b8] = (b8 ? m1 : m0) + __shfl_xor_sync(FULL, b8 ? m0 : m1, 8);
                 }
-                const int64_t r = tok0 + tb;
+                __syncthreads();  // both warps' dB and dC shares are written
+                // Per-token gradients of the piece: lane (ti, hf) takes 4 channels of token ts + ti.
+                const int t = ts + ti;
+                if (t < q.len) {
+                    auto row = [&](const float* a) { return *reinterpret_cast<const float4*>(a + 4 * hf); };
+                    const float4 S1 = row(sw.S1[ti]), S2 = row(sw.S2[ti]), xv = row(sw.x[ti]), gv = row(sw.g[ti]);
+                    const float4 su = row(sw.su[ti]), gz = row(sw.gz[ti]), yv = row(sw.y[ti]);
+                    const float4 Dd = row(s.D + LS_WC * warp);
+                    const float4 d0 = sw.dd[ti][2 * hf], d1 = sw.dd[ti][2 * hf + 1];
+                    const float s1[4] = {S1.x, S1.y, S1.z, S1.w}, s2[4] = {S2.x, S2.y, S2.z, S2.w};
+                    const float x4[4] = {xv.x, xv.y, xv.z, xv.w}, g4[4] = {gv.x, gv.y, gv.z, gv.w};
+                    const float su4[4] = {su.x, su.y, su.z, su.w}, gz4[4] = {gz.x, gz.y, gz.z, gz.w};
+                    const float y4[4] = {yv.x, yv.y, yv.z, yv.w}, D4[4] = {Dd.x, Dd.y, Dd.z, Dd.w};
+                    const float dl4[4] = {d0.x, d0.y, d1.x, d1.y};
+                    float gx[4], gdt[4], gzv[4];
 #pragma unroll
-                for (int k = 0; k < 4; ++k) atomicAdd(p.dB_acc + (r * p.G_B + pl.gB) * N + 4 * bq + k, dBv[k]);
-                if (p.dC_direct)
-                    store4<T>(static_cast<T*>(p.dC_direct) + (r * p.G_C + pl.gC) * N + 4 * bq, dCv);
-                else
+                    for (int k = 0; k < 4; ++k) {
+                        gx[k] = fmaf(dl4[k], s1[k], D4[k] * g4[k]);
+                        gdt[k] = fmaf(x4[k], s1[k], s2[k] * LN2) * su4[k];  // d delta times d softplus
+                        gzv[k] = gz4[k] * fmaf(D4[k], x4[k], y4[k]);
+                        dD[k] = fmaf(g4[k], x4[k], dD[k]);
+                        dbias[k] += gdt[k];
+                    }
+                    const int64_t r = (tok0 + t) * p.d_inner + dw + 4 * hf;
+                    store4<T>(static_cast<T*>(p.dx) + r, gx);
+                    store4<T>(static_cast<T*>(p.ddt) + r, gdt);
+                    if (has_z) store4<T>(static_cast<T*>(p.dz) + r, gzv);
+                }
+                // dB and dC of token ts + bt, states 4 bq .. 4 bq + 3: the two warps' sums added.
+                const int tb = ts + bt;
+                if (tb < q.len) {
+                    float dBv[4], dCv[4];
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) atomicAdd(p.dC_acc + (r * p.G_C + pl.gC) * N + 4 * bq + k, dCv[k]);
+                    for (int k = 0; k < 4; ++k) {
+                        dBv[k] = s.dBC[0][0][bt][4 * bq + k] + s.dBC[1][0][bt][4 * bq + k];
+                        dCv[k] = s.dBC[0][1][bt][4 * bq + k] + s.dBC[1][1][bt][4 * bq + k];
+                    }
+                    const int64_t r = tok0 + tb;
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) atomicAdd(p.dB_acc + (r * p.G_B + pl.gB) * N + 4 * bq + k, dBv[k]);
+                    if (p.dC_direct)
+                        store4<T>(static_cast<T*>(p.dC_direct) + (r * p.G_C + pl.gC) * N + 4 * bq, dCv);
+                    else
+#pragma unroll
+                        for (int k = 0; k < 4; ++k) atomicAdd(p.dC_acc + (r * p.G_C + pl.gC) * N + 4 * bq + k, dCv[k]);
+                }
             }
         }
-    }
-    // d initial_state = a_0 dh_0; dA summed over the sequences.
-    store_pair(p.dh0 + seq_state, u);
+        // d initial_state = a_0 dh_0; dA summed over the sequences.
+        store_pair(p.dh0 + seq_state, u);
 #pragma unroll
-    for (int ci = 0; ci < 2; ++ci) {
-        const int64_t row = int64_t(dw + 2 * cp + ci) * N + 2 * sq;
-        atomicAdd(p.dA + row, dA[2 * ci]);
-        atomicAdd(p.dA + row + 1, dA[2 * ci + 1]);
-    }
-    // dD and d dt_bias: summed over the 16 lanes (tokens) that share the lane's half row of channels.
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-#pragma unroll
-        for (int off = 2; off < 32; off <<= 1) {
-            dD[k] += __shfl_xor_sync(FULL, dD[k], off);
-            dbias[k] += __shfl_xor_sync(FULL, dbias[k], off);
+        for (int ci = 0; ci < 2; ++ci) {
+            const int64_t row = int64_t(dw + 2 * cp + ci) * N + 2 * sq;
+            atomicAdd(p.dA + row, dA[2 * ci]);
+            atomicAdd(p.dA + row + 1, dA[2 * ci + 1]);
         }
-    if (lane < 2) {
+        // dD and d dt_bias: summed over the 16 lanes (tokens) that share the lane's half row of channels.
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            if (p.dD) atomicAdd(p.dD + dw + 4 * hf + k, dD[k]);
-            if (p.dbias) atomicAdd(p.dbias + dw + 4 * hf + k, dbias[k]);
+        for (int k = 0; k < 4; ++k)
+#pragma unroll
+            for (int off = 2; off < 32; off <<= 1) {
+                dD[k] += __shfl_xor_sync(FULL, dD[k], off);
+                dbias[k] += __shfl_xor_sync(FULL, dbias[k], off);
+            }
+        if (lane < 2) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                if (p.dD) atomicAdd(p.dD + dw + 4 * hf + k, dD[k]);
+                if (p.dbias) atomicAdd(p.dbias + dw + 4 * hf + k, dbias[k]);
+            }
         }
-    }
     }
 }
 
@@ -1158,7 +1159,8 @@ template <typename T> constexpr int dtype_index() {
 }
 
 // Chunked kernels: one block per (sequence, channel block), `n_seqs * d_inner / width` blocks of 32 * width threads.
-// Serial forward: one thread per (sequence, channel), in blocks of SERIAL_THREADS.
+// Serial forward: one thread per (sequence, channel), in blocks of SERIAL_THREADS. Lane-serial kernels: one two-warp
+// block per (sequence, 16 channels).
 template <typename T, int N> int launch(const ScanParams& p, int n_seqs, Kernel kind, cudaStream_t stream) {
     if (kind == FWD_SERIAL) {
         const int blocks = n_seqs * ((p.d_inner + SERIAL_THREADS - 1) / SERIAL_THREADS);
