@@ -706,14 +706,14 @@ def test_cuda_forward_kernel_is_serial_for_many_documents(monkeypatch):
     monkeypatch.setattr(scan, "_sm_count", lambda index: 132)
     need = scan.SERIAL_MIN_THREADS_PER_SM * 132
     docs = -(-need // 3072)  # M1-3B's d_inner: the fewest documents that take the serial forward
-    assert scan.forward_kernel(docs, 3072, "cuda:0") == "fwd_serial"
-    assert scan.forward_kernel(docs - 1, 3072, "cuda:0") == "fwd_ls"
-    assert scan.forward_kernel(4, 3072, "cuda:0") == "fwd_ls"  # 8k tokens in 2048-token documents
-    assert scan.forward_kernel(4, 3072, "cuda:0", N=32) == "fwd"  # the lane-serial kernels take 16 states
-    assert scan.forward_kernel(8, 576, "cuda:0") == "fwd"  # SmolLM2 hybrid, 16k tokens: too few lane-serial blocks
-    assert scan.forward_kernel(1, need, "cuda") == "fwd_serial"
+    assert scan.forward_kernel(docs, 3072, "cuda:0", 16) == "fwd_serial"
+    assert scan.forward_kernel(docs - 1, 3072, "cuda:0", 16) == "fwd_ls"
+    assert scan.forward_kernel(4, 3072, "cuda:0", 16) == "fwd_ls"  # 8k tokens in 2048-token documents
+    assert scan.forward_kernel(4, 3072, "cuda:0", 32) == "fwd"  # the lane-serial kernels take 16 states
+    assert scan.forward_kernel(8, 576, "cuda:0", 16) == "fwd"  # SmolLM2 hybrid, 16k tokens: too few lane-serial blocks
+    assert scan.forward_kernel(1, need, "cuda", 16) == "fwd_serial"
     monkeypatch.setattr(scan, "LANE_SERIAL_FWD", 0)
-    assert scan.forward_kernel(4, 3072, "cuda:0") == "fwd"
+    assert scan.forward_kernel(4, 3072, "cuda:0", 16) == "fwd"
 
 
 def test_cuda_backward_kernel_is_lane_serial_with_enough_blocks(monkeypatch):

@@ -53,7 +53,7 @@ FWD_WIDTH = 16  # channels per forward block (8: two blocks per SM)
 # huge value never does (benchmarks, tests).
 SERIAL_MIN_THREADS_PER_SM = 256
 # 1: at 16 states the backward is the lane-serial kernel (no time parallelism inside a chunk; see the .cu file and
-# README.md, "Lane-serial backward"); 0: the chunked backward, which also covers 32 states.
+# README.md, "Lane-serial kernels"); 0: the chunked backward, which also covers 32 states.
 LANE_SERIAL_BWD = 1
 # 1: at 16 states the forward that runs where the serial one has too few threads is the lane-serial kernel (its walk
 # alone), 0: the chunked kernel.
@@ -236,7 +236,7 @@ def _layout_reason(device_index: int, dtype: torch.dtype, N: int, cpc: int, defi
     return None
 
 
-def forward_kernel(n_seqs: int, d_inner: int, device, N: int = 16) -> str:
+def forward_kernel(n_seqs: int, d_inner: int, device, N: int) -> str:
     """``"fwd_serial"`` when the batch has enough (sequence, channel) pairs to fill the GPU with one thread each
     (``SERIAL_MIN_THREADS_PER_SM`` per SM), else ``"fwd_ls"`` (lane-serial: ``LANE_SERIAL_FWD``, 16 states, enough
     blocks, see :func:`lane_serial_fits`) or ``"fwd"`` (chunked).
@@ -245,7 +245,7 @@ def forward_kernel(n_seqs: int, d_inner: int, device, N: int = 16) -> str:
 
     Example (M1-3B's 3072 channels, 16 documents, on an H100)::
 
-        >>> forward_kernel(16, 3072, "cuda")  # doctest: +SKIP
+        >>> forward_kernel(16, 3072, "cuda", 16)  # doctest: +SKIP
         'fwd_serial'
     """
     sms = _sm_count(torch.device(device).index or 0)
