@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
+import m1_kernels
 from m1_cli.main import main as m1_main
 from m1_hybrid import M1HybridForCausalLM
 from m1_hybrid.checkpoint import save_atomically
@@ -59,7 +61,10 @@ def test_trust_remote_code_load_in_fresh_process(tmp_path):
         print("OK", type(model).__module__)
         """
     )
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    # The checkpoint's code needs the kernels package, not m1_hybrid: keep only the kernels' folder on the path (on a
+    # machine where the packages are on PYTHONPATH rather than installed, the GPU one, that is what makes it import).
+    kernels_root = str(Path(m1_kernels.__file__).resolve().parents[1])
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=kernels_root)
     res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK transformers_modules" in res.stdout
