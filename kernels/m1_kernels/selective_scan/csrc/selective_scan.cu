@@ -940,25 +940,29 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
         dl[0] = d4.x, dl[1] = d4.y, dx[0] = d4.z, dx[1] = d4.w;
     };
 
-    const bool b16 = lane & 16, b8 = lane & 8, b4 = lane & 4, b2 = lane & 2;
-    // One token of the forward walk over the staged piece: next = a prev + delta x B, and y of the token (its sum over
-    // states: the two channels' partial sums over the lane's states, summed over the 8 lanes of the channel pair;
-    // lane l keeps warp channel 2 cp + (l & 4 ? 1 : 0)).
-    auto forward_token = [&](int i, const float* prev, float* next) {
+    const bool b16 = lane & 16, b8 = lane & 8, b4 = lane & 4, b2 = lane & 2, b1 = lane & 1;
+    // One token of the forward walk over the staged piece: next = a prev + delta x B, and the lane's shares of y (its
+    // two channels' sums over the lane's two states) in yp.
+    auto forward_token = [&](int i, const float* prev, float* next, float (&yp)[2]) {
         float dl[2], dx[2];
         token_in(i, dl, dx);
         const float4 bc = s.BC[i][sq];
         const float Bv[2] = {bc.x, bc.y}, Cv[2] = {bc.z, bc.w};
-        float yp[2] = {0.f, 0.f};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            next[e] = fmaf(exp2f(dl[e >> 1] * A2[e]), prev[e], dx[e >> 1] * Bv[e & 1]);
-            yp[e >> 1] = fmaf(Cv[e & 1], next[e], yp[e >> 1]);
-        }
-        float yv = (b4 ? yp[1] : yp[0]) + __shfl_xor_sync(FULL, b4 ? yp[0] : yp[1], 4);
-        yv += __shfl_xor_sync(FULL, yv, 2);
-        yv += __shfl_xor_sync(FULL, yv, 1);
-        if (!(lane & 3)) sw.y[i][2 * cp + b4] = yv;
+        for (int e = 0; e < 4; ++e) next[e] = fmaf(exp2f(dl[e >> 1] * A2[e]), prev[e], dx[e >> 1] * Bv[e & 1]);
+#pragma unroll
+        for (int ci = 0; ci < 2; ++ci) yp[ci] = fmaf(Cv[1], next[2 * ci + 1], Cv[0] * next[2 * ci]);
+    };
+    // y of tokens i0 .. i0 + 3 from the lanes' shares v[token][channel]: a reduce-scatter over the 8 lanes of a channel
+    // pair in three halving steps taken for the 4 tokens together (7 shuffles, not 12, and each step's shuffles are
+    // independent, so their latencies overlap). Lane (b4, b2, b1) ends with token 2 b2 + b1, warp channel 2 cp + b4.
+    auto sum_y4 = [&](const float (&v)[4][2], int i0) {
+        float w[4], x[2];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) w[r] = (b4 ? v[r][1] : v[r][0]) + __shfl_xor_sync(FULL, b4 ? v[r][0] : v[r][1], 4);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) x[j] = (b2 ? w[2 + j] : w[j]) + __shfl_xor_sync(FULL, b2 ? w[j] : w[2 + j], 2);
+        sw.y[i0 + 2 * b2 + b1][2 * cp + b4] = (b1 ? x[1] : x[0]) + __shfl_xor_sync(FULL, b1 ? x[0] : x[1], 1);
     };
     const int n_chunks = (q.len + TOK - 1) / TOK;
     if constexpr (!BACKWARD) {
@@ -972,12 +976,14 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
                 commit(ts, LS_FWD);
                 fetch(ts + LS_PIECE, LS_FWD);  // past the end: masked loads
                 __syncthreads();
+                float yv[4][2];
 #pragma unroll
                 for (int i = 0; i < LS_PIECE; ++i) {
                     float h[4];
-                    forward_token(i, u, h);
+                    forward_token(i, u, h, yv[i % 4]);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) u[e] = h[e];
+                    if (i % 4 == 3) sum_y4(yv, i - 3);
                 }
                 __syncwarp();
                 const int t = ts + ti;  // lane (ti, hf) writes 4 channels of token ts + ti
@@ -1032,8 +1038,14 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
                 } else {
                     load_pair(ckpt, hs);
                 }
+                float yv[4][2];
 #pragma unroll
-                for (int i = 0; i < LS_PIECE; ++i) forward_token(i, i ? hh[i - 1] : hs, hh[i]);
+                for (int i = 0; i < LS_PIECE; ++i) {
+                    forward_token(i, i ? hh[i - 1] : hs, hh[i], yv[i % 4]);
+                    if (i % 4 == 3) sum_y4(yv, i - 3);
+                }
+                // The lane's shares of the cross-lane sums of tokens i | 1 and i & ~1 (slots 1 and 0), summed together.
+                float S[2][4], BC[2][4];
 #pragma unroll
                 for (int i = LS_PIECE - 1; i >= 0; --i) {
                     float dl[2], dx[2];
@@ -1041,8 +1053,10 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
                     const float4 bc = s.BC[i][sq];
                     const float2 g2 = *reinterpret_cast<const float2*>(&sw.g[i][2 * cp]);
                     const float Bv[2] = {bc.x, bc.y}, Cv[2] = {bc.z, bc.w}, gv[2] = {g2.x, g2.y};
-                    float S[4] = {0.f, 0.f, 0.f, 0.f};   // sum_n dh B, sum_n dh h_{t-1} a A2 of the two channels
-                    float BC[4] = {0.f, 0.f, 0.f, 0.f};  // dB, dC shares of the two states
+                    // sum_n dh B, sum_n dh h_{t-1} a A2 of the two channels; dB, dC shares of the two states.
+                    float (&Si)[4] = S[i % 2], (&BCi)[4] = BC[i % 2];
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) Si[k] = BCi[k] = 0.f;
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int ci = e >> 1, jj = e & 1;
@@ -1050,22 +1064,39 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
                         const float dh = fmaf(gv[ci], Cv[jj], u[e]);  // dh_t = g_t C_t + a_{t+1} dh_{t+1}
                         u[e] = exp2f(dl[ci] * A2[e]) * dh;           // a_t dh_t, for token t - 1
                         const float qv = u[e] * prev;                // dh_t a_t h_{t-1}
-                        S[ci] = fmaf(dh, Bv[jj], S[ci]);
-                        S[2 + ci] = fmaf(qv, A2[e], S[2 + ci]);
+                        Si[ci] = fmaf(dh, Bv[jj], Si[ci]);
+                        Si[2 + ci] = fmaf(qv, A2[e], Si[2 + ci]);
                         dA[e] = fmaf(qv, dl[ci], dA[e]);
-                        BC[jj] = fmaf(dh, dx[ci], BC[jj]);
-                        BC[2 + jj] = fmaf(gv[ci], hh[i][e], BC[2 + jj]);
+                        BCi[jj] = fmaf(dh, dx[ci], BCi[jj]);
+                        BCi[2 + jj] = fmaf(gv[ci], hh[i][e], BCi[2 + jj]);
                     }
-                    // S1 (lane & 4 clear) or S2 of warp channel 2 cp + (lane & 2 ? 1 : 0), over the pair's 8 lanes.
-                    const float k0 = (b4 ? S[2] : S[0]) + __shfl_xor_sync(FULL, b4 ? S[0] : S[2], 4);
-                    const float k1 = (b4 ? S[3] : S[1]) + __shfl_xor_sync(FULL, b4 ? S[1] : S[3], 4);
-                    float sv = (b2 ? k1 : k0) + __shfl_xor_sync(FULL, b2 ? k0 : k1, 2);
-                    sv += __shfl_xor_sync(FULL, sv, 1);
-                    if (!(lane & 1)) (b4 ? sw.S2 : sw.S1)[i][2 * cp + b2] = sv;
-                    // dB (lane & 16 clear) or dC of state 2 sq + (lane & 8 ? 1 : 0), over the warp's 4 channel pairs.
-                    const float m0 = (b16 ? BC[2] : BC[0]) + __shfl_xor_sync(FULL, b16 ? BC[0] : BC[2], 16);
-                    const float m1 = (b16 ? BC[3] : BC[1]) + __shfl_xor_sync(FULL, b16 ? BC[1] : BC[3], 16);
-                    s.dBC[warp][b16][i][2 * sq + b8] = (b8 ? m1 : m0) + __shfl_xor_sync(FULL, b8 ? m0 : m1, 8);
+                    if (i % 2) continue;
+                    // Reduce-scatters for the two tokens together, like sum_y4. S over the 8 lanes of the channel
+                    // pair: lane (b4, b2, b1) ends with S1 (b4 clear) or S2 of warp channel 2 cp + b2, token i + b1.
+                    float w[2][2], x[2];
+#pragma unroll
+                    for (int r = 0; r < 2; ++r)
+#pragma unroll
+                        for (int ci = 0; ci < 2; ++ci)
+                            w[r][ci] = (b4 ? S[r][2 + ci] : S[r][ci]) +
+                                       __shfl_xor_sync(FULL, b4 ? S[r][ci] : S[r][2 + ci], 4);
+#pragma unroll
+                    for (int r = 0; r < 2; ++r)
+                        x[r] = (b2 ? w[r][1] : w[r][0]) + __shfl_xor_sync(FULL, b2 ? w[r][0] : w[r][1], 2);
+                    (b4 ? sw.S2 : sw.S1)[i + b1][2 * cp + b2] =
+                        (b1 ? x[1] : x[0]) + __shfl_xor_sync(FULL, b1 ? x[0] : x[1], 1);
+                    // dB (b16 clear) or dC of state 2 sq + b8 of both tokens, over the warp's 4 channel pairs.
+                    float m[2][2];
+#pragma unroll
+                    for (int r = 0; r < 2; ++r)
+#pragma unroll
+                        for (int jj = 0; jj < 2; ++jj)
+                            m[r][jj] = (b16 ? BC[r][2 + jj] : BC[r][jj]) +
+                                       __shfl_xor_sync(FULL, b16 ? BC[r][jj] : BC[r][2 + jj], 16);
+#pragma unroll
+                    for (int r = 0; r < 2; ++r)
+                        s.dBC[warp][b16][i + r][2 * sq + b8] =
+                            (b8 ? m[r][1] : m[r][0]) + __shfl_xor_sync(FULL, b8 ? m[r][0] : m[r][1], 8);
                 }
                 __syncthreads();  // both warps' dB and dC shares are written
                 // Per-token gradients of the piece: lane (ti, hf) takes 4 channels of token ts + ti.
