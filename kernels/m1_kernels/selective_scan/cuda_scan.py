@@ -59,6 +59,11 @@ LANE_SERIAL_BWD = 1
 # alone), 0: the chunked kernel.
 LANE_SERIAL_FWD = 1
 LS_MIN_BLOCKS = 6  # two-warp blocks per SM the lane-serial backward's registers must allow (7: 128 registers, spills)
+# Tokens whose cross-lane sums the lane-serial kernels take together (one reduce-scatter): y (4, 8 or 16), and the
+# backward's sums over states and channels (2, 4 or 8). H100, M1-3B, fwd+bwd at 8k / 32k tokens: 4 and 2 1.224 /
+# 4.678 ms, 8 and 2 1.208 / 4.652, 4 and 4 1.202 / 4.590, 4 and 8 1.244 / 4.764 (spills), 8 and 4 1.183 / 4.552.
+LS_Y_TOKENS = 8
+LS_S_TOKENS = 4
 # The lane-serial kernels run from this many of their (sequence, 16 channels) blocks per SM: with fewer, their few
 # warps cannot hide latency and the chunked kernels (16 warps per block) win. H100: M1-3B at 8k tokens (5.8 blocks
 # per SM) fwd+bwd 1.41 vs 1.61 ms; the SmolLM2 hybrid at 16k tokens (2.2 per SM) 1.09 vs 0.81 ms.
@@ -144,6 +149,7 @@ def build_library(arch: str, defines: dict | None = None, nvcc: str | None = Non
 def _defines() -> dict:
     return {"M1_SCAN_ITEMS": ITEMS, "M1_SCAN_BWD_MIN_BLOCKS": BWD_MIN_BLOCKS, "M1_SCAN_BWD_PREFETCH": BWD_PREFETCH,
             "M1_SCAN_BWD_UNROLL": BWD_UNROLL, "M1_SCAN_LS_MIN_BLOCKS": LS_MIN_BLOCKS,
+            "M1_SCAN_LS_Y_TOKENS": LS_Y_TOKENS, "M1_SCAN_LS_S_TOKENS": LS_S_TOKENS,
             "M1_SCAN_FWD_UNROLL": FWD_UNROLL, "M1_SCAN_FWD_WIDTH": FWD_WIDTH}  # fmt: skip
 
 

@@ -786,7 +786,16 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
 #ifndef M1_SCAN_LS_MIN_BLOCKS
 #define M1_SCAN_LS_MIN_BLOCKS 6
 #endif
+#ifndef M1_SCAN_LS_Y_TOKENS  // tokens whose y sums are taken together
+#define M1_SCAN_LS_Y_TOKENS 8
+#endif
+#ifndef M1_SCAN_LS_S_TOKENS  // tokens whose sums over states (S1, S2) and over channels (dB, dC) are taken together
+#define M1_SCAN_LS_S_TOKENS 4
+#endif
 constexpr int LS_PIECE = 16;                // tokens whose states a lane keeps in registers
+constexpr int LS_YT = M1_SCAN_LS_Y_TOKENS, LS_ST = M1_SCAN_LS_S_TOKENS;
+static_assert((LS_YT == 4 || LS_YT == 8 || LS_YT == 16) && (LS_ST == 2 || LS_ST == 4 || LS_ST == 8),
+              "whole halving steps");
 constexpr int LS_PIECES = TOK / LS_PIECE;   // piece starts per chunk (R1)
 constexpr int LS_WC = 8;                    // channels per warp
 constexpr int LS_C = 2 * LS_WC;             // channels per block
@@ -830,6 +839,18 @@ template <typename T> __device__ __forceinline__ void store4(T* g, const float (
 #pragma unroll
     for (int k = 0; k < 4; ++k) e[k] = from_f<T>(v[k]);
     *reinterpret_cast<Vec4<T>*>(g) = u;
+}
+
+// One halving step of a reduce-scatter across lanes: the lane and its partner (lane ^ mask) swap halves of v[0 .. K),
+// the lane with `upper` set keeping the upper half; v[0 .. K / 2) then holds the kept half summed over both lanes.
+// A reduce-scatter of several tokens' sums at once shares its steps between them: fewer shuffles than one token at a
+// time, and each step's shuffles are independent, so their latencies overlap.
+template <int K> __device__ __forceinline__ void halve(float* v, bool upper, int mask) {
+#pragma unroll
+    for (int j = 0; j < K / 2; ++j) {
+        const float keep = upper ? v[j + K / 2] : v[j], send = upper ? v[j] : v[j + K / 2];
+        v[j] = keep + __shfl_xor_sync(FULL, send, mask);
+    }
 }
 
 template <typename T, int N, bool BACKWARD>
@@ -942,8 +963,8 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
 
     const bool b16 = lane & 16, b8 = lane & 8, b4 = lane & 4, b2 = lane & 2, b1 = lane & 1;
     // One token of the forward walk over the staged piece: next = a prev + delta x B, and the lane's shares of y (its
-    // two channels' sums over the lane's two states) in yp.
-    auto forward_token = [&](int i, const float* prev, float* next, float (&yp)[2]) {
+    // two channels' sums over the lane's two states) in yv[ci * LS_YT + i % LS_YT] for sum_y.
+    auto forward_token = [&](int i, const float* prev, float* next, float (&yv)[2 * LS_YT]) {
         float dl[2], dx[2];
         token_in(i, dl, dx);
         const float4 bc = s.BC[i][sq];
@@ -951,18 +972,18 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
 #pragma unroll
         for (int e = 0; e < 4; ++e) next[e] = fmaf(exp2f(dl[e >> 1] * A2[e]), prev[e], dx[e >> 1] * Bv[e & 1]);
 #pragma unroll
-        for (int ci = 0; ci < 2; ++ci) yp[ci] = fmaf(Cv[1], next[2 * ci + 1], Cv[0] * next[2 * ci]);
+        for (int ci = 0; ci < 2; ++ci)
+            yv[ci * LS_YT + i % LS_YT] = fmaf(Cv[1], next[2 * ci + 1], Cv[0] * next[2 * ci]);
     };
-    // y of tokens i0 .. i0 + 3 from the lanes' shares v[token][channel]: a reduce-scatter over the 8 lanes of a channel
-    // pair in three halving steps taken for the 4 tokens together (7 shuffles, not 12, and each step's shuffles are
-    // independent, so their latencies overlap). Lane (b4, b2, b1) ends with token 2 b2 + b1, warp channel 2 cp + b4.
-    auto sum_y4 = [&](const float (&v)[4][2], int i0) {
-        float w[4], x[2];
+    // y of tokens i0 .. i0 + LS_YT - 1: the shares summed over the 8 lanes of the channel pair by a reduce-scatter
+    // (channel on lane bit 4, then the token's high bits on 2 and 1). Lane (b4, b2, b1) ends with warp channel
+    // 2 cp + b4 of tokens i0 + (2 b2 + b1) LS_YT / 4 + k, k < LS_YT / 4.
+    auto sum_y = [&](float (&yv)[2 * LS_YT], int i0) {
+        halve<2 * LS_YT>(yv, b4, 4);
+        halve<LS_YT>(yv, b2, 2);
+        halve<LS_YT / 2>(yv, b1, 1);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) w[r] = (b4 ? v[r][1] : v[r][0]) + __shfl_xor_sync(FULL, b4 ? v[r][0] : v[r][1], 4);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) x[j] = (b2 ? w[2 + j] : w[j]) + __shfl_xor_sync(FULL, b2 ? w[j] : w[2 + j], 2);
-        sw.y[i0 + 2 * b2 + b1][2 * cp + b4] = (b1 ? x[1] : x[0]) + __shfl_xor_sync(FULL, b1 ? x[0] : x[1], 1);
+        for (int k = 0; k < LS_YT / 4; ++k) sw.y[i0 + (2 * b2 + b1) * (LS_YT / 4) + k][2 * cp + b4] = yv[k];
     };
     const int n_chunks = (q.len + TOK - 1) / TOK;
     if constexpr (!BACKWARD) {
@@ -976,14 +997,14 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
                 commit(ts, LS_FWD);
                 fetch(ts + LS_PIECE, LS_FWD);  // past the end: masked loads
                 __syncthreads();
-                float yv[4][2];
+                float yv[2 * LS_YT];
 #pragma unroll
                 for (int i = 0; i < LS_PIECE; ++i) {
                     float h[4];
-                    forward_token(i, u, h, yv[i % 4]);
+                    forward_token(i, u, h, yv);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) u[e] = h[e];
-                    if (i % 4 == 3) sum_y4(yv, i - 3);
+                    if (i % LS_YT == LS_YT - 1) sum_y(yv, i - (LS_YT - 1));
                 }
                 __syncwarp();
                 const int t = ts + ti;  // lane (ti, hf) writes 4 channels of token ts + ti
@@ -1038,14 +1059,16 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
                 } else {
                     load_pair(ckpt, hs);
                 }
-                float yv[4][2];
+                float yv[2 * LS_YT];
 #pragma unroll
                 for (int i = 0; i < LS_PIECE; ++i) {
-                    forward_token(i, i ? hh[i - 1] : hs, hh[i], yv[i % 4]);
-                    if (i % 4 == 3) sum_y4(yv, i - 3);
+                    forward_token(i, i ? hh[i - 1] : hs, hh[i], yv);
+                    if (i % LS_YT == LS_YT - 1) sum_y(yv, i - (LS_YT - 1));
                 }
-                // The lane's shares of the cross-lane sums of tokens i | 1 and i & ~1 (slots 1 and 0), summed together.
-                float S[2][4], BC[2][4];
+                // The lane's shares of the cross-lane sums of a group of LS_ST tokens, token i at r = i % LS_ST:
+                // S[(q * 2 + ci) * LS_ST + r] (q = 0: sum_n dh B, q = 1: sum_n dh h_{t-1} a A2; channel ci) and
+                // BC[(q * 2 + j) * LS_ST + r] (q = 0: dB, q = 1: dC; state j).
+                float S[4 * LS_ST], BC[4 * LS_ST];
 #pragma unroll
                 for (int i = LS_PIECE - 1; i >= 0; --i) {
                     float dl[2], dx[2];
@@ -1053,10 +1076,9 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
                     const float4 bc = s.BC[i][sq];
                     const float2 g2 = *reinterpret_cast<const float2*>(&sw.g[i][2 * cp]);
                     const float Bv[2] = {bc.x, bc.y}, Cv[2] = {bc.z, bc.w}, gv[2] = {g2.x, g2.y};
-                    // sum_n dh B, sum_n dh h_{t-1} a A2 of the two channels; dB, dC shares of the two states.
-                    float (&Si)[4] = S[i % 2], (&BCi)[4] = BC[i % 2];
+                    const int r = i % LS_ST;
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) Si[k] = BCi[k] = 0.f;
+                    for (int k = 0; k < 4; ++k) S[k * LS_ST + r] = BC[k * LS_ST + r] = 0.f;
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int ci = e >> 1, jj = e & 1;
@@ -1064,39 +1086,25 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
                         const float dh = fmaf(gv[ci], Cv[jj], u[e]);  // dh_t = g_t C_t + a_{t+1} dh_{t+1}
                         u[e] = exp2f(dl[ci] * A2[e]) * dh;           // a_t dh_t, for token t - 1
                         const float qv = u[e] * prev;                // dh_t a_t h_{t-1}
-                        Si[ci] = fmaf(dh, Bv[jj], Si[ci]);
-                        Si[2 + ci] = fmaf(qv, A2[e], Si[2 + ci]);
+                        S[ci * LS_ST + r] = fmaf(dh, Bv[jj], S[ci * LS_ST + r]);
+                        S[(2 + ci) * LS_ST + r] = fmaf(qv, A2[e], S[(2 + ci) * LS_ST + r]);
                         dA[e] = fmaf(qv, dl[ci], dA[e]);
-                        BCi[jj] = fmaf(dh, dx[ci], BCi[jj]);
-                        BCi[2 + jj] = fmaf(gv[ci], hh[i][e], BCi[2 + jj]);
+                        BC[jj * LS_ST + r] = fmaf(dh, dx[ci], BC[jj * LS_ST + r]);
+                        BC[(2 + jj) * LS_ST + r] = fmaf(gv[ci], hh[i][e], BC[(2 + jj) * LS_ST + r]);
                     }
-                    if (i % 2) continue;
-                    // Reduce-scatters for the two tokens together, like sum_y4. S over the 8 lanes of the channel
-                    // pair: lane (b4, b2, b1) ends with S1 (b4 clear) or S2 of warp channel 2 cp + b2, token i + b1.
-                    float w[2][2], x[2];
+                    if (r) continue;  // tokens i .. i + LS_ST - 1 are in: their sums, like sum_y
+                    // S over the 8 lanes of the channel pair: lane (b4, b2, b1) ends with S1 (b4 clear) or S2 of warp
+                    // channel 2 cp + b2, tokens i + b1 LS_ST / 2 + k, k < LS_ST / 2.
+                    halve<4 * LS_ST>(S, b4, 4);
+                    halve<2 * LS_ST>(S, b2, 2);
+                    halve<LS_ST>(S, b1, 1);
 #pragma unroll
-                    for (int r = 0; r < 2; ++r)
+                    for (int k = 0; k < LS_ST / 2; ++k) (b4 ? sw.S2 : sw.S1)[i + b1 * (LS_ST / 2) + k][2 * cp + b2] = S[k];
+                    // dB (b16 clear) or dC of state 2 sq + b8 of the tokens, over the warp's 4 channel pairs.
+                    halve<4 * LS_ST>(BC, b16, 16);
+                    halve<2 * LS_ST>(BC, b8, 8);
 #pragma unroll
-                        for (int ci = 0; ci < 2; ++ci)
-                            w[r][ci] = (b4 ? S[r][2 + ci] : S[r][ci]) +
-                                       __shfl_xor_sync(FULL, b4 ? S[r][ci] : S[r][2 + ci], 4);
-#pragma unroll
-                    for (int r = 0; r < 2; ++r)
-                        x[r] = (b2 ? w[r][1] : w[r][0]) + __shfl_xor_sync(FULL, b2 ? w[r][0] : w[r][1], 2);
-                    (b4 ? sw.S2 : sw.S1)[i + b1][2 * cp + b2] =
-                        (b1 ? x[1] : x[0]) + __shfl_xor_sync(FULL, b1 ? x[0] : x[1], 1);
-                    // dB (b16 clear) or dC of state 2 sq + b8 of both tokens, over the warp's 4 channel pairs.
-                    float m[2][2];
-#pragma unroll
-                    for (int r = 0; r < 2; ++r)
-#pragma unroll
-                        for (int jj = 0; jj < 2; ++jj)
-                            m[r][jj] = (b16 ? BC[r][2 + jj] : BC[r][jj]) +
-                                       __shfl_xor_sync(FULL, b16 ? BC[r][jj] : BC[r][2 + jj], 16);
-#pragma unroll
-                    for (int r = 0; r < 2; ++r)
-                        s.dBC[warp][b16][i + r][2 * sq + b8] =
-                            (b8 ? m[r][1] : m[r][0]) + __shfl_xor_sync(FULL, b8 ? m[r][0] : m[r][1], 8);
+                    for (int k = 0; k < LS_ST; ++k) s.dBC[warp][b16][i + k][2 * sq + b8] = BC[k];
                 }
                 __syncthreads();  // both warps' dB and dC shares are written
                 // Per-token gradients of the piece: lane (ti, hf) takes 4 channels of token ts + ti.
