@@ -781,8 +781,8 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
 //   it backwards (recomputing a_t: three exp2 per element in all).
 // The forward is the second walk alone, over the whole document, saving the chunk-start states.
 // What crosses lanes per token (y and the sums over states sum_n dh B, sum_n dh h_{t-1} a A; dB and dC over
-// channels) is a reduce-scatter by shuffles that leaves each lane one sum; the two warps' dB and dC are added in
-// shared memory. A piece's inputs are staged in shared memory as fp32 (softplus and silu(z) computed once there).
+// channels) is summed by reduce-scatters of shuffles, each over a group of tokens (LS_Y_TOKENS, LS_S_TOKENS; see
+// halve); the two warps' dB and dC are added in shared memory. A piece's inputs are staged in shared memory as fp32 (softplus and silu(z) computed once there).
 #ifndef M1_SCAN_LS_MIN_BLOCKS
 #define M1_SCAN_LS_MIN_BLOCKS 6
 #endif
