@@ -639,6 +639,19 @@ def test_cuda_source_builds_and_matches_the_parameter_block(monkeypatch, tmp_pat
         scan.build_library("90", {"M1_SCAN_ITEMS": 3})  # items must fill 16-byte vectors: a static_assert
 
 
+@pytest.mark.parametrize("knob", ["LS_Y_TOKENS", "LS_S_TOKENS"])
+def test_lane_serial_group_sizes_reach_the_compiler(monkeypatch, tmp_path, knob):
+    """The token-group sizes of the lane-serial reduce-scatters are module knobs passed to nvcc: a size that is not
+    a whole number of halving steps is refused by the source's static_assert (no GPU needed)."""
+    scan = importlib.import_module("m1_kernels.selective_scan.cuda_scan")
+    if scan.find_nvcc() is None:
+        pytest.skip("no nvcc on this machine: scripts/setup_env.sh installs nvidia-cuda-nvcc from PyPI")
+    monkeypatch.setenv("M1_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setattr(scan, knob, 3)
+    with pytest.raises(RuntimeError, match="whole halving steps"):
+        scan.build_library("90")
+
+
 def test_cu_seqlens_is_read_once_per_tensor(monkeypatch):
     """Reading cu_seqlens' ends is a host sync on a GPU: a tensor already checked (same object, data and version)
     is not read again, but another packed length, or an in-place change, is checked again. Inference-mode tensors
