@@ -66,7 +66,7 @@ LS_Y_TOKENS = 8
 LS_S_TOKENS = 4
 # The lane-serial kernels run from this many of their (sequence, 16 channels) blocks per SM: with fewer, their few
 # warps cannot hide latency and the chunked kernels (16 warps per block) win. H100: M1-3B at 8k tokens (5.8 blocks
-# per SM) fwd+bwd 1.41 vs 1.61 ms; the SmolLM2 hybrid at 16k tokens (2.2 per SM) 1.09 vs 0.81 ms.
+# per SM) fwd+bwd 1.19 vs 1.64 ms; the SmolLM2 hybrid at 16k tokens (2.2 per SM) 0.86 vs 0.81 ms.
 LS_MIN_BLOCKS_PER_SM = 4
 # State sizes the kernels are instantiated for (a block holds one C group's 16 channels; see the .cu file).
 STATE_SIZES = (16, 32)

@@ -782,7 +782,8 @@ __global__ void __launch_bounds__(32 * W, M1_SCAN_BWD_MIN_BLOCKS) scan_bwd_kerne
 // The forward is the second walk alone, over the whole document, saving the chunk-start states.
 // What crosses lanes per token (y and the sums over states sum_n dh B, sum_n dh h_{t-1} a A; dB and dC over
 // channels) is summed by reduce-scatters of shuffles, each over a group of tokens (LS_Y_TOKENS, LS_S_TOKENS; see
-// halve); the two warps' dB and dC are added in shared memory. A piece's inputs are staged in shared memory as fp32 (softplus and silu(z) computed once there).
+// halve); the two warps' dB and dC are added in shared memory. A piece's inputs are staged in shared memory as fp32
+// (softplus and silu(z) computed once there).
 #ifndef M1_SCAN_LS_MIN_BLOCKS
 #define M1_SCAN_LS_MIN_BLOCKS 6
 #endif
@@ -1099,7 +1100,8 @@ __global__ void __launch_bounds__(64, BACKWARD ? M1_SCAN_LS_MIN_BLOCKS : 8) scan
                     halve<2 * LS_ST>(S, b2, 2);
                     halve<LS_ST>(S, b1, 1);
 #pragma unroll
-                    for (int k = 0; k < LS_ST / 2; ++k) (b4 ? sw.S2 : sw.S1)[i + b1 * (LS_ST / 2) + k][2 * cp + b2] = S[k];
+                    for (int k = 0; k < LS_ST / 2; ++k)
+                        (b4 ? sw.S2 : sw.S1)[i + b1 * (LS_ST / 2) + k][2 * cp + b2] = S[k];
                     // dB (b16 clear) or dC of state 2 sq + b8 of the tokens, over the warp's 4 channel pairs.
                     halve<4 * LS_ST>(BC, b16, 16);
                     halve<2 * LS_ST>(BC, b8, 8);
