@@ -126,7 +126,6 @@ def _ends_are(cu_seqlens: torch.Tensor, length: int) -> bool:
 
 
 @torch.compiler.disable  # the memo reads ids and version counters
-@torch.compiler.disable  # the memo reads ids and version counters
 def cu_seqlens_int32(cu_seqlens: torch.Tensor, device) -> torch.Tensor:
     """``cu_seqlens`` as the kernels take it: contiguous int32 on ``device``. Converted once per tensor
     (:class:`TensorMemo`), so the documents' order derived from the result is sorted once too."""
